@@ -1,0 +1,230 @@
+"""The ``guardedtuning`` command.
+
+    guardedtuning run [--recipe NAME] [--set key=value ...] [--out DIR] [--verbose]
+    guardedtuning keys                 # every run-config key, its default and meaning
+    guardedtuning fetch smollm2-135m   # convert the embedded decoder once
+
+Bad input ends in one line naming the input, the value and the fix, exit code 2, and
+no traceback. A run that fails after it started says where its logs are (exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from guardedtuning.config import RECIPES, RunConfig, config_from_recipe, config_help, default_flat_config, parse_set
+from guardedtuning.errors import GuardedTuningError
+
+DEFAULT_RECIPE = "split"
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="guardedtuning", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe on Flower's simulation engine")
+    run.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name ({', '.join(RECIPES)}); default {DEFAULT_RECIPE}")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a run-config key (repeatable); `guardedtuning keys` lists them")
+    run.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sub.add_parser("keys", help="list run-config keys with defaults")
+    fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")
+    fetch.add_argument("model", choices=["smollm2-135m", "minilm-l6"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "keys":
+            return _keys()
+        if args.command == "fetch":
+            return _fetch(args.model)
+        return _run(args)
+    except GuardedTuningError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]; rerun the same command to resume from the last finished round")
+        return 130
+
+
+def _keys() -> int:
+    table = Table("key", "default", "meaning")
+    helps = config_help()
+    for key, value in default_flat_config().items():
+        table.add_row(key, json.dumps(value), helps.get(key, ""))
+    console.print(table)
+    return 0
+
+
+def _fetch(model: str) -> int:
+    from guardedtuning.models.loading import resolve_model_source
+
+    console.print(f"{model}: {resolve_model_source(model)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    sets = parse_set(args.sets)
+    out = Path(args.out or sets.get("output.dir") or f"runs/{args.recipe}").resolve()
+    sets["output.dir"] = str(out)
+    cfg = config_from_recipe(args.recipe, sets)
+    from guardedtuning.preflight import preflight
+
+    facts = preflight(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    _banner(cfg, facts)
+    events = out / "events.jsonl"
+    offset = events.stat().st_size if events.exists() else 0
+    if cfg.recipe == "central-ft":
+        return _run_in_process(cfg, events, offset)
+    return _run_flower(cfg, out, events, offset, verbose=args.verbose)
+
+
+def _banner(cfg: RunConfig, facts: dict[str, Any]) -> None:
+    fed = cfg.federation
+    who = "1 process" if cfg.recipe == "central-ft" else f"{fed.num_clients} clients, {fed.clients_per_round} per round"
+    console.print(
+        f"[bold]guardedtuning[/] {cfg.recipe}: {cfg.model.name} ({facts['kind']}, {facts['layers']} blocks, "
+        f"cut after {cfg.split.layer}) on {cfg.data.name} ({facts['train_rows']} train / {facts['test_rows']} test rows, "
+        f"majority class {facts['majority_rate']:.3f}); {who}, {fed.rounds} rounds -> {cfg.output.dir}",
+        highlight=False,
+    )
+
+
+class EventTail:
+    """Reads new lines of ``events.jsonl`` and draws them as progress."""
+
+    def __init__(self, path: Path, offset: int, cfg: RunConfig) -> None:
+        self.path, self.offset, self.cfg = path, offset, cfg
+        self.error: dict[str, Any] | None = None
+        self.done = False
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self.task = self.progress.add_task("starting", total=None, info="")
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        if not chunk.endswith("\n"):
+            chunk = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(chunk.encode())
+        for line in chunk.splitlines():
+            self.handle(json.loads(line))
+
+    def handle(self, ev: dict[str, Any]) -> None:
+        kind = ev["event"]
+        rounds = self.cfg.federation.rounds
+        if kind == "round_start":
+            self.progress.update(self.task, description=f"round {ev['round']}/{rounds}", total=ev["steps"],
+                                 completed=0, info=f"{len(ev['clients']) or 'pooled'} clients")
+        elif kind == "step":
+            loss = ev.get("loss")
+            self.progress.update(self.task, completed=ev["step"],
+                                 info=f"loss {loss:.4f}" if loss is not None else "")
+        elif kind == "round":
+            metric = "utility"
+            self.progress.console.print(
+                f"round {ev['round']}: {metric} {ev['utility']:.4f}  train loss "
+                f"{(ev['train_loss'] or float('nan')):.4f}  up {ev['bytes_up'] / 1e6:.2f} MB  "
+                f"down {ev['bytes_down'] / 1e6:.2f} MB  {ev['wall_s']:.1f} s", highlight=False)
+        elif kind == "dropped":
+            self.progress.console.print(f"[yellow]round {ev['round']}: dropped node {ev['node']}: {ev['reason']}[/]",
+                                        highlight=False)
+        elif kind == "resume":
+            self.progress.console.print(f"resuming after round {ev['round']} from the checkpoint")
+        elif kind == "error":
+            self.error = ev
+        elif kind == "done":
+            self.done = True
+
+
+def _summary(out: Path) -> None:
+    record = json.loads((out / "results.json").read_text())
+    u, c = record["utility"], record["cost"]
+    table = Table(title=f"{record['recipe']} on {record['model']} / {record['dataset']}")
+    for col in ("utility", "majority class", "bytes up / client-round", "step overhead (median)", "wall"):
+        table.add_column(col)
+    overhead = c.get("step_overhead_s_median")
+    table.add_row(f"{u['metric']} {u['value']:.4f}", f"{u['majority_rate']:.4f}",
+                  f"{c['bytes_up_per_client_round'] / 1e6:.3f} MB" if c["bytes_up_per_client_round"] else "-",
+                  f"{overhead * 1000:.1f} ms" if overhead is not None else "-", f"{c['wall_s']:.1f} s")
+    console.print(table)
+    console.print(f"results: {out / 'results.json'}  plot: {out / 'utility.png'}", highlight=False)
+
+
+def _run_in_process(cfg: RunConfig, events: Path, offset: int) -> int:
+    from guardedtuning.server_app.server_app import execute
+
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            execute(cfg, None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    tail = EventTail(events, offset, cfg)
+    worker = threading.Thread(target=target, daemon=True)
+    with tail.progress:
+        worker.start()
+        while worker.is_alive():
+            tail.poll()
+            time.sleep(0.2)
+        tail.poll()
+    if failure:
+        raise failure[0]
+    _summary(Path(cfg.output.dir))
+    return 0
+
+
+def _run_flower(cfg: RunConfig, out: Path, events: Path, offset: int, *, verbose: bool) -> int:
+    from guardedtuning.launcher import FlowerRun
+
+    run = FlowerRun(cfg, out, verbose=verbose)
+    tail = EventTail(events, offset, cfg)
+    try:
+        with tail.progress:
+            run.start()
+            while run.poll() is None and not tail.done and tail.error is None:
+                tail.poll()
+                time.sleep(0.2)
+            tail.poll()
+            # `flwr run --stream` may linger after the ServerApp finished: wait briefly
+            deadline = time.monotonic() + 30
+            while run.poll() is None and time.monotonic() < deadline and (tail.done or tail.error):
+                time.sleep(0.2)
+    finally:
+        run.stop()
+    if tail.error is not None:
+        message = tail.error.get("message", "unknown error")
+        if tail.error.get("input", False):
+            raise GuardedTuningError(message)
+        err.print(f"[bold red]run failed:[/] {message}\nlogs: {out / 'flower.log'}", highlight=False)
+        return 1
+    if not tail.done:
+        err.print(f"[bold red]run failed:[/] Flower exited (code {run.poll()}) before the run finished; "
+                  f"logs: {out / 'flower.log'}, {out / 'superlink.log'}", highlight=False)
+        return 1
+    _summary(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Partition the training set over clients with flwr-datasets partitioners."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from guardedtuning.config import DataConfig
+from guardedtuning.data.sources import load_task
+from guardedtuning.errors import DataError
+
+
+def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Any:
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if cfg.partition == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    task = load_task(cfg, seed)
+    min_size = max(1, min(10, len(task.train) // (4 * num_partitions)))
+    return DirichletPartitioner(
+        num_partitions=num_partitions, partition_by="label", alpha=cfg.alpha,
+        min_partition_size=min_size, self_balancing=True, shuffle=True, seed=seed,
+    )
+
+
+def check_enough_rows(cfg: DataConfig, num_clients: int, seed: int) -> None:
+    n = len(load_task(cfg, seed).train)
+    if num_clients > n:
+        raise DataError(
+            f"federation.num-clients is {num_clients} but dataset {cfg.name!r} has only "
+            f"{n} training rows; lower --set federation.num-clients or raise data.train-size"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Any:
+    check_enough_rows(cfg, num_partitions, seed)
+    part = make_partitioner(cfg, num_partitions, seed)
+    part.dataset = load_task(cfg, seed).train
+    return part
+
+
+def load_partition(cfg: DataConfig, partition_id: int, num_partitions: int, seed: int) -> Any:
+    """Client ``partition_id``'s rows (a ``datasets.Dataset``)."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}; check the node config")
+    try:
+        return _partitioner(cfg, num_partitions, seed).load_partition(partition_id)
+    except ValueError as exc:  # Dirichlet sampling can fail for tiny data / many clients
+        raise DataError(
+            f"cannot split {cfg.name!r} into {num_partitions} {cfg.partition} partitions "
+            f"({exc}); raise data.alpha, use data.partition=iid or fewer clients"
+        ) from exc

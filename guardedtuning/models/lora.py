@@ -1,0 +1,81 @@
+"""LoRA (peft) on a split part, and the trainable-state helpers every recipe shares.
+
+Only trainable tensors ever cross the network or go into ``context.state``; they are
+named by ``named_parameters()`` of the part they belong to, so the names on the client
+and on the server agree by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from guardedtuning.config import LoraConfig
+from guardedtuning.errors import ConfigError, MessageError
+
+AUTO_TARGETS = {"encoder": ("query", "value"), "decoder": ("q_proj", "v_proj")}
+
+
+def lora_targets(cfg: LoraConfig, kind: str) -> tuple[str, ...]:
+    return AUTO_TARGETS[kind] if cfg.target_list == ("auto",) else cfg.target_list
+
+
+def add_lora(module: nn.Module, cfg: LoraConfig, kind: str) -> nn.Module:
+    """Inject LoRA adapters into ``module`` in place and freeze everything else.
+
+    Put ``module`` on its device *before* calling this (Opacus and peft otherwise
+    disagree about which tensors are the parameters).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    targets = lora_targets(cfg, kind)
+    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ConfigError(
+            f"`lora.targets` names {', '.join(missing)}, which this model does not have; "
+            f"use `auto` or modules such as {', '.join(sorted(n for n in names if 'proj' in n or n in ('query', 'key', 'value'))[:6])}"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets)
+    )
+    for p in module.parameters():
+        p.requires_grad_(False)
+    inject_adapter_in_model(peft_cfg, module)
+    for name, p in module.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return module
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the trainable parameters, by name."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Copy ``state`` into the trainable parameters; names and shapes must match exactly."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise MessageError(
+            f"{source}: adapter tensors do not match this model (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); client and server must use the same model, "
+            "split.layer and lora.* settings"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            value = state[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise MessageError(
+                    f"{source}: tensor {name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(p.shape)}; client and server must use the same lora.rank"
+                )
+            p.copy_(value.to(p.device, p.dtype))
+
+
+def num_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

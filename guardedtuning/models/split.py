@@ -1,0 +1,140 @@
+"""Split a backbone at block ``k`` into a client bottom and a server top.
+
+- bottom: token embeddings and the first ``k`` blocks; ``forward(input_ids, mask)``
+  returns the cut activations ``h`` of shape (B, T, D) that the client releases;
+- top: the remaining blocks and a task head; it turns ``h`` back into a loss.
+
+The encoder's head is a masked mean pool and a linear classifier (sequence
+classification); the decoder's head is the final norm and the LM head, with the
+causal-LM loss taken on response tokens only (labels of -100 are ignored).
+
+Bottom then top computes exactly what the unsplit model computes (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guardedtuning.errors import ModelLoadError
+from guardedtuning.models.loading import Backbone
+
+IGNORE = -100
+
+
+def check_split_layer(layer: int, num_layers: int, name: str) -> None:
+    if not 1 <= layer < num_layers:
+        raise ModelLoadError(
+            f"`split.layer` is {layer} but {name!r} has {num_layers} blocks; pass "
+            f"--set split.layer=K with 1 <= K <= {num_layers - 1}"
+        )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _Blocks(nn.Module):
+    """Runs a slice of a backbone's blocks with the family's mask and positions."""
+
+    def __init__(self, backbone: Backbone, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.kind = backbone.kind
+        self.config = backbone.config
+        self.layers = nn.ModuleList(blocks)
+        self.rotary_emb = backbone.body.rotary_emb if backbone.kind == "decoder" else None
+
+    def run(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+        if self.kind == "encoder":
+            mask = create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask)
+            for layer in self.layers:
+                h = layer(h, mask)
+            return h
+        pos = position_ids_from_mask(attention_mask)
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+            past_key_values=None, position_ids=pos,
+        )
+        assert self.rotary_emb is not None
+        pe = self.rotary_emb(h, position_ids=pos)
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        return h
+
+
+class Bottom(nn.Module):
+    """Client side: embeddings + first ``k`` blocks. (B, T) ids -> (B, T, D) activations."""
+
+    def __init__(self, backbone: Backbone, k: int) -> None:
+        super().__init__()
+        self.kind = backbone.kind
+        self.embeddings = backbone.body.embeddings if backbone.kind == "encoder" else backbone.body.embed_tokens
+        self.blocks = _Blocks(backbone, list(backbone.blocks[:k]))
+
+    def word_embeddings(self) -> torch.Tensor:
+        """The vocabulary embedding matrix (V, D)."""
+        emb = self.embeddings.word_embeddings if self.kind == "encoder" else self.embeddings
+        return emb.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids=input_ids) if self.kind == "encoder" else self.embeddings(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.blocks.run(self.embed(input_ids), attention_mask)  # (B, T, D)
+
+
+class Top(nn.Module):
+    """Server side: blocks ``k..L`` and the task head."""
+
+    def __init__(self, backbone: Backbone, k: int, num_labels: int) -> None:
+        super().__init__()
+        self.kind = backbone.kind
+        self.blocks = _Blocks(backbone, list(backbone.blocks[k:]))
+        d = backbone.hidden_size
+        if backbone.kind == "encoder":
+            self.head: nn.Module = nn.Linear(d, num_labels)
+            self.norm: nn.Module | None = None
+        else:
+            assert backbone.lm_head is not None
+            self.head = backbone.lm_head
+            self.norm = backbone.body.norm
+
+    def hidden(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.blocks.run(h, attention_mask)
+        return self.norm(h) if self.norm is not None else h
+
+    def logits(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder: (B, C) class logits. Decoder: (B, T, V) next-token logits."""
+        z = self.hidden(h, attention_mask)
+        if self.kind == "encoder":
+            m = attention_mask.unsqueeze(-1).to(z.dtype)  # (B, T, 1)
+            pooled = (z * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+            return self.head(pooled)
+        return self.head(z)
+
+    def per_example_loss(
+        self, h: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """(B,) loss of each example: cross-entropy, or mean response-token NLL."""
+        if self.kind == "encoder":
+            return F.cross_entropy(self.logits(h, attention_mask), labels, reduction="none")
+        z = self.hidden(h, attention_mask)[:, :-1]  # (B, T-1, D) predicts token t+1
+        target = labels[:, 1:]  # (B, T-1)
+        keep = target != IGNORE
+        logits = self.head(z[keep])  # (N, V): only response positions, saves memory
+        nll = F.cross_entropy(logits, target[keep], reduction="none")  # (N,)
+        rows = keep.nonzero()[:, 0]
+        per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device)
+        per_row.index_add_(0, rows, nll)
+        counts = keep.sum(1).clamp(min=1).to(nll.dtype)
+        return per_row / counts
+
+
+def build_split(backbone: Backbone, layer: int, num_labels: int) -> tuple[Bottom, Top]:
+    """Bottom and top sharing the backbone's modules (nothing is copied)."""
+    check_split_layer(layer, backbone.num_layers, backbone.name)
+    return Bottom(backbone, layer), Top(backbone, layer, num_labels)

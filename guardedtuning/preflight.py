@@ -1,0 +1,34 @@
+"""Checks that run before Flower starts, so bad input fails in a second, in one line.
+
+They resolve the model's config (not its weights), check the split layer against its
+depth, load the dataset and check its fields and size against the number of clients.
+The same checks run again where the work happens; this only makes failing cheap.
+"""
+
+from __future__ import annotations
+
+from guardedtuning.config import RunConfig
+from guardedtuning.data.partition import check_enough_rows
+from guardedtuning.data.sources import load_task
+from guardedtuning.models.loading import load_model_config, model_kind
+from guardedtuning.models.split import check_split_layer
+
+
+def preflight(cfg: RunConfig) -> dict[str, object]:
+    """Raise a GuardedTuningError on bad input; return a few facts for the banner."""
+    mcfg = load_model_config(cfg.model.name)
+    kind = model_kind(mcfg, cfg.model.name)
+    depth = cfg.model.num_layers or int(mcfg.num_hidden_layers)
+    if cfg.model.num_layers > int(mcfg.num_hidden_layers):
+        from guardedtuning.errors import ModelLoadError
+
+        raise ModelLoadError(
+            f"`model.num-layers` is {cfg.model.num_layers} but {cfg.model.name!r} has only "
+            f"{mcfg.num_hidden_layers} blocks; pass 0 or a number <= {mcfg.num_hidden_layers}"
+        )
+    check_split_layer(cfg.split.layer, depth, cfg.model.name)
+    task = load_task(cfg.data, cfg.seed)
+    if cfg.recipe != "central-ft":
+        check_enough_rows(cfg.data, cfg.federation.num_clients, cfg.seed)
+    return {"kind": kind, "layers": depth, "train_rows": len(task.train), "test_rows": len(task.test),
+            "labels": task.label_names, "majority_rate": task.majority_rate()}

@@ -1,0 +1,79 @@
+"""What every server-side driver shares: device, evaluation, round bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Message
+
+from guardedtuning.config import RunConfig
+from guardedtuning.data.sources import TaskData, load_task
+from guardedtuning.evaluation import evaluate
+from guardedtuning.models.loading import load_tokenizer
+from guardedtuning.models.parts import SplitModel
+from guardedtuning.results import Recorder
+from guardedtuning.server_app.exchange import Exchange
+from guardedtuning.strategies.messages import dense_nbytes, metric_value
+
+log = logging.getLogger("guardedtuning")
+
+
+def server_device(cfg: RunConfig) -> torch.device:
+    dev = cfg.sim.server_device
+    if dev == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(dev)
+
+
+@dataclass
+class ServerRun:
+    """A run's config, recorder, task and device, handed to each recipe's driver."""
+
+    cfg: RunConfig
+    rec: Recorder
+    task: TaskData
+    device: torch.device
+
+    @classmethod
+    def create(cls, cfg: RunConfig, rec: Recorder) -> ServerRun:
+        return cls(cfg, rec, load_task(cfg.data, cfg.seed), server_device(cfg))
+
+    def evaluate(self, model: SplitModel) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = evaluate(model, load_tokenizer(self.cfg.model.name), self.task,
+                       max_length=self.cfg.model.max_length, batch_size=self.cfg.eval.batch_size,
+                       max_new_tokens=self.cfg.eval.max_new_tokens, device=self.device)
+        self.rec.ledger.server_s += time.perf_counter() - t0
+        return out
+
+    def account(self, ex: Exchange, *, compute_key: str = "compute_s") -> float:
+        """Add an exchange's bytes and client compute to the ledger; return max compute."""
+        led = self.rec.ledger
+        led.bytes_down += sum(ex.bytes_down.values())
+        led.bytes_up += sum(ex.bytes_up.values())
+        longest = 0.0
+        for node, msg in ex.ok().items():
+            rec = msg.content.get("metrics")
+            try:
+                compute = metric_value(rec, compute_key, source=f"reply of node {node}") if rec is not None else 0.0
+                peak = metric_value(rec, "peak_mem_mb", source=f"reply of node {node}") if rec is not None else 0.0
+            except Exception:  # noqa: BLE001 - a bad metric is reported where the reply is checked
+                continue
+            led.client_compute_s += compute
+            led.client_peak_mem_mb = max(led.client_peak_mem_mb, peak)
+            longest = max(longest, compute)
+        return longest
+
+    def count_update_bytes(self, replies: dict[int, Message]) -> None:
+        for msg in replies.values():
+            upd = msg.content.get("update")
+            if upd is not None:
+                self.rec.ledger.dense_bytes += dense_nbytes(upd)
+
+    def drop(self, node: int, reason: str, round_: int) -> None:
+        self.rec.ledger.rejected += 1
+        log.warning("round %d: node %d dropped from the round: %s", round_, node, reason)
+        self.rec.event("dropped", round=round_, node=node, reason=reason)

@@ -1,0 +1,63 @@
+"""The ServerApp: build the config once, pick the recipe's driver, write the record."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from guardedtuning.config import RunConfig, build_config
+from guardedtuning.errors import GuardedTuningError
+from guardedtuning.evaluation import utility_metric
+from guardedtuning.models.loading import kind_of
+from guardedtuning.results import Recorder
+from guardedtuning.server_app.central import run_central
+from guardedtuning.server_app.common import ServerRun, log
+from guardedtuning.server_app.fedlora_driver import run_fedlora
+from guardedtuning.server_app.split_driver import run_split
+
+app = ServerApp()
+
+
+def execute(cfg: RunConfig, grid: Grid | None) -> dict:
+    """Run one recipe end to end and return its results record."""
+    rec = Recorder(cfg, Path(cfg.output.dir), model=cfg.model.name, dataset=cfg.data.name)
+    try:
+        run = ServerRun.create(cfg, rec)
+        rec.majority_rate = run.task.majority_rate()
+        rec.event("start", recipe=cfg.recipe, rounds=cfg.federation.rounds, steps=cfg.train.local_steps,
+                  majority_rate=run.task.majority_rate())
+        if cfg.recipe == "central-ft":
+            metrics = run_central(run)
+        elif grid is None:
+            raise GuardedTuningError(f"recipe {cfg.recipe!r} is federated; run it with `guardedtuning run` or `flwr run .`")
+        elif cfg.recipe == "split":
+            metrics = run_split(grid, run)
+        else:
+            metrics = run_fedlora(grid, run)
+        kind = kind_of(cfg.model.name)
+        return rec.finish(metric=utility_metric(kind), utility=metrics.get("utility"))
+    except GuardedTuningError as exc:
+        rec.event("error", message=str(exc), input=True)
+        raise
+    except Exception as exc:
+        rec.event("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        raise
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    if not log.handlers:  # our lines in Flower's streamed log, without everyone else's INFO
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("guardedtuning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    cfg = build_config(context.run_config)
+    log.info("recipe %s, output %s", cfg.recipe, Path(cfg.output.dir).resolve())
+    record = execute(cfg, grid)
+    log.info("%s = %s; results in %s", record["utility"]["metric"], record["utility"]["value"],
+             Path(cfg.output.dir).resolve() / "results.json")

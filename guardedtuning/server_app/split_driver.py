@@ -1,0 +1,142 @@
+"""The ``split`` recipe (GuardedTuning Online): split learning over the Message API.
+
+A round, for the sampled clients C and local steps S (S + 1 round trips):
+
+- message 0 (``train.split``, step 0) carries the global bottom LoRA; each client
+  answers with the cut activations of its batch 0;
+- message s (1 <= s <= S) carries the gradient for the activations of step s - 1; the
+  client back-propagates it, steps its optimizer, and answers with the activations of
+  step s, or, at s = S, with its bottom-LoRA update;
+- between messages the server runs the top once on all clients' activations
+  (:func:`guardedtuning.training.top_step`), updating the top and head;
+- the updates are aggregated by the strategy and added to the global bottom LoRA; the
+  assembled model is evaluated on the held-out split.
+
+A client whose reply is an error, late or malformed is dropped for the rest of the
+round (logged and counted); the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from guardedtuning.errors import MessageError
+from guardedtuning.models.lora import load_trainable, trainable_state
+from guardedtuning.models.parts import split_model
+from guardedtuning.server_app.common import ServerRun, log
+from guardedtuning.server_app.exchange import exchange
+from guardedtuning.strategies.fedavg import AdapterFedAvg
+from guardedtuning.strategies.messages import get_record, record_to_tensors, tensors_to_record
+from guardedtuning.training import ClientActs, make_optimizer, top_step
+
+MESSAGE_TYPE = "train.split"
+
+
+def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, kind: str) -> ClientActs:
+    """A client's released activations, checked before they touch the top."""
+    source = f"reply of node {msg.metadata.src_node_id}"
+    acts = record_to_tensors(get_record(msg.content, "acts", ArrayRecord, source=source, sender="ClientApp"),
+                             source=source)
+    for key in ("h", "mask", "labels"):
+        if key not in acts:
+            raise MessageError(f"{source}: activations record lacks {key!r}")
+    h, mask, labels = acts["h"], acts["mask"], acts["labels"]
+    if not h.is_floating_point() or h.dim() != 3 or h.shape[2] != hidden:
+        raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, "
+                           f"expected float (B, T, {hidden})")
+    b, t = h.shape[0], h.shape[1]
+    if not 1 <= b <= max_batch:
+        raise MessageError(f"{source}: batch of {b} rows, expected 1..{max_batch}")
+    if tuple(mask.shape) != (b, t) or not bool(((mask == 0) | (mask == 1)).all()):
+        raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)}, expected ({b}, {t}) of 0/1")
+    if kind == "encoder":
+        if tuple(labels.shape) != (b,) or labels.is_floating_point() or not bool(
+                ((labels >= 0) & (labels < num_labels)).all()):
+            raise MessageError(f"{source}: labels must be {b} class ids in 0..{num_labels - 1}")
+    elif tuple(labels.shape) != (b, t) or labels.is_floating_point():
+        raise MessageError(f"{source}: labels have shape {tuple(labels.shape)}, expected ({b}, {t}) token ids")
+    return ClientActs(h, mask, labels)
+
+
+def _step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None) -> Message:
+    content = RecordDict({"config": ConfigRecord({"server-round": round_, "step": step, "steps": steps})})
+    if grad is not None:
+        content["grad"] = tensors_to_record({"h": grad})
+    return Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
+
+
+def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
+    cfg, rec, task = run.cfg, run.rec, run.task
+    model = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, str(run.device), cfg.seed,
+                        lora_top=cfg.lora.top)
+    top_opt = make_optimizer(model.top, lr=cfg.train.server_lr, weight_decay=cfg.train.weight_decay)
+    global_bottom = trainable_state(model.bottom)
+    strategy = AdapterFedAvg(clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
+                             message_type=MESSAGE_TYPE)
+    hidden = int(model.bottom.word_embeddings().shape[1])
+    steps = cfg.train.local_steps
+    first = 1
+    resumed = rec.load_checkpoint()
+    if resumed is not None:
+        done, state = resumed
+        global_bottom = state["global_bottom"]
+        load_trainable(model.top, state["top"], source="checkpoint")
+        top_opt.load_state_dict(state["top_opt"])
+        first = done + 1
+        log.info("resuming after round %d from %s", done, rec.checkpoint_path)
+    metrics: dict[str, float] = {}
+    for round_ in range(first, cfg.federation.rounds + 1):
+        config = ConfigRecord({"step": 0, "steps": steps})
+        messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
+        active = [m.metadata.dst_node_id for m in messages]
+        rec.event("round_start", round=round_, clients=active, steps=steps)
+        rec.ledger.client_rounds += len(active)
+        up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
+        ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
+        losses: list[float] = []
+        for step in range(1, steps + 1):
+            longest = run.account(ex)
+            rec.ledger.step_wall_s.append(ex.wall_s)
+            rec.ledger.step_overhead_s.append(max(0.0, ex.wall_s - longest))
+            for node, reason in ex.failures().items():
+                run.drop(node, reason, round_)
+            acts: dict[int, ClientActs] = {}
+            for node, msg in ex.ok().items():
+                try:
+                    acts[node] = unpack_acts(msg, hidden=hidden, max_batch=cfg.train.batch_size,
+                                             num_labels=task.num_labels, kind=model.kind)
+                except MessageError as exc:
+                    run.drop(node, str(exc), round_)
+            if not acts:
+                break
+            t0 = time.perf_counter()
+            grads, client_losses = top_step(model.top, top_opt, list(acts.values()), run.device)
+            rec.ledger.server_s += time.perf_counter() - t0
+            losses.append(statistics.fmean(client_losses))
+            rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1], clients=len(acts))
+            ex = exchange(grid, [_step_message(n, round_, step, steps, g) for n, g in zip(acts, grads, strict=True)],
+                          timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
+        if not losses:
+            log.warning("round %d: no client answered; the global model is unchanged", round_)
+            continue
+        run.account(ex)
+        run.count_update_bytes(ex.ok())
+        n_rejected = len(strategy.rejections)
+        avg, _ = strategy.aggregate_train(round_, ex.replies.values())
+        rec.ledger.rejected += len(strategy.rejections) - n_rejected + len(ex.timed_out)
+        if avg is not None:
+            delta = record_to_tensors(avg, source="aggregate")
+            global_bottom = {k: global_bottom[k] + delta[k] for k in global_bottom}
+        load_trainable(model.bottom, global_bottom, source="global adapter")
+        metrics = run.evaluate(model)
+        rec.add_round(round_, utility=metrics["utility"], train_loss=statistics.fmean(losses), epsilon=None,
+                      bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
+                      extra={k: v for k, v in metrics.items() if k != "utility"})
+        rec.save_checkpoint(round_, {"global_bottom": global_bottom, "top": trainable_state(model.top),
+                                     "top_opt": top_opt.state_dict()})
+    return metrics

@@ -1,0 +1,128 @@
+"""Weighted averaging of adapter updates, with every reply checked before it is used.
+
+The seam every federated recipe aggregates through: ``configure_train`` samples the
+round's clients (seeded) and builds their first message; ``aggregate_train`` turns the
+clients' final replies into one averaged adapter *update* (local minus global weights).
+A reply is rejected, with the reason logged and counted, when it is an error, comes
+twice from one node, lacks the ``update`` or ``metrics`` record, or holds a tensor with
+the wrong name, shape or dtype, or a NaN; the rest of the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from guardedtuning.errors import MessageError
+from guardedtuning.strategies.messages import get_record, metric_value
+
+log = logging.getLogger(__name__)
+
+UPDATE_KEY = "update"
+METRICS_KEY = "metrics"
+WEIGHT_KEY = "num-examples"
+
+
+class AdapterFedAvg(Strategy):
+    """FedAvg over adapter updates, weighted by each client's example count.
+
+    Parameters
+    ----------
+    clients_per_round : int
+        Clients sampled each round (all connected nodes if fewer are connected).
+    seed : int
+        Seeds the client sampling, so a run samples the same clients when repeated.
+    message_type : str
+        Type of the first message of a round: ``"train"`` (local training) or
+        ``"train.split"`` (the first step of split learning).
+    """
+
+    def __init__(self, *, clients_per_round: int, seed: int, message_type: str = MessageType.TRAIN) -> None:
+        if clients_per_round < 1:
+            raise ValueError(f"`clients_per_round` must be a positive integer but is {clients_per_round}")
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.message_type = message_type
+        self.rejections: list[str] = []
+        self._expected: dict[str, tuple[int, ...]] = {}
+
+    def summary(self) -> None:
+        log.info("AdapterFedAvg: %d clients per round, message type %s", self.clients_per_round, self.message_type)
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        k = min(self.clients_per_round, len(nodes))
+        return sorted(random.Random(self.seed * 100_003 + server_round).sample(nodes, k))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._expected = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+        config["server-round"] = server_round
+        content = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content=content, message_type=self.message_type, dst_node_id=n)
+                for n in self.sample(server_round, grid)]
+
+    def check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
+        """The reply's update arrays, weight and metrics, or a MessageError."""
+        node = msg.metadata.src_node_id
+        source = f"reply of node {node}"
+        if msg.has_error():
+            raise MessageError(f"{source}: client error: {msg.error.reason}")
+        update = get_record(msg.content, UPDATE_KEY, ArrayRecord, source=source, sender="ClientApp")
+        metrics = get_record(msg.content, METRICS_KEY, MetricRecord, source=source, sender="ClientApp")
+        weight = metric_value(metrics, WEIGHT_KEY, source=source)
+        if weight <= 0:
+            raise MessageError(f"{source}: {WEIGHT_KEY} is {weight}, expected > 0")
+        keys = set(update.keys())
+        if keys != set(self._expected):
+            raise MessageError(f"{source}: update tensors {sorted(keys ^ set(self._expected))[:3]} "
+                               "do not match the global adapter")
+        arrays: dict[str, np.ndarray] = {}
+        for k, shape in self._expected.items():
+            arr = update[k].numpy()
+            if arr.dtype.kind != "f":
+                raise MessageError(f"{source}: update {k!r} has dtype {arr.dtype}, expected float")
+            if tuple(arr.shape) != shape:
+                raise MessageError(f"{source}: update {k!r} has shape {arr.shape}, expected {shape}")
+            if not np.isfinite(arr).all():
+                raise MessageError(f"{source}: update {k!r} holds NaN or inf")
+            arrays[k] = arr.astype(np.float64)
+        return arrays, weight, metrics
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[tuple[dict[str, np.ndarray], float, MetricRecord]] = []
+        seen: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                if node in seen:
+                    raise MessageError(f"reply of node {node}: a second reply in round {server_round}")
+                seen.add(node)
+                accepted.append(self.check_reply(msg))
+            except MessageError as exc:
+                self.rejections.append(str(exc))
+                log.warning("round %d: rejected %s", server_round, exc)
+        if not accepted:
+            return None, None
+        total = sum(w for _, w, _ in accepted)
+        avg = {k: sum(a[k] * (w / total) for a, w, _ in accepted) for k in self._expected}
+        out = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in avg.items()})
+        metrics = MetricRecord({WEIGHT_KEY: total, "clients": len(accepted)})
+        return out, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # utility is measured centrally, on the assembled model
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None

@@ -1,0 +1,125 @@
+"""Plain-torch training pieces shared by the recipes (no Flower here).
+
+- :func:`make_optimizer` and the optimizer-state round trip to numpy, so a client's
+  AdamW moments survive between messages inside ``context.state``;
+- :func:`local_train`: ordinary steps on a :class:`~guardedtuning.models.parts.SplitModel`
+  (``fedlora`` clients and ``central-ft``);
+- :func:`top_step`: the server's batched top pass over all sampled clients' activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guardedtuning.data.batches import Batch
+from guardedtuning.models.split import IGNORE, Top
+
+
+def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    return torch.optim.AdamW(list(trainable_params(module).values()), lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_state(opt: torch.optim.Optimizer, module: nn.Module) -> dict[str, np.ndarray]:
+    """AdamW moments and step counts as ``{"<slot>/<param name>": array}``."""
+    out: dict[str, np.ndarray] = {}
+    for name, p in trainable_params(module).items():
+        for slot, value in opt.state.get(p, {}).items():
+            out[f"{slot}/{name}"] = np.atleast_1d(value.detach().cpu().numpy()).copy()
+    return out
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, module: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Inverse of :func:`optimizer_state`; slots of unknown parameters are ignored."""
+    params = trainable_params(module)
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, arr in state.items():
+        slot, name = key.split("/", 1)
+        if name in params:
+            per_param.setdefault(name, {})[slot] = torch.as_tensor(arr)
+    for name, slots in per_param.items():
+        p = params[name]
+        restored = {}
+        for slot, value in slots.items():
+            restored[slot] = value.reshape(()) if slot == "step" else value.to(p.device, p.dtype).reshape(p.shape)
+        opt.state[p] = restored
+
+
+def local_train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    device: torch.device,
+) -> list[float]:
+    """Plain steps: mean per-example loss, backward, step. Returns the loss of each step."""
+    losses = []
+    for batch in batches:
+        b = batch.to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = model.per_example_loss(b.input_ids, b.attention_mask, b.labels).mean()  # type: ignore[operator]
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@dataclass
+class ClientActs:
+    """One client's cut activations for one step, as the server receives them."""
+
+    h: torch.Tensor  # (B, T, D)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B,) or (B, T)
+
+
+def _pad_to(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    pad = width - t.shape[1]
+    if pad == 0:
+        return t
+    spec = (0, 0, 0, pad) if t.dim() == 3 else (0, pad)
+    return F.pad(t, spec, value=value)
+
+
+def top_step(
+    top: Top,
+    opt: torch.optim.Optimizer,
+    acts: list[ClientActs],
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """One batched top pass over every sampled client's activations.
+
+    The objective is the sum over clients of each client's *mean* loss, so the
+    gradient a client receives for its activations is the gradient of its own mean
+    loss, whatever the other clients' batch sizes. The top's gradients are divided by
+    the number of clients before its optimizer step (the mean over clients).
+
+    Returns each client's activation gradient (its own (B, T, D) shape) and mean loss.
+    """
+    width = max(a.h.shape[1] for a in acts)
+    sizes = [a.h.shape[0] for a in acts]
+    lengths = [a.h.shape[1] for a in acts]
+    h = torch.cat([_pad_to(a.h.float(), width, 0.0) for a in acts]).to(device).requires_grad_(True)  # (N, T, D)
+    mask = torch.cat([_pad_to(a.attention_mask.long(), width, 0) for a in acts]).to(device)  # (N, T)
+    if acts[0].labels.dim() == 2:
+        labels = torch.cat([_pad_to(a.labels.long(), width, IGNORE) for a in acts]).to(device)
+    else:
+        labels = torch.cat([a.labels.long() for a in acts]).to(device)
+    opt.zero_grad(set_to_none=True)
+    per_example = top.per_example_loss(h, mask, labels)  # (N,)
+    per_client = torch.stack([chunk.mean() for chunk in per_example.split(sizes)])  # (C,)
+    per_client.sum().backward()
+    for p in trainable_params(top).values():
+        if p.grad is not None:
+            p.grad.div_(len(acts))
+    opt.step()
+    grads = [g[:, :t].detach().cpu() for g, t in zip(h.grad.split(sizes), lengths, strict=True)]  # type: ignore[union-attr]
+    return grads, [float(x) for x in per_client.detach()]
