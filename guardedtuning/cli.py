@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fetch(args.model)
         return _run(args)
     except GuardedTuningError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; rerun the same command to resume from the last finished round")

@@ -163,6 +163,35 @@ class FlowerRun:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        # Ray starts some of its processes in sessions of their own; they still carry
+        # our FLWR_HOME, which no other run shares
+        home = str(self.out / ".flwr")
+        deadline = time.monotonic() + 15
+        while (left := processes_with_env("FLWR_HOME", home)) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.2)
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live processes whose environment has ``key=value`` (Linux /proc; else none)."""
+    needle = f"{key}={value}".encode()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and ") Z " not in (entry / "stat").read_text():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:

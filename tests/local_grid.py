@@ -2,7 +2,8 @@
 
 It mirrors what Flower's simulation engine does with a message (one Context per node,
 the ClientApp called with it, an exception turned into an error reply), so the
-ServerApp drivers can be tested fast and with faults injected (``tamper``).
+ServerApp drivers can be tested fast and with faults injected: ``tamper(node, request,
+reply)`` may change a reply, replace it, or drop it (return None: a timeout).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 class LocalGrid(Grid):
     def __init__(self, app: ClientApp, num_nodes: int, run_config: dict,
-                 tamper: Callable[[int, Message], Message | None] | None = None) -> None:
+                 tamper: Callable[[int, Message, Message], Message | None] | None = None) -> None:
         TaskIdentity.task_id = 1
         TaskIdentity.run_id = 1
         TaskIdentity.node_id = 1
@@ -61,7 +62,7 @@ class LocalGrid(Grid):
             except Exception as exc:  # noqa: BLE001 - what the engine does too
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             if self.tamper is not None:
-                reply = self.tamper(node, reply)
+                reply = self.tamper(node, msg, reply)
             if reply is not None:
                 self.replies[mid] = reply
             ids.append(mid)

@@ -80,14 +80,16 @@ def _bottom(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     return client_bottom(cfg.model, cfg.split.layer, cfg.lora, str(device), cfg.seed)
 
 
-def _metrics(t0: float, **extra: float) -> MetricRecord:
-    return MetricRecord({"compute_s": time.perf_counter() - t0, "peak_mem_mb": peak_rss_mb(), **extra})
+def _metrics(t0: float, started: float, **extra: float) -> MetricRecord:
+    """Compute time and wall-clock interval of this handler (for the overhead figure)."""
+    return MetricRecord({"compute_s": time.perf_counter() - t0, "t_start": started, "t_end": time.time(),
+                         "peak_mem_mb": peak_rss_mb(), **extra})
 
 
 @app.train("split")
 def split_step(msg: Message, context: Context) -> Message:
     """One merged step: backward of step s-1 (if any), then forward of step s (if any)."""
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     cfg = run_config(context)
     source = f"train.split message to node {context.node_id}"
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
@@ -122,7 +124,7 @@ def split_step(msg: Message, context: Context) -> Message:
             "h": h, "mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels})
         state["split.lora"] = tensors_to_record(trainable_state(bottom))
         state["split.optim"] = ArrayRecord({k: Array(v) for k, v in optimizer_state(opt, bottom).items()})
-        content["metrics"] = _metrics(t0)
+        content["metrics"] = _metrics(t0, started)
     else:
         start = record_to_tensors(state["split.start"], source="client state")
         now = trainable_state(bottom)
@@ -131,7 +133,7 @@ def split_step(msg: Message, context: Context) -> Message:
             if key in state:
                 del state[key]
         examples = steps * min(cfg.train.batch_size, _rows(context, cfg))
-        content["metrics"] = _metrics(t0, **{"num-examples": float(examples)})
+        content["metrics"] = _metrics(t0, started, **{"num-examples": float(examples)})
     return Message(content, reply_to=msg)
 
 
@@ -143,7 +145,7 @@ def _rows(context: Context, cfg: RunConfig) -> int:
 @app.train()
 def fedlora_train(msg: Message, context: Context) -> Message:
     """Local LoRA training on the whole model; replies with the adapter update."""
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     cfg = run_config(context)
     source = f"train message to node {context.node_id}"
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
@@ -161,7 +163,7 @@ def fedlora_train(msg: Message, context: Context) -> Message:
     now = trainable_state(model)
     content = RecordDict({
         "update": tensors_to_record({k: now[k] - start[k] for k in now}),
-        "metrics": _metrics(t0, **{"num-examples": float(steps * min(cfg.train.batch_size, _rows(context, cfg))),
+        "metrics": _metrics(t0, started, **{"num-examples": float(steps * min(cfg.train.batch_size, _rows(context, cfg))),
                                    "train_loss": sum(losses) / len(losses)}),
     })
     return Message(content, reply_to=msg)

@@ -16,6 +16,7 @@ from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import SplitModel
 from guardedtuning.results import Recorder
 from guardedtuning.server_app.exchange import Exchange
+from guardedtuning.errors import MessageError
 from guardedtuning.strategies.messages import dense_nbytes, metric_value
 
 log = logging.getLogger("guardedtuning")
@@ -49,23 +50,28 @@ class ServerRun:
         self.rec.ledger.server_s += time.perf_counter() - t0
         return out
 
-    def account(self, ex: Exchange, *, compute_key: str = "compute_s") -> float:
-        """Add an exchange's bytes and client compute to the ledger; return max compute."""
+    def account(self, ex: Exchange) -> float:
+        """Add an exchange's bytes and client compute to the ledger; return its overhead.
+
+        The overhead is the part of the exchange's wall time during which no client
+        handler ran (see :meth:`Exchange.overhead_s`).
+        """
         led = self.rec.ledger
         led.bytes_down += sum(ex.bytes_down.values())
         led.bytes_up += sum(ex.bytes_up.values())
-        longest = 0.0
+        intervals = []
         for node, msg in ex.ok().items():
             rec = msg.content.get("metrics")
-            try:
-                compute = metric_value(rec, compute_key, source=f"reply of node {node}") if rec is not None else 0.0
-                peak = metric_value(rec, "peak_mem_mb", source=f"reply of node {node}") if rec is not None else 0.0
-            except Exception:  # noqa: BLE001 - a bad metric is reported where the reply is checked
+            if rec is None:
                 continue
-            led.client_compute_s += compute
-            led.client_peak_mem_mb = max(led.client_peak_mem_mb, peak)
-            longest = max(longest, compute)
-        return longest
+            try:
+                source = f"reply of node {node}"
+                led.client_compute_s += metric_value(rec, "compute_s", source=source)
+                led.client_peak_mem_mb = max(led.client_peak_mem_mb, metric_value(rec, "peak_mem_mb", source=source))
+                intervals.append((metric_value(rec, "t_start", source=source), metric_value(rec, "t_end", source=source)))
+            except MessageError:
+                continue  # a malformed reply is rejected where its payload is checked
+        return ex.overhead_s(intervals)
 
     def count_update_bytes(self, replies: dict[int, Message]) -> None:
         for msg in replies.values():

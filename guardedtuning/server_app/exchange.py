@@ -28,6 +28,31 @@ class Exchange:
     bytes_down: dict[int, int] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    t_push: float = 0.0  # wall clock (time.time) when the messages were pushed
+    t_done: float = 0.0  # wall clock when the last reply arrived
+
+    def overhead_s(self, intervals: list[tuple[float, float]]) -> float:
+        """Seconds of this exchange during which no client handler was running.
+
+        ``intervals`` are the clients' (start, end) wall-clock times. What is left of
+        the exchange outside their union is transport and scheduling: pushing, the
+        engine's dispatch, (de)serialisation, pulling. Clients queued behind busy
+        workers do not count as overhead while another client computes.
+        """
+        spans = sorted((max(a, self.t_push), min(b, self.t_done)) for a, b in intervals)
+        busy, cur_a, cur_b = 0.0, None, None
+        for a, b in spans:
+            if b <= a:
+                continue
+            if cur_b is None or a > cur_b:
+                if cur_b is not None:
+                    busy += cur_b - cur_a
+                cur_a, cur_b = a, b
+            else:
+                cur_b = max(cur_b, b)
+        if cur_b is not None:
+            busy += cur_b - cur_a
+        return max(0.0, (self.t_done - self.t_push) - busy)
 
     def failures(self) -> dict[int, str]:
         """node -> reason, for error replies and timeouts."""
@@ -46,6 +71,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, poll: f
     for m in msgs:
         out.bytes_down[m.metadata.dst_node_id] = message_nbytes(m)
     t0 = time.perf_counter()
+    out.t_push = time.time()
     ids = list(grid.push_messages(msgs))
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True)}
     pending = set(ids)
@@ -66,4 +92,5 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, poll: f
                 break
             time.sleep(poll)
     out.wall_s = time.perf_counter() - t0
+    out.t_done = time.time()
     return out

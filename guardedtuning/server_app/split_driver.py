@@ -100,9 +100,8 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
         ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
         losses: list[float] = []
         for step in range(1, steps + 1):
-            longest = run.account(ex)
+            rec.ledger.step_overhead_s.append(run.account(ex))
             rec.ledger.step_wall_s.append(ex.wall_s)
-            rec.ledger.step_overhead_s.append(max(0.0, ex.wall_s - longest))
             for node, reason in ex.failures().items():
                 run.drop(node, reason, round_)
             acts: dict[int, ClientActs] = {}

@@ -1,0 +1,163 @@
+"""The ServerApp drivers against the real ClientApp, in process (tests/local_grid.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message
+
+from guardedtuning.clients.client_app import app as client_app
+from guardedtuning.config import build_config
+from guardedtuning.server_app.server_app import execute
+from tests.local_grid import LocalGrid
+
+CONTRACT = {"schema", "recipe", "config", "model", "dataset", "num_clients", "clients_per_round", "rounds",
+            "history", "utility", "privacy", "cost"}
+COST = {"bytes_up_per_client_round", "bytes_down_per_client_round", "dense_bytes_per_client_round",
+        "client_peak_mem_mb", "client_train_s", "server_s", "wall_s"}
+
+
+def _run(flat, tamper=None):
+    cfg = build_config(flat)
+    grid = LocalGrid(client_app, cfg.federation.num_clients, cfg.flat(), tamper=tamper)
+    return execute(cfg, grid), grid
+
+
+def _check_contract(record):
+    assert CONTRACT <= set(record)
+    assert COST <= set(record["cost"])
+    for row in record["history"]:
+        assert {"round", "utility", "train_loss", "epsilon", "bytes_up", "bytes_down", "wall_s"} <= set(row)
+
+
+@pytest.mark.parametrize("recipe", ["split", "fedlora"])
+def test_recipe_learns_and_writes_the_record(tiny_flat, recipe):
+    record, grid = _run({**tiny_flat, "recipe": recipe, "federation.rounds": 3})
+    _check_contract(record)
+    losses = [r["train_loss"] for r in record["history"]]
+    assert losses[-1] < losses[0], losses
+    assert record["cost"]["bytes_up_per_client_round"] > 0
+    on_disk = json.loads((Path(tiny_flat["output.dir"]) / "results.json").read_text())
+    assert on_disk["history"] == record["history"]
+    # client state of a finished round is dropped: nothing grows with the number of rounds
+    assert all(len(ctx.state) == 0 for ctx in grid.contexts.values())
+
+
+def test_split_sends_one_message_per_step_and_global_adapter_moves(tiny_flat):
+    record, grid = _run(tiny_flat)
+    steps, rounds, clients = 6, 2, 3
+    assert len(grid.sent) == rounds * clients * (steps + 1)
+    assert {m.metadata.message_type for m in grid.sent} == {"train.split"}
+    ckpt = torch.load(Path(tiny_flat["output.dir"]) / "checkpoint.pt", weights_only=False)
+    moved = [float(v.abs().sum()) for k, v in ckpt["state"]["global_bottom"].items() if "lora_B" in k]
+    assert moved and all(m > 0 for m in moved)  # lora_B starts at zero
+
+
+def _corrupt_acts(target_node, at_call):
+    calls = {"n": 0}
+
+    def tamper(node, request, reply: Message):
+        if node != target_node or reply.has_error() or "acts" not in reply.content:
+            return reply
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            acts = reply.content["acts"]
+            h = acts["h"].numpy()
+            acts["h"] = Array(np.ascontiguousarray(h[:, :, :-1]))  # wrong hidden size
+        return reply
+
+    return tamper
+
+
+def test_a_malformed_reply_is_rejected_and_the_round_goes_on(tiny_flat):
+    record, grid = _run(tiny_flat, tamper=_corrupt_acts(1001, at_call=3))
+    assert record["cost"]["rejected_replies"] == 1
+    assert len(record["history"]) == 2 and record["utility"]["value"] is not None
+    events = [json.loads(x) for x in (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
+    dropped = [e for e in events if e["event"] == "dropped"]
+    assert len(dropped) == 1 and dropped[0]["node"] == 1001 and "expected float (B, T, 64)" in dropped[0]["reason"]
+
+
+def test_a_nan_update_is_rejected_by_the_strategy(tiny_flat):
+    def tamper(node, request, reply):
+        if node == 1002 and not reply.has_error() and "update" in reply.content:
+            upd: ArrayRecord = reply.content["update"]
+            key = next(iter(upd.keys()))
+            arr = upd[key].numpy().copy()
+            arr.flat[0] = np.nan
+            upd[key] = Array(arr)
+        return reply
+
+    record, _ = _run({**tiny_flat, "recipe": "fedlora"}, tamper=tamper)
+    assert record["cost"]["rejected_replies"] == 2  # one per round
+    assert record["utility"]["value"] is not None
+
+
+def _events(flat):
+    return [json.loads(x) for x in (Path(flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
+
+
+def test_a_client_error_drops_that_client_for_the_round(tiny_flat):
+    seen = {"n": 0}
+
+    def tamper(node, request, reply):
+        if node == 1000 and not reply.has_error() and "acts" in reply.content:
+            seen["n"] += 1
+            if seen["n"] == 2:  # step 1 of round 1
+                return Message(Error(code=0, reason="boom"), reply_to=request)
+        return reply
+
+    record, grid = _run(tiny_flat, tamper=tamper)
+    dropped = [e for e in _events(tiny_flat) if e["event"] == "dropped"]
+    assert [(d["round"], d["node"]) for d in dropped] == [(1, 1000)] and "boom" in dropped[0]["reason"]
+    # node 1000 got no further message in round 1, and all of round 2
+    round1 = [m for m in grid.sent if m.content["config"]["server-round"] == 1 and m.metadata.dst_node_id == 1000]
+    assert len(round1) == 2
+    assert record["cost"]["rejected_replies"] == 1 and len(record["history"]) == 2
+
+
+
+def test_crash_resumes_from_the_last_checkpoint(tiny_flat):
+    class Crash(RuntimeError):
+        pass
+
+    cfg = build_config(tiny_flat)
+    grid = LocalGrid(client_app, 3, cfg.flat())
+    pushes = {"n": 0}
+    original = grid.push_messages
+
+    def crashing_push(messages):
+        pushes["n"] += 1
+        if pushes["n"] == 7 + 2:  # round 1 has 7 exchanges; crash inside round 2
+            raise Crash("simulated crash")
+        return original(messages)
+
+    grid.push_messages = crashing_push
+    with pytest.raises(Crash):
+        execute(cfg, grid)
+    record = execute(cfg, LocalGrid(client_app, 3, cfg.flat()))
+    assert [r["round"] for r in record["history"]] == [1, 2]
+    events = (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text()
+    assert '"event": "resume", "time"' in events and '"round": 1}' in events
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_flat):
+    _run(tiny_flat)
+    with pytest.raises(Exception, match="another config"):
+        _run({**tiny_flat, "train.lr": 1e-4})
+
+
+def test_a_silent_client_times_out_and_the_round_goes_on(tiny_flat):
+    def tamper(node, request, reply):
+        if node == 1002 and request.content["config"]["server-round"] == 2 and "acts" in reply.content:
+            return None  # never answers
+        return reply
+
+    record, _ = _run({**tiny_flat, "comm.timeout": 0.5}, tamper=tamper)
+    dropped = [e for e in _events(tiny_flat) if e["event"] == "dropped"]
+    assert [(d["round"], d["node"]) for d in dropped] == [(2, 1002)] and "comm.timeout" in dropped[0]["reason"]
+    assert len(record["history"]) == 2

@@ -1,0 +1,75 @@
+"""End-to-end: `guardedtuning run` on Flower's simulation engine (SuperLink + Ray), tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guardedtuning.launcher import processes_with_env
+
+pytestmark = pytest.mark.e2e
+
+TINY = ["model.name=tiny-bert", "model.max-length=32", "data.train-size=240", "data.test-size=60",
+        "federation.num-clients=3", "federation.clients-per-round=3", "federation.rounds=2",
+        "train.local-steps=8", "train.batch-size=8", "train.lr=5e-3", "train.server-lr=5e-3"]
+
+
+def _processes_using(flwr_home: Path) -> list[int]:
+    """PIDs of live processes whose FLWR_HOME is ``flwr_home`` (what the run started)."""
+    return processes_with_env("FLWR_HOME", str(flwr_home))
+
+
+@pytest.mark.parametrize("recipe", ["split", "fedlora"])
+def test_run_on_the_simulation_engine(tmp_path, recipe):
+    out = tmp_path / recipe
+    args = [sys.executable, "-m", "guardedtuning.cli", "run", "--recipe", recipe, "--out", str(out)]
+    for s in TINY:
+        args += ["--set", s]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    assert record["schema"] == "guardedtuning.results/v1" and record["recipe"] == recipe
+    losses = [r["train_loss"] for r in record["history"]]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert record["cost"]["bytes_up_per_client_round"] > 0 and record["cost"]["wall_s"] > 0
+    assert (out / "utility.png").stat().st_size > 0
+    assert "round 2:" in res.stdout
+    left = _processes_using(out / ".flwr")
+    assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
+
+
+def test_central_ft_runs_in_process(tmp_path):
+    out = tmp_path / "central"
+    args = [sys.executable, "-m", "guardedtuning.cli", "run", "--recipe", "central-ft", "--out", str(out)]
+    for s in TINY:
+        args += ["--set", s]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "results.json").read_text())
+    assert record["num_clients"] is None and record["cost"]["bytes_up_per_client_round"] is None
+    assert record["history"][-1]["train_loss"] < record["history"][0]["train_loss"]
+
+
+def test_flwr_run_dot_uses_the_same_defaults(tmp_path):
+    """`flwr run .` on a SuperLink we start ourselves, stopped by PID afterwards."""
+    from guardedtuning.config import build_config
+    from guardedtuning.launcher import FlowerRun
+
+    flat = dict(s.split("=", 1) for s in TINY)
+    flat["output.dir"] = str(tmp_path / "flwr")
+    run = FlowerRun(build_config(flat), tmp_path / "flwr")
+    (tmp_path / "flwr").mkdir()
+    try:
+        run.start()
+        assert run.flwr is not None
+        run.flwr.wait(timeout=600)
+    finally:
+        run.stop()
+    assert os.path.exists(tmp_path / "flwr" / "results.json")
+    left = _processes_using(tmp_path / "flwr" / ".flwr")
+    assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
