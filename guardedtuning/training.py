@@ -29,29 +29,55 @@ def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float = 0.0) -
     return torch.optim.AdamW(list(trainable_params(module).values()), lr=lr, weight_decay=weight_decay)
 
 
+def flat_trainable(module: nn.Module) -> torch.Tensor:
+    """All trainable parameters as one CPU vector, in ``named_parameters`` order."""
+    return torch.cat([p.detach().flatten().cpu() for p in trainable_params(module).values()])
+
+
+def load_flat_trainable(module: nn.Module, vec: torch.Tensor) -> None:
+    """Inverse of :func:`flat_trainable` (the module's layout defines the split)."""
+    params = list(trainable_params(module).values())
+    total = sum(p.numel() for p in params)
+    if vec.numel() != total:
+        raise ValueError(f"flat state has {vec.numel()} values, the model's trainable parameters {total}")
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.copy_(vec[offset: offset + p.numel()].view_as(p).to(p.device, p.dtype))
+            offset += p.numel()
+
+
 def optimizer_state(opt: torch.optim.Optimizer, module: nn.Module) -> dict[str, np.ndarray]:
-    """AdamW moments and step counts as ``{"<slot>/<param name>": array}``."""
+    """AdamW's moments as one flat vector per slot (``exp_avg``, ...) and the step count.
+
+    Few large arrays instead of one per parameter: this state crosses a (de)serialisation
+    with every message, and the per-array cost dominates for LoRA-sized tensors.
+    """
+    params = list(trainable_params(module).values())
+    if not params or not opt.state.get(params[0]):
+        return {}
     out: dict[str, np.ndarray] = {}
-    for name, p in trainable_params(module).items():
-        for slot, value in opt.state.get(p, {}).items():
-            out[f"{slot}/{name}"] = np.atleast_1d(value.detach().cpu().numpy()).copy()
+    for slot in opt.state[params[0]]:
+        if slot == "step":
+            out["step"] = np.atleast_1d(opt.state[params[0]]["step"].detach().cpu().numpy()).copy()
+        else:
+            out[slot] = torch.cat([opt.state[p][slot].detach().flatten().cpu() for p in params]).numpy()
     return out
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, module: nn.Module, state: dict[str, np.ndarray]) -> None:
-    """Inverse of :func:`optimizer_state`; slots of unknown parameters are ignored."""
-    params = trainable_params(module)
-    per_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, arr in state.items():
-        slot, name = key.split("/", 1)
-        if name in params:
-            per_param.setdefault(name, {})[slot] = torch.as_tensor(arr)
-    for name, slots in per_param.items():
-        p = params[name]
-        restored = {}
-        for slot, value in slots.items():
-            restored[slot] = value.reshape(()) if slot == "step" else value.to(p.device, p.dtype).reshape(p.shape)
-        opt.state[p] = restored
+    """Inverse of :func:`optimizer_state`."""
+    if not state:
+        return
+    params = list(trainable_params(module).values())
+    offset = 0
+    for p in params:
+        slots: dict[str, torch.Tensor] = {"step": torch.as_tensor(state["step"]).reshape(()).clone()}
+        for slot, vec in state.items():
+            if slot != "step":
+                slots[slot] = torch.as_tensor(vec[offset: offset + p.numel()]).view_as(p).to(p.device, p.dtype).clone()
+        opt.state[p] = slots
+        offset += p.numel()
 
 
 def local_train(

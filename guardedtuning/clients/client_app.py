@@ -23,8 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from guardedtuning.clients.steps import backward_from_server, forward_activations
-from guardedtuning.config import RunConfig, build_config
-from guardedtuning.data.batches import Batch, batch_indices, rows_to_batch
+from guardedtuning.config import DataConfig, RunConfig, build_config
+from guardedtuning.data.batches import Batch, Example, batch_indices, collate, tokenize_rows
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import load_task
 from guardedtuning.models.loading import kind_of, load_tokenizer
@@ -32,7 +32,14 @@ from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import client_bottom, client_full_model
 from guardedtuning.results import peak_rss_mb
 from guardedtuning.strategies.messages import config_value, get_record, record_to_tensors, tensors_to_record
-from guardedtuning.training import load_optimizer_state, local_train, make_optimizer, optimizer_state
+from guardedtuning.training import (
+    flat_trainable,
+    load_flat_trainable,
+    load_optimizer_state,
+    local_train,
+    make_optimizer,
+    optimizer_state,
+)
 
 app = ClientApp()
 
@@ -65,15 +72,25 @@ def partition_of(context: Context, cfg: RunConfig) -> tuple[int, int]:
     )
 
 
+@functools.lru_cache(maxsize=128)
+def _client_examples(data: DataConfig, seed: int, pid: int, n: int, model: str, max_length: int) -> list[Example]:
+    """A client's partition, tokenised once per process (bounded: clients of recent rounds)."""
+    task = load_task(data, seed)
+    return tokenize_rows(load_partition(data, pid, n, seed), load_tokenizer(model), kind_of(model),
+                         max_length=max_length, label_names=task.label_names, instruction=task.instruction)
+
+
+def client_examples(context: Context, cfg: RunConfig) -> list[Example]:
+    pid, n = partition_of(context, cfg)
+    return _client_examples(cfg.data, cfg.seed, pid, n, cfg.model.name, cfg.model.max_length)
+
+
 def client_batch(context: Context, cfg: RunConfig, global_step: int) -> Batch:
     """The batch of this client's ``global_step`` (a pure function of config and step)."""
-    pid, n = partition_of(context, cfg)
-    rows = load_partition(cfg.data, pid, n, cfg.seed)
-    task = load_task(cfg.data, cfg.seed)
-    kind = kind_of(cfg.model.name)
-    idx = batch_indices(len(rows), cfg.train.batch_size, global_step, seed=cfg.seed, client=pid)
-    return rows_to_batch(rows, idx, load_tokenizer(cfg.model.name), kind, max_length=cfg.model.max_length,
-                         label_names=task.label_names, instruction=task.instruction)
+    examples = client_examples(context, cfg)
+    idx = batch_indices(len(examples), cfg.train.batch_size, global_step, seed=cfg.seed,
+                        client=partition_of(context, cfg)[0])
+    return collate([examples[i] for i in idx], load_tokenizer(cfg.model.name).pad_token_id)
 
 
 def _bottom(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -102,12 +119,12 @@ def split_step(msg: Message, context: Context) -> Message:
     if step == 0:
         start = record_to_tensors(get_record(msg.content, "arrays", ArrayRecord, source=source,
                                              sender="ServerApp"), source=source, float_only=True)
-        state["split.start"] = tensors_to_record(start)
         load_trainable(bottom, start, source=source)
+        state["split.start"] = ArrayRecord({"flat": Array(flat_trainable(bottom).numpy())})
     else:
         if "split.lora" not in state:
             raise KeyError(f"{source}: step {step} arrived without step 0 of round {round_}")
-        load_trainable(bottom, record_to_tensors(state["split.lora"], source="client state"), source=source)
+        load_flat_trainable(bottom, torch.from_numpy(state["split.lora"]["flat"].numpy()))
     opt = make_optimizer(bottom, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if step > 0:
         if "split.optim" in state:
@@ -122,24 +139,19 @@ def split_step(msg: Message, context: Context) -> Message:
         h = forward_activations(bottom, batch, device)  # (B, T, D)
         content["acts"] = tensors_to_record({
             "h": h, "mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels})
-        state["split.lora"] = tensors_to_record(trainable_state(bottom))
+        state["split.lora"] = ArrayRecord({"flat": Array(flat_trainable(bottom).numpy())})
         state["split.optim"] = ArrayRecord({k: Array(v) for k, v in optimizer_state(opt, bottom).items()})
         content["metrics"] = _metrics(t0, started)
     else:
-        start = record_to_tensors(state["split.start"], source="client state")
-        now = trainable_state(bottom)
-        content["update"] = tensors_to_record({k: now[k] - start[k] for k in now})
+        delta = flat_trainable(bottom) - torch.from_numpy(state["split.start"]["flat"].numpy())
+        load_flat_trainable(bottom, delta)  # the cached bottom is reloaded by every message
+        content["update"] = tensors_to_record(trainable_state(bottom))
         for key in STATE_KEYS:
             if key in state:
                 del state[key]
-        examples = steps * min(cfg.train.batch_size, _rows(context, cfg))
+        examples = steps * min(cfg.train.batch_size, len(client_examples(context, cfg)))
         content["metrics"] = _metrics(t0, started, **{"num-examples": float(examples)})
     return Message(content, reply_to=msg)
-
-
-def _rows(context: Context, cfg: RunConfig) -> int:
-    pid, n = partition_of(context, cfg)
-    return len(load_partition(cfg.data, pid, n, cfg.seed))
 
 
 @app.train()
@@ -163,7 +175,7 @@ def fedlora_train(msg: Message, context: Context) -> Message:
     now = trainable_state(model)
     content = RecordDict({
         "update": tensors_to_record({k: now[k] - start[k] for k in now}),
-        "metrics": _metrics(t0, started, **{"num-examples": float(steps * min(cfg.train.batch_size, _rows(context, cfg))),
+        "metrics": _metrics(t0, started, **{"num-examples": float(steps * min(cfg.train.batch_size, len(client_examples(context, cfg)))),
                                    "train_loss": sum(losses) / len(losses)}),
     })
     return Message(content, reply_to=msg)

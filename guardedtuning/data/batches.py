@@ -41,36 +41,57 @@ def prompt_text(tokenizer: Any, instruction: str, text: str) -> str:
     return f"### Instruction:\n{user}\n### Response:\n"
 
 
+@dataclass(frozen=True)
+class Example:
+    """One tokenised row: input ids, per-token labels (decoders) and the class id."""
+
+    ids: tuple[int, ...]
+    token_labels: tuple[int, ...] | None
+    class_id: int
+
+
+def tokenize(
+    tokenizer: Any, kind: str, texts: list[str], class_ids: list[int], *,
+    max_length: int, label_names: tuple[str, ...], instruction: str,
+) -> list[Example]:
+    """Tokenise rows once; :func:`collate` pads any subset of them into a batch."""
+    if kind == "encoder":
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        return [Example(tuple(r), None, int(c)) for r, c in zip(ids, class_ids, strict=True)]
+    eos = tokenizer.eos_token or ""
+    answers = {c: tokenizer(label_names[c] + eos, add_special_tokens=False)["input_ids"] for c in set(class_ids)}
+    prompts = tokenizer([prompt_text(tokenizer, instruction, t) for t in texts], add_special_tokens=False)["input_ids"]
+    out = []
+    for prompt, c in zip(prompts, class_ids, strict=True):
+        answer = answers[c]
+        prompt = prompt[: max(1, max_length - len(answer))]  # keep the whole answer
+        out.append(Example(tuple(prompt + answer), tuple([IGNORE] * len(prompt) + answer), int(c)))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad examples to the longest: (B, T) ids, mask and labels."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    class_ids = torch.tensor([e.class_id for e in examples], dtype=torch.long)
+    decoder = examples[0].token_labels is not None
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long) if decoder else class_ids
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+        if e.token_labels is not None:
+            labels[i, : len(e.token_labels)] = torch.tensor(e.token_labels)
+    return Batch(ids, mask, labels, class_ids)
+
+
 def encode(
     tokenizer: Any, kind: str, texts: list[str], class_ids: list[int], *,
     max_length: int, label_names: tuple[str, ...], instruction: str,
 ) -> Batch:
-    """Tokenise one batch, right-padded to its longest row."""
-    ids_t = torch.tensor(class_ids, dtype=torch.long)
-    if kind == "encoder":
-        enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        return Batch(enc["input_ids"], enc["attention_mask"], ids_t, ids_t)
-    eos = tokenizer.eos_token or ""
-    rows, label_rows = [], []
-    for text, c in zip(texts, class_ids, strict=True):
-        prompt = tokenizer(prompt_text(tokenizer, instruction, text), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(label_names[c] + eos, add_special_tokens=False)["input_ids"]
-        prompt = prompt[: max(1, max_length - len(answer))]  # keep the whole answer
-        rows.append(prompt + answer)
-        label_rows.append([IGNORE] * len(prompt) + answer)
-    return _pad(rows, label_rows, tokenizer.pad_token_id, ids_t)
-
-
-def _pad(rows: list[list[int]], label_rows: list[list[int]], pad_id: int, class_ids: torch.Tensor) -> Batch:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return Batch(ids, mask, labels, class_ids)
+    """Tokenise and pad one batch."""
+    return collate(tokenize(tokenizer, kind, texts, class_ids, max_length=max_length, label_names=label_names,
+                            instruction=instruction), tokenizer.pad_token_id)
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int, instruction: str) -> Batch:
@@ -118,8 +139,8 @@ def _perm(n: int, seed: int, client: int, epoch: int) -> np.ndarray:
     return perm
 
 
-def rows_to_batch(rows: Any, idx: np.ndarray, tokenizer: Any, kind: str, *, max_length: int,
-                  label_names: tuple[str, ...], instruction: str) -> Batch:
-    sel = rows.select(idx.tolist())
-    return encode(tokenizer, kind, list(sel["text"]), list(sel["label"]), max_length=max_length,
-                  label_names=label_names, instruction=instruction)
+def tokenize_rows(rows: Any, tokenizer: Any, kind: str, *, max_length: int, label_names: tuple[str, ...],
+                  instruction: str) -> list[Example]:
+    """Tokenise a ``datasets.Dataset`` with ``text`` and ``label`` columns."""
+    return tokenize(tokenizer, kind, list(rows["text"]), list(rows["label"]), max_length=max_length,
+                    label_names=label_names, instruction=instruction)

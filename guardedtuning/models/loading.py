@@ -170,7 +170,7 @@ def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0) -> Backbone:
     Callers that need the weights more than once cache the *built* split modules, not
     this function's result (see :mod:`guardedtuning.models.split`).
     """
-    from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM, BertModel
+    from transformers import AutoModel, AutoModelForCausalLM, BertModel, LlamaForCausalLM
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     source = resolve_model_source(name)

@@ -22,8 +22,8 @@ import os
 import subprocess
 import sys
 import zipfile
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from guardedtuning.errors import ModelLoadError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from guardedtuning.data.batches import batch_indices, rows_to_batch
+from guardedtuning.data.batches import batch_indices, collate, tokenize_rows
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import split_model
 from guardedtuning.server_app.common import ServerRun
@@ -26,15 +26,16 @@ def run_central(run: ServerRun) -> dict[str, float]:
     opt = make_optimizer(model, lr=cfg.central.lr, weight_decay=cfg.train.weight_decay)
     tok = load_tokenizer(cfg.model.name)
     per_round = cfg.federation.clients_per_round * cfg.train.local_steps
+    examples = tokenize_rows(task.train, tok, model.kind, max_length=cfg.model.max_length,
+                             label_names=task.label_names, instruction=task.instruction)
     metrics: dict[str, float] = {}
     for round_ in range(1, cfg.federation.rounds + 1):
         rec.event("round_start", round=round_, clients=[], steps=per_round)
         t0 = time.perf_counter()
         batches = (
-            rows_to_batch(task.train, batch_indices(len(task.train), cfg.train.batch_size, (round_ - 1) * per_round + s,
-                                                     seed=cfg.seed, client=POOLED),
-                          tok, model.kind, max_length=cfg.model.max_length, label_names=task.label_names,
-                          instruction=task.instruction)
+            collate([examples[i] for i in batch_indices(len(examples), cfg.train.batch_size,
+                                                        (round_ - 1) * per_round + s, seed=cfg.seed, client=POOLED)],
+                    tok.pad_token_id)
             for s in range(per_round)
         )
         model.train()

@@ -11,12 +11,12 @@ from flwr.app import Message
 
 from guardedtuning.config import RunConfig
 from guardedtuning.data.sources import TaskData, load_task
+from guardedtuning.errors import MessageError
 from guardedtuning.evaluation import evaluate
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import SplitModel
 from guardedtuning.results import Recorder
 from guardedtuning.server_app.exchange import Exchange
-from guardedtuning.errors import MessageError
 from guardedtuning.strategies.messages import dense_nbytes, metric_value
 
 log = logging.getLogger("guardedtuning")

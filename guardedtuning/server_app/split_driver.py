@@ -117,7 +117,8 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
             grads, client_losses = top_step(model.top, top_opt, list(acts.values()), run.device)
             rec.ledger.server_s += time.perf_counter() - t0
             losses.append(statistics.fmean(client_losses))
-            rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1], clients=len(acts))
+            rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1], clients=len(acts),
+                      exchange_s=ex.wall_s, overhead_s=rec.ledger.step_overhead_s[-1])
             ex = exchange(grid, [_step_message(n, round_, step, steps, g) for n, g in zip(acts, grads, strict=True)],
                           timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
         if not losses:

@@ -1,0 +1,73 @@
+"""Per-step round-trip overhead of split learning through Flower's simulation engine.
+
+A split step is one message to each sampled client and one reply. Its overhead is the
+part of the step's wall time during which no client handler was computing: pushing,
+the engine's dispatch to a Ray actor, (de)serialisation, pulling the reply (see
+``Exchange.overhead_s``). Server compute (the top) happens between exchanges and is
+not part of it.
+
+Runs, side by side in one invocation, the ``split`` recipe with the ServerApp pulling
+replies every 100 ms (what ``Grid.send_and_receive`` does on the in-memory grid) and
+every 2 ms (our own push/pull loop, the default), and prints medians.
+
+    python simulations/bench_step_overhead.py [--model tiny-bert] [--steps 30] [--clients 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from guardedtuning.config import build_config
+from guardedtuning.launcher import FlowerRun
+
+
+def run_once(model: str, steps: int, clients: int, poll: float, out: Path) -> dict:
+    cfg = build_config({
+        "model.name": model, "model.max-length": 64, "data.train-size": 400, "data.test-size": 50,
+        "federation.num-clients": max(2, clients), "federation.clients-per-round": clients,
+        "federation.rounds": 2, "train.local-steps": steps, "train.batch-size": 16,
+        "comm.poll-interval": poll, "output.dir": str(out),
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    run = FlowerRun(cfg, out)
+    try:
+        run.start()
+        assert run.flwr is not None
+        run.flwr.wait(timeout=1800)
+    finally:
+        run.stop()
+    record = json.loads((out / "results.json").read_text())
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    return {"record": record, "events": events}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny-bert")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--clients", type=int, default=1, help="clients per round")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, poll in (("pull every 100 ms (send_and_receive)", 0.1), ("own loop, pull every 2 ms", 0.002)):
+            res = run_once(args.model, args.steps, args.clients, poll, Path(tmp) / f"p{poll}")
+            # round 2 only: round 1 carries Ray's start and the model loads
+            steps = [e for e in res["events"] if e["event"] == "step" and e["round"] == 2]
+            rows.append((label, statistics.median(e["overhead_s"] for e in steps),
+                         statistics.median(e["exchange_s"] for e in steps)))
+    print(f"\nsplit step overhead through Flower's simulation engine: model {args.model}, "
+          f"{args.clients} client(s) per round, {args.steps} steps per round, batch 16")
+    print(f"{'ServerApp pull loop':40s} {'overhead/step (median)':>24s} {'exchange/step (median)':>24s}")
+    for label, overhead, wall in rows:
+        print(f"{label:40s} {overhead * 1000:21.1f} ms {wall * 1000:21.1f} ms")
+    print(f"ratio (100 ms loop / own loop): {rows[0][1] / rows[1][1]:.2f}x overhead")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
