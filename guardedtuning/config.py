@@ -127,7 +127,7 @@ class DataConfig:
 class FederationConfig:
     num_clients: int = _opt(10, "simulated clients (SuperNodes); each holds one partition")
     clients_per_round: int = _opt(5, "clients sampled per round")
-    rounds: int = _opt(3, "federated rounds")
+    rounds: int = _opt(5, "federated rounds")
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:
@@ -147,7 +147,7 @@ class TrainConfig:
     local_steps: int = _opt(20, "optimizer steps per client per round")
     batch_size: int = _opt(16, "examples per client step")
     lr: float = _opt(2e-3, "client learning rate (AdamW)")
-    server_lr: float = _opt(1e-3, "server learning rate for the top (AdamW)")
+    server_lr: float = _opt(2e-3, "server learning rate for the top (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
 
     def __post_init__(self) -> None:
