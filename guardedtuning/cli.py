@@ -101,7 +101,7 @@ def _banner(cfg: RunConfig, facts: dict[str, Any]) -> None:
         f"[bold]guardedtuning[/] {cfg.recipe}: {cfg.model.name} ({facts['kind']}, {facts['layers']} blocks, "
         f"cut after {cfg.split.layer}) on {cfg.data.name} ({facts['train_rows']} train / {facts['test_rows']} test rows, "
         f"majority class {facts['majority_rate']:.3f}); {who}, {fed.rounds} rounds -> {cfg.output.dir}",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 
@@ -143,10 +143,10 @@ class EventTail:
             self.progress.console.print(
                 f"round {ev['round']}: {metric} {ev['utility']:.4f}  train loss "
                 f"{(ev['train_loss'] or float('nan')):.4f}  up {ev['bytes_up'] / 1e6:.2f} MB  "
-                f"down {ev['bytes_down'] / 1e6:.2f} MB  {ev['wall_s']:.1f} s", highlight=False)
+                f"down {ev['bytes_down'] / 1e6:.2f} MB  {ev['wall_s']:.1f} s", highlight=False, soft_wrap=True)
         elif kind == "dropped":
             self.progress.console.print(f"[yellow]round {ev['round']}: dropped node {ev['node']}: {ev['reason']}[/]",
-                                        highlight=False)
+                                        highlight=False, soft_wrap=True)
         elif kind == "resume":
             self.progress.console.print(f"resuming after round {ev['round']} from the checkpoint")
         elif kind == "error":
@@ -166,7 +166,7 @@ def _summary(out: Path) -> None:
                   f"{c['bytes_up_per_client_round'] / 1e6:.3f} MB" if c["bytes_up_per_client_round"] else "-",
                   f"{overhead * 1000:.1f} ms" if overhead is not None else "-", f"{c['wall_s']:.1f} s")
     console.print(table)
-    console.print(f"results: {out / 'results.json'}  plot: {out / 'utility.png'}", highlight=False)
+    console.print(f"results: {out / 'results.json'}  plot: {out / 'utility.png'}", highlight=False, soft_wrap=True)
 
 
 def _run_in_process(cfg: RunConfig, events: Path, offset: int) -> int:

@@ -187,12 +187,17 @@ class SimConfig:
     num_cpus: int = _opt(1, "CPUs reserved per simulated client (Ray); sets how many run at once")
     num_gpus: float = _opt(0.0, "GPUs per client; fractions let several clients share one")
     server_device: str = _opt("auto", "`auto`, `cpu`, `cuda` or `cuda:N` for the server's compute")
+    dispatch_interval: float = _opt(
+        0.002, "seconds the simulation engine's dispatcher sleeps between sweeps (Flower: 0.1); 0 keeps Flower's"
+    )
 
     def __post_init__(self) -> None:
         if self.num_cpus < 1:
             raise _fail("sim.num-cpus", self.num_cpus, "a positive integer")
         if self.num_gpus < 0:
             raise _fail("sim.num-gpus", self.num_gpus, "a number >= 0")
+        if self.dispatch_interval < 0:
+            raise _fail("sim.dispatch-interval", self.dispatch_interval, "a number >= 0")
         dev = self.server_device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise _fail("sim.server-device", dev, "`auto`, `cpu`, `cuda` or `cuda:N`")

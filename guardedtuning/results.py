@@ -73,6 +73,7 @@ class Recorder:
         self.t0 = time.perf_counter()
         self.wall_before = 0.0  # wall seconds of earlier attempts (resumed runs)
         self.majority_rate: float | None = None  # utility of always answering the top class
+        self.dispatch: str | None = None  # how the simulation engine dispatched messages
 
     # -- events ---------------------------------------------------------------------
     def event(self, kind: str, **data: Any) -> None:
@@ -138,6 +139,7 @@ class Recorder:
             "step_overhead_s_median": statistics.median(led.step_overhead_s) if led.step_overhead_s else None,
             "step_wall_s_median": statistics.median(led.step_wall_s) if led.step_wall_s else None,
             "rejected_replies": led.rejected,
+            "dispatch": self.dispatch,
         }
         fed = self.cfg.federation
         record = {

@@ -16,15 +16,17 @@ from guardedtuning.models.loading import kind_of
 from guardedtuning.results import Recorder
 from guardedtuning.server_app.central import run_central
 from guardedtuning.server_app.common import ServerRun, log
+from guardedtuning.server_app.dispatch import install as install_dispatch
 from guardedtuning.server_app.fedlora_driver import run_fedlora
 from guardedtuning.server_app.split_driver import run_split
 
 app = ServerApp()
 
 
-def execute(cfg: RunConfig, grid: Grid | None) -> dict:
+def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -> dict:
     """Run one recipe end to end and return its results record."""
     rec = Recorder(cfg, Path(cfg.output.dir), model=cfg.model.name, dataset=cfg.data.name)
+    rec.dispatch = dispatch
     try:
         run = ServerRun.create(cfg, rec)
         rec.majority_rate = run.task.majority_rate()
@@ -57,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         log.setLevel(logging.INFO)
         log.propagate = False
     cfg = build_config(context.run_config)
-    log.info("recipe %s, output %s", cfg.recipe, Path(cfg.output.dir).resolve())
-    record = execute(cfg, grid)
+    dispatch = install_dispatch(cfg.sim.dispatch_interval)
+    log.info("recipe %s, output %s, simulation dispatch: %s", cfg.recipe, Path(cfg.output.dir).resolve(), dispatch)
+    record = execute(cfg, grid, dispatch=dispatch)
     log.info("%s = %s; results in %s", record["utility"]["metric"], record["utility"]["value"],
              Path(cfg.output.dir).resolve() / "results.json")

@@ -1,0 +1,56 @@
+"""A faster message dispatcher for Flower's simulation engine (opt-out: ``sim.dispatch-interval=0``).
+
+In a simulation, one thread of the engine (``vce_api.add_messages_to_queue`` in Flower
+1.41/1.42) moves pushed messages to the Ray workers: it sweeps all nodes, then sleeps a
+fixed 100 ms. Every split-learning step waits for that sweep, 50 ms on average — more
+than the step's own transport. Our own push/pull loop removes the ServerApp's 100 ms
+pull sleep, but not this one, and Flower exposes no setting for it.
+
+:func:`install` replaces that function, before the engine starts its thread, with the
+same sweep followed by a shorter sleep (``interval``, stretched to the sweep's own
+duration so that a sweep over thousands of nodes cannot take more than half a core).
+Only the sleep differs; each message is still taken from the state exactly once by one
+thread. If the engine's thread is already running (it starts after Ray is up, seconds
+after the ServerApp loads, so this is not expected) nothing is changed and the status
+says so; every run reports the status in ``results.json`` (``cost.dispatch``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from importlib.metadata import version
+from typing import Any
+
+SUPPORTED = ("1.41.", "1.42.")
+
+
+def install(interval: float) -> str:
+    """Install the faster dispatcher; return what happened, for the results record."""
+    if interval <= 0:
+        return "flower (sim.dispatch-interval=0)"
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+    except ImportError:
+        return "flower (engine module not found)"
+    flwr_version = version("flwr")
+    if not flwr_version.startswith(SUPPORTED):
+        return f"flower (not patched for flwr {flwr_version})"
+    current = vce_api.add_messages_to_queue
+    if getattr(current, "guardedtuning_interval", None) is not None:
+        return f"fast ({current.guardedtuning_interval * 1000:g} ms)"
+    if any(getattr(t, "_target", None) is current for t in threading.enumerate()):
+        return "flower (the engine's dispatcher was already running)"
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
+        """Flower's sweep (one message per node per sweep), then a short sleep."""
+        while not f_stop.is_set():
+            t0 = time.perf_counter()
+            for node_id in nodes_mapping.keys():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(max(interval, time.perf_counter() - t0))
+
+    add_messages_to_queue.guardedtuning_interval = interval  # type: ignore[attr-defined]
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    return f"fast ({interval * 1000:g} ms)"
