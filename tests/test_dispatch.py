@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import queue
+import threading
+
+from flwr.server.superlink.fleet.vce import vce_api
+
+from guardedtuning.server_app.dispatch import install
+
+
+def test_install_replaces_the_engine_dispatcher_once(monkeypatch):
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    assert install(0.0).startswith("flower")
+    assert install(0.002) == "fast (2 ms)"
+    assert vce_api.add_messages_to_queue.guardedtuning_interval == 0.002
+    assert install(0.005) == "fast (2 ms)"  # already installed: unchanged
+
+
+def test_refuses_when_the_engine_thread_already_runs(monkeypatch):
+    original = vce_api.add_messages_to_queue
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", original)
+    stop = threading.Event()
+
+    class State:
+        def get_message_ins(self, node_id, limit):
+            return []
+
+    t = threading.Thread(target=original, args=(State(), queue.Queue(), {1: 0}, stop))
+    t.start()
+    try:
+        assert install(0.002) == "flower (the engine's dispatcher was already running)"
+        assert vce_api.add_messages_to_queue is original
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_fast_dispatcher_delivers_each_message_once_and_quickly(monkeypatch):
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    install(0.002)
+    fast = vce_api.add_messages_to_queue
+
+    class State:
+        def __init__(self):
+            self.pending = {1: ["a", "b"], 2: ["c"]}
+            self.lock = threading.Lock()
+
+        def get_message_ins(self, node_id, limit):
+            with self.lock:
+                msgs = self.pending.get(node_id, [])
+                out, self.pending[node_id] = msgs[:limit], msgs[limit:]
+                return out
+
+    class Stop(threading.Event):
+        waits: list[float] = []
+
+        def wait(self, timeout=None):
+            self.waits.append(timeout)
+            return super().wait(timeout)
+
+    state, q, stop = State(), queue.Queue(), Stop()
+    t = threading.Thread(target=fast, args=(state, q, {1: 0, 2: 1}, stop))
+    t.start()
+    got = [q.get(timeout=5) for _ in range(3)]
+    state.pending[2] = ["d"]  # pushed later: picked up by a later sweep
+    got.append(q.get(timeout=5))
+    stop.set()
+    t.join()
+    assert sorted(got) == ["a", "b", "c", "d"] and q.empty()
+    # between sweeps it sleeps the configured interval (Flower's own loop: 0.1 s)
+    assert Stop.waits and min(Stop.waits) == 0.002
