@@ -38,6 +38,7 @@ reports instead of contributing.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -241,7 +242,11 @@ class DPStep:
                 f"activation gradient has shape {tuple(grad_h.shape)} but this client's activations "
                 f"have shape {tuple(h.shape)}; the server must return one gradient per released activation"
             )
-        split_backward(h, grad_h.to(h.device, h.dtype), extra_loss=extra_loss(h) if extra_loss else None)
+        with warnings.catch_warnings():
+            # Opacus's backward hooks fire on layers whose inputs need no gradient (frozen
+            # embeddings below the first LoRA layer); torch warns about exactly that case.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            split_backward(h, grad_h.to(h.device, h.dtype), extra_loss=extra_loss(h) if extra_loss else None)
         out = []
         for p in self.params:
             gs = p.grad_sample
