@@ -130,6 +130,7 @@ def test_token_level_decorrelation_keeps_per_example_gradients_exact(parts, dp_s
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # sigma = 0: epsilon is infinite
 def test_without_noise_or_clipping_a_dp_step_is_the_plain_step(parts, dp_step):
     bottom, top, batch = parts
     start = trainable_state(bottom)

@@ -12,11 +12,14 @@ are hard to tell apart, far ones less so. With every token vector first clipped 
 
 Sampling: the density depends on :math:`z` only through :math:`r = \lVert z \rVert`, so
 the direction is uniform on the sphere and, in polar coordinates, :math:`r` has density
-:math:`\propto r^{d-1} e^{-\eta r}`, i.e. :math:`r \sim \mathrm{Gamma}(d, \text{rate}=\eta)`.
-We draw the direction as a normalised standard normal vector and the magnitude as a sum
-of ``d`` independent Exp(1) draws divided by :math:`\eta` (Gamma with integer shape is
-exactly that sum). Both use the caller's :class:`torch.Generator`, which
-``torch.distributions.Gamma`` cannot take. The cost is two draws per coordinate.
+:math:`\propto r^{d-1} e^{-\eta r}`, i.e. :math:`r \sim \mathrm{Gamma}(d, \text{rate}=\eta)`,
+independent of the direction. We draw two standard normal vectors :math:`g, g' \in
+\mathbb{R}^d`: the direction is :math:`g / \lVert g \rVert`, and
+:math:`\tfrac12(\lVert g \rVert^2 + \lVert g' \rVert^2) \sim \tfrac12\chi^2_{2d} =
+\mathrm{Gamma}(d, 1)`, so :math:`r` is that divided by :math:`\eta`. For an isotropic
+Gaussian the norm and the direction are independent, so reusing :math:`\lVert g \rVert`
+is exact. Everything comes from the caller's :class:`torch.Generator` (which
+``torch.distributions.Gamma`` cannot take), at two normal draws per coordinate.
 """
 
 from __future__ import annotations
@@ -33,23 +36,6 @@ def clip_tokens(h: torch.Tensor, *, clip: float) -> torch.Tensor:
         return h
     norms = h.norm(dim=-1, keepdim=True)  # (..., 1)
     return h * (clip / norms.clamp(min=1e-12)).clamp(max=1.0)
-
-
-def sample_gamma_integer(
-    shape: tuple[int, ...], *, k: int, generator: torch.Generator, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Gamma(shape=k, rate=1) draws for integer ``k`` as sums of ``k`` Exp(1) draws (float64)."""
-    e = torch.empty((*shape, k), dtype=torch.float64, device=device)
-    e.exponential_(1.0, generator=generator)
-    return e.sum(-1)
-
-
-def sample_directions(
-    shape: tuple[int, ...], *, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Unit vectors uniform on the sphere in ``R^dim``: (*shape, dim), float64."""
-    g = torch.randn((*shape, dim), dtype=torch.float64, device=device, generator=generator)
-    return g / g.norm(dim=-1, keepdim=True).clamp(min=1e-300)
 
 
 def sample_dchi_noise(
@@ -80,12 +66,12 @@ def sample_dchi_noise(
     torch.Tensor
         (*shape, dim) noise in ``dtype``; the norms are Gamma(dim, rate=eta).
     """
-    r = sample_gamma_integer(shape, k=dim, generator=generator, device=device)  # (*shape,)
-    if isinstance(eta, torch.Tensor):
-        r = r / eta.to(device=device, dtype=torch.float64)
-    else:
-        r = r / float(eta)
-    u = sample_directions(shape, dim=dim, generator=generator, device=device)  # (*shape, dim)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.randn((*shape, 2, dim), dtype=work, device=device, generator=generator)  # (*shape, 2, dim)
+    sq = (g * g).sum(-1)  # (*shape, 2): two independent chi^2_dim
+    r = 0.5 * sq.sum(-1)  # (*shape,) ~ Gamma(dim, 1)
+    r = r / (eta.to(device=device, dtype=work) if isinstance(eta, torch.Tensor) else float(eta))
+    u = g[..., 0, :] / sq[..., 0:1].sqrt().clamp(min=1e-30)  # (*shape, dim) uniform on the sphere
     return (u * r.unsqueeze(-1)).to(dtype)
 
 

@@ -38,6 +38,7 @@ reports instead of contributing.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -83,8 +84,12 @@ def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: fl
 
     check_epsilon(target_epsilon, "dp.target-epsilon")
     check_delta(delta, "dp.delta")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant=accountant))
+    with warnings.catch_warnings():
+        # the bisection visits extreme noise levels whose optimal RDP order is at the
+        # edge of Opacus's grid; that only loosens the bound of candidates it rejects
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,16 @@ class DPPlan:
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one Poisson-subsampled Gaussian step at Opacus's default orders."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                  orders=RDPAccountant.DEFAULT_ALPHAS), dtype=np.float64)
 
 
 class DPAccountant:
@@ -149,10 +164,23 @@ class DPAccountant:
             hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
 
     def epsilon(self, *, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (0 before any step)."""
+        """Epsilon spent so far at ``delta`` (0 before any step).
+
+        RDP: the same numbers as Opacus's ``RDPAccountant.get_epsilon`` (RDP composes
+        additively, so the per-step RDP curve of each (sigma, q) is computed once and
+        scaled by the step count: ~0.1 ms instead of ~100 ms per call). PRV: Opacus's
+        ``PRVAccountant`` as is (~0.2 s per call).
+        """
         if not self._acc.history:
             return 0.0
-        return float(self._acc.get_epsilon(delta=delta))
+        if self.kind != "rdp":
+            return float(self._acc.get_epsilon(delta=delta))
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        rdp = sum(_rdp_per_step(sigma, q) * n for sigma, q, n in self._acc.history)
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return float(eps)
 
     def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
         """Epsilon if ``steps`` more steps were taken (the state is left unchanged)."""
@@ -272,7 +300,9 @@ class DPStep:
         take epsilon past the plan's target. ``generator`` draws the noise: keep it private.
         """
         plan = self.plan
-        if budget_spent(accountant, plan):
+        eps_next = accountant.epsilon_after(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                            steps=1, delta=plan.delta)
+        if eps_next > plan.target_epsilon:
             raise PrivacyBudgetSpent(
                 f"DP budget spent: epsilon {accountant.epsilon(delta=plan.delta):.3f} after {accountant.steps} "
                 f"steps; one more step would exceed dp.target-epsilon={plan.target_epsilon}; this client "
@@ -296,7 +326,7 @@ class DPStep:
         opt.step()
         accountant.record(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         return DPStepStats(batch_size=len(batch), mean_grad_norm=mean_norm, clipped_fraction=clipped,
-                           epsilon=accountant.epsilon(delta=plan.delta))
+                           epsilon=eps_next)
 
     def close(self) -> None:
         """Remove the Opacus hooks; the bottom is a plain module again."""

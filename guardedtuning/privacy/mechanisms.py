@@ -78,7 +78,7 @@ class TokenMechanism(ABC):
         attention_mask
             (B, T), 1 for real tokens.
         generator
-            Randomness; private to the client (see :mod:`.randomness`).
+            Randomness on ``h``'s device, private to the client (see :mod:`.randomness`).
         input_ids
             (B, T) token ids; needed by mechanisms whose noise depends on the token.
         """

@@ -122,7 +122,9 @@ class DPConfig:
     target_epsilon: float = _opt(8.0, "each client's total epsilon over the planned rounds")
     delta: float = _opt(1e-5, "DP-SGD delta; keep it below 1 / (examples per client)")
     max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C")
-    accountant: str = _opt("rdp", "`rdp` or `prv` (privacy accountant, per client)")
+    accountant: str = _opt(
+        "rdp", "`rdp` or `prv` (privacy accountant, per client; prv is tighter but costs ~0.3 s per step on CPU)"
+    )
 
     def __post_init__(self) -> None:
         check_epsilon(self.target_epsilon, "dp.target-epsilon")
