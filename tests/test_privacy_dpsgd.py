@@ -255,3 +255,28 @@ def test_poisson_batches_are_a_pure_function_of_seed_client_and_step():
     sizes = [len(poisson_batch_indices(1000, sample_rate=0.05, step=s, seed=0, client=0)) for s in range(200)]
     assert np.mean(sizes) == pytest.approx(50, rel=0.05) and np.std(sizes) > 3  # Binomial(1000, 0.05)
     assert sample_rate_for(batch_size=64, num_examples=10) == 1.0
+
+
+def test_per_sample_gradients_on_a_decoder_bottom():
+    """tiny-llama: causal masks, rotary positions and response-only loss, same identity."""
+    bb = load_backbone("tiny-llama")
+    bottom, top = build_split(bb, 2, num_labels=3)
+    torch.manual_seed(1)
+    add_lora(bottom, LoraConfig(rank=4), "decoder")
+    with torch.no_grad():
+        for name, p in bottom.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    for p in top.parameters():
+        p.requires_grad_(False)
+    bottom.eval()
+    batch = encode(bb.tokenizer, "decoder", TEXTS[:3], LABELS[:3], max_length=48,
+                   label_names=("negative", "neutral", "positive"), instruction="Classify.")
+    want = brute_force(bottom, top, batch)
+    step = DPStep(bottom, plan())
+    try:
+        grads = step.per_sample_gradients(batch, server_grad(bottom, top, batch))
+    finally:
+        step.close()
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

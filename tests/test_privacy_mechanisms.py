@@ -211,6 +211,8 @@ def test_bad_settings_name_the_key(cls, kwargs, key):
 
 def test_settings_build_mechanisms_and_reject_unsafe_combinations():
     assert isinstance(mechanism_from_config(PrivacyConfig(mechanism="dchi", eta=3.0)), DChiMechanism)
+    with pytest.raises(ValueError, match="mean_shift table"):
+        mechanism_from_config(PrivacyConfig(mechanism="privtune", rho=1.0))  # tables come from privtune_from_config
     with pytest.raises(ConfigError, match="privacy.nopeek-level"):
         check_combination(PrivacyConfig(nopeek_weight=0.1, nopeek_level="example"), DPConfig(enabled=True))
     check_combination(PrivacyConfig(nopeek_weight=0.1), DPConfig(enabled=True))

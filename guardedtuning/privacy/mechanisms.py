@@ -360,6 +360,10 @@ def make_mechanism(
 
 def mechanism_from_config(cfg: PrivacyConfig, *, token_eta: torch.Tensor | None = None,
                           mean_shift: torch.Tensor | None = None) -> TokenMechanism:
-    """:func:`make_mechanism` with the values of a validated :class:`PrivacyConfig`."""
-    return make_mechanism(cfg.mechanism, eta=cfg.eta, clip=cfg.clip, rho=cfg.rho if mean_shift is not None else 0.0,
-                          epsilon=cfg.epsilon, delta=cfg.delta, token_eta=token_eta, mean_shift=mean_shift)
+    """:func:`make_mechanism` with the values of a validated :class:`PrivacyConfig`.
+
+    For ``privtune`` with ``privacy.rho > 0`` pass the tables, or use
+    :func:`guardedtuning.privacy.privtune.privtune_from_config`, which builds them.
+    """
+    return make_mechanism(cfg.mechanism, eta=cfg.eta, clip=cfg.clip, rho=cfg.rho, epsilon=cfg.epsilon,
+                          delta=cfg.delta, token_eta=token_eta, mean_shift=mean_shift)
