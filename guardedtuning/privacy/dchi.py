@@ -35,7 +35,8 @@ def clip_tokens(h: torch.Tensor, *, clip: float) -> torch.Tensor:
     if clip <= 0:
         return h
     norms = h.norm(dim=-1, keepdim=True)  # (..., 1)
-    return h * (clip / norms.clamp(min=1e-12)).clamp(max=1.0)
+    factor: torch.Tensor = (clip * norms.clamp(min=1e-12).reciprocal()).clamp(max=1.0)  # (..., 1)
+    return h * factor
 
 
 def sample_dchi_noise(

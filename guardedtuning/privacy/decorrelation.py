@@ -96,7 +96,7 @@ def distance_correlation(
     n = m.sum(1)
     ok = (denom > 1e-12) & (n >= (4 if bias_corrected else 2))
     r2 = torch.where(ok, xy / denom.clamp(min=1e-12), torch.zeros_like(xy)).clamp(min=0.0)
-    r = torch.sqrt(r2 + _EPS) - _EPS**0.5  # smooth at 0
+    r: torch.Tensor = torch.sqrt(r2 + _EPS) - _EPS**0.5  # smooth at 0
     return r[0] if single else r
 
 
@@ -132,6 +132,6 @@ def split_backward(h: torch.Tensor, grad_h: torch.Tensor, *, extra_loss: torch.T
     two to be on the same scale.
     """
     if extra_loss is None:
-        h.backward(grad_h)
+        torch.autograd.backward([h], [grad_h])
         return
     torch.autograd.backward([h, extra_loss], [grad_h, torch.ones_like(extra_loss)])

@@ -263,7 +263,7 @@ class DPStep:
         self._hooked_modules_train()
         for p in self.params:
             p.grad = None
-            p.grad_sample = None
+            setattr(p, "grad_sample", None)  # noqa: B010 - Opacus's attribute
         h = self.gsm(b.input_ids, b.attention_mask)  # (B, T, D)
         if tuple(grad_h.shape) != tuple(h.shape):
             raise MessageError(
@@ -277,9 +277,9 @@ class DPStep:
             split_backward(h, grad_h.to(h.device, h.dtype), extra_loss=extra_loss(h) if extra_loss else None)
         out = []
         for p in self.params:
-            gs = p.grad_sample
+            gs = getattr(p, "grad_sample", None)  # (B, *p.shape) from Opacus; None if p got no gradient
             out.append(gs if gs is not None else torch.zeros((len(b), *p.shape), device=p.device, dtype=p.dtype))
-            p.grad_sample = None
+            setattr(p, "grad_sample", None)  # noqa: B010
             p.grad = None
         return out
 

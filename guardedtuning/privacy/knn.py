@@ -24,6 +24,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ def cached_knn_graph(embeddings: torch.Tensor, *, k: int, cache_dir: Path | None
     return cached(("knn", digest, f"k{k}"), folder, lambda: knn_graph(embeddings, k=k))
 
 
-def exact_hop_neighbours(knn: torch.Tensor, *, hops: int):  # -> scipy.sparse.csr_matrix
+def exact_hop_neighbours(knn: torch.Tensor, *, hops: int) -> Any:  # scipy.sparse.csr_matrix
     """Binary sparse (V, V) matrix: entry (v, u) = 1 iff u is exactly ``hops`` edges from v."""
     from scipy import sparse
 

@@ -142,7 +142,8 @@ def token_eta(importance: TokenImportance, *, eta: float, strength: float) -> to
 
 def _project(delta: torch.Tensor, rho: float) -> torch.Tensor:
     norms = delta.norm(dim=-1, keepdim=True)
-    return delta * (rho / norms.clamp(min=1e-12)).clamp(max=1.0)
+    factor: torch.Tensor = (rho * norms.clamp(min=1e-12).reciprocal()).clamp(max=1.0)
+    return delta * factor
 
 
 def _objective_and_grad(delta: torch.Tensor, e: torch.Tensor, nbrs: torch.Tensor, nbr_sq: torch.Tensor,
