@@ -166,10 +166,11 @@ def main() -> None:
     base = statistics.median(times["plain"])
     print(f"\nPer client step, median of {args.steps} (minilm-l6 bottom, split.layer={LAYER}, LoRA r=8, "
           f"batch {BATCH}, seq {SEQ}):")
-    print(f"  {'variant':<16} {'median ms':>10} {'ratio':>7}")
+    print(f"  {'variant':<16} {'median ms':>10} {'ratio':>7}   {'quartiles ms':>15}")
     for name in names:
         med = statistics.median(times[name])
-        print(f"  {name:<16} {1000 * med:10.1f} {med / base:7.2f}x")
+        q1, _, q3 = statistics.quantiles(times[name], n=4)
+        print(f"  {name:<16} {1000 * med:10.1f} {med / base:7.2f}x   {1000 * q1:7.1f}-{1000 * q3:<7.1f}")
     print(f"  PrivTune perturb alone: {1000 * statistics.median(perturb_times):.2f} ms per step "
           f"(median of {len(perturb_times)})")
     dp.close()
