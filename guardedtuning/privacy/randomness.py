@@ -1,0 +1,53 @@
+"""Seeds and generators for privacy noise and DP sampling.
+
+Every random draw a guarantee rests on (d_chi noise, DP-SGD noise, Poisson sampling) takes
+a :class:`torch.Generator` or a seed, so tests can reproduce it. Which seed is used is a
+privacy decision, not a convenience:
+
+- the guarantee holds only if the party it protects against cannot predict the draws. A
+  seed derived from the run config (``seed``) is known to the server, which could then
+  subtract the noise and see which examples were sampled. Use :func:`private_seed` (OS
+  entropy) once per client, keep it in the client's own state and derive every stream
+  from it with :func:`make_generator`;
+- torch's CPU generator is a Mersenne Twister, not a cryptographic generator: good
+  against an honest-but-curious server that does not attack the generator itself, not
+  against one that does (Opacus's ``secure_mode`` addresses that with torchcsprng).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import torch
+
+# stream labels, so that one client seed gives independent streams per purpose
+STREAM_TOKEN_NOISE = 1
+STREAM_DP_NOISE = 2
+STREAM_DP_SAMPLING = 3
+
+
+def private_seed() -> int:
+    """A 63-bit seed from the operating system's entropy source."""
+    return secrets.randbits(63)
+
+
+def client_seed(noise_seed: int) -> int:
+    """``privacy.noise-seed``: -1 draws a private seed, ``>= 0`` is used as given (reproducible)."""
+    return private_seed() if noise_seed < 0 else noise_seed
+
+
+def derive_seed(seed: int, *stream: int) -> int:
+    """A 64-bit seed for the stream ``(seed, *stream)`` (numpy's SeedSequence mixing)."""
+    words = np.random.SeedSequence([int(seed), *(int(s) for s in stream)]).generate_state(1, np.uint64)
+    return int(words[0])
+
+
+def make_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` for the stream ``(seed, *stream)``.
+
+    E.g. ``make_generator(seed, STREAM_TOKEN_NOISE, client, step)``.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, *stream))
+    return gen
