@@ -108,8 +108,8 @@ class SecureSparseFedAvg(Strategy):
         L2 clip of each client's sent values before quantization, for central DP (0: off).
         With central DP use ``max_weight=1``: a weight multiplies a client's contribution.
     packing : str
-        ``"word"``: masked values as the smallest uint word holding the field;
-        ``"bits"``: bit-packed, exactly ``m`` bits each.
+        ``"bits"``: masked values bit-packed, exactly ``m`` bits each (smallest);
+        ``"word"``: as the smallest uint word holding ``m`` bits (uint8/16/32/64).
     downlink_bits : int
         Quantize the global adapters sent to clients to this many bits (0: send fp32).
     timeout, poll : float
@@ -120,7 +120,7 @@ class SecureSparseFedAvg(Strategy):
     def __init__(
         self, *, clients_per_round: int, seed: int, message_type: str = MessageType.TRAIN, density: float = 0.05,
         bits: int = 8, clip: float = 0.05, support: str = "rand", explore: float = 0.5, degree: int = 0,
-        threshold: int = 0, max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "word",
+        threshold: int = 0, max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "bits",
         downlink_bits: int = 0, timeout: float = 600.0, poll: float = 0.002,
     ) -> None:
         checks = (
