@@ -88,6 +88,13 @@ def test_x25519_pair_seed_is_symmetric_and_bound_to_context():
     assert len(ab) == 32 and keys.public_key_of(a_sk) == a_pk
 
 
+def test_batched_pair_seeds_equal_single_ones():
+    me_sk, _ = keys.new_keypair()
+    pubs = {7: keys.new_keypair()[1], 3: keys.new_keypair()[1]}
+    batch = keys.pair_seeds(private=me_sk, publics=pubs, context=b"c", me=5)
+    assert batch == {v: keys.pair_seed(private=me_sk, public=pk, context=b"c", a=5, b=v) for v, pk in pubs.items()}
+
+
 def test_sealed_shares_authenticate_the_route():
     a_sk, a_pk = keys.new_keypair()
     b_sk, b_pk = keys.new_keypair()

@@ -24,7 +24,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.secagg.keys import channel_key, commitment, new_keypair, open_sealed, pair_seed, seal
+from guardedtuning.strategies.secagg.keys import channel_key, commitment, new_keypair, open_sealed, pair_seeds, seal
 from guardedtuning.strategies.secagg.masking import mask_input, pack_masked
 from guardedtuning.strategies.secagg.params import RoundParams
 from guardedtuning.strategies.secagg.shamir import SHARE_BYTES, share_from_bytes, split_secret
@@ -96,7 +96,11 @@ class ClientSecAgg:
         self.peers = {v: (c, s) for v, c, s in zip(req.nodes, req.c_pks, req.s_pks, strict=True)}
         dsts, cts = [], []
         for v in sorted(req.nodes):
-            key = channel_key(private=self.secrets["c-sk"], public=self.peers[v][0], context=p.context, src=me, dst=v)
+            try:
+                key = channel_key(private=self.secrets["c-sk"], public=self.peers[v][0], context=p.context,
+                                  src=me, dst=v)
+            except ValueError as exc:
+                raise MessageError(f"{self.source}: node {v}'s channel key is unusable ({exc}); refused") from exc
             x = p.x_of(v)
             cts.append(seal(key=key, plaintext=b_sh[x] + s_sh[x], context=p.context, src=me, dst=v))
             dsts.append(v)
@@ -120,9 +124,9 @@ class ClientSecAgg:
                                f"{p.threshold - 1} are needed to recover this client; refused")
         undecryptable: list[int] = []
         for src, ct in zip(req.srcs, req.cts, strict=True):
-            key = channel_key(private=self.secrets["c-sk"], public=self.peers[src][0], context=p.context,
-                              src=src, dst=me)
             try:
+                key = channel_key(private=self.secrets["c-sk"], public=self.peers[src][0], context=p.context,
+                                  src=src, dst=me)
                 plain = open_sealed(key=key, ciphertext=ct, context=p.context, src=src, dst=me)
                 b_share, s_share = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
                 share_from_bytes(b_share), share_from_bytes(s_share)
@@ -130,8 +134,11 @@ class ClientSecAgg:
                 undecryptable.append(src)
                 continue
             self.held[src] = (b_share, s_share)
-        seeds = {j: pair_seed(private=self.secrets["s-sk"], public=self.peers[j][1], context=p.context, a=me, b=j)
-                 for j in req.mask_with}
+        try:
+            seeds = pair_seeds(private=self.secrets["s-sk"], publics={j: self.peers[j][1] for j in req.mask_with},
+                               context=p.context, me=me)
+        except ValueError as exc:
+            raise MessageError(f"{self.source}: a neighbour's mask key is unusable ({exc}); refused") from exc
         if self.x is None:
             raise MessageError(f"{self.source}: the input is gone; this round's state was lost")
         y = mask_input(self.x, self_seed=self.secrets["b"], pair_seeds=seeds, me=me, bits=p.field_bits)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,6 +64,22 @@ def pair_seed(*, private: bytes, public: bytes, context: bytes, a: int, b: int) 
     """The 256-bit pairwise mask seed of nodes ``a`` and ``b`` (symmetric in a, b)."""
     lo, hi = sorted((a, b))
     return agree(private=private, public=public, info=b"gt-secagg/pair-mask/" + context + _ids(lo, hi))
+
+
+def pair_seeds(*, private: bytes, publics: Mapping[int, bytes], context: bytes, me: int) -> dict[int, bytes]:
+    """:func:`pair_seed` of ``me`` with each ``node -> public key`` (the private key is loaded once)."""
+    if len(private) != KEY_BYTES:
+        raise ValueError(f"X25519 keys are {KEY_BYTES} bytes; got {len(private)}")
+    sk = X25519PrivateKey.from_private_bytes(private)
+    out = {}
+    for node, public in publics.items():
+        if len(public) != KEY_BYTES:
+            raise ValueError(f"X25519 keys are {KEY_BYTES} bytes; got {len(public)} for node {node}")
+        lo, hi = sorted((me, node))
+        shared = sk.exchange(X25519PublicKey.from_public_bytes(public))
+        out[node] = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                         info=b"gt-secagg/pair-mask/" + context + _ids(lo, hi)).derive(shared)
+    return out
 
 
 def channel_key(*, private: bytes, public: bytes, context: bytes, src: int, dst: int) -> bytes:

@@ -24,8 +24,8 @@ import numpy as np
 
 from guardedtuning.errors import GuardedTuningError
 from guardedtuning.strategies.codecs import max_level
-from guardedtuning.strategies.secagg.keys import agree, commitment, new_keypair, pair_seed, public_key_of
-from guardedtuning.strategies.secagg.masking import apply_masks, pair_sign, reduce, unpack_masked
+from guardedtuning.strategies.secagg.keys import agree, commitment, new_keypair, pair_seeds, public_key_of
+from guardedtuning.strategies.secagg.masking import pair_sign, reduce, unpack_masked
 from guardedtuning.strategies.secagg.params import RoundParams
 from guardedtuning.strategies.secagg.prg import expand
 from guardedtuning.strategies.secagg.shamir import combine_secret, share_from_bytes
@@ -195,11 +195,14 @@ class ServerSecAgg:
         if len(survivors) < t:
             raise self._refuse(f"{len(survivors)} masked vectors, fewer than the threshold {t}")
         dropped = set().union(*(self.mask_with[u] for u in survivors)) - survivors
-        for v in sorted(survivors | dropped):  # shares that the survivors will be able to reveal
-            holders = {u for u in survivors if v in self.mask_with[u] and v not in cannot_open[u]}
-            holders |= {v} & survivors
-            if len(holders) < t:
-                raise self._refuse(f"node {v}'s secret has {len(holders)} share holders left, fewer than {t}")
+        holders: dict[int, set[int]] = {v: ({v} & survivors) for v in survivors | dropped}
+        for u in survivors:  # who will be able to reveal a share of whose secret
+            for v in self.mask_with[u]:
+                if v not in cannot_open[u]:
+                    holders[v].add(u)
+        for v in sorted(holders):
+            if len(holders[v]) < t:
+                raise self._refuse(f"node {v}'s secret has {len(holders[v])} share holders left, fewer than {t}")
         self.dropped = sorted(dropped)
         for u in sorted(survivors):
             self.unmask_requests[u] = UnmaskRequest(
@@ -232,16 +235,22 @@ class ServerSecAgg:
             if public_key_of(sk) != self.keys[d].s_pk:
                 raise self._refuse(f"the reconstructed mask key of node {d} does not match its public key")
         m, n = p.field_bits, p.length
-        total = np.zeros(n, dtype=np.uint64)
+        total = np.zeros(n, dtype=np.uint64)  # uint64 arithmetic wraps mod 2**64, a multiple of 2**m
         for v in survivors:
-            total = total + self.masked[v]
-        masks = [(-1, expand(seeds[v], length=n, bits=m)) for v in survivors]
+            total += self.masked[v]
+            total -= expand(seeds[v], length=n, bits=m)
+        masked_with: dict[int, list[int]] = {d: [] for d in mask_keys}
+        for u in survivors:
+            for d in self.mask_with[u]:
+                if d in masked_with:
+                    masked_with[d].append(u)
         for d, sk in mask_keys.items():
-            for u in survivors:
-                if d in self.mask_with[u]:  # u added sign(u, d) * PRG(s_ud); take it away
-                    seed = pair_seed(private=sk, public=self.keys[u].s_pk, context=p.context, a=u, b=d)
-                    masks.append((-pair_sign(u, d), expand(seed, length=n, bits=m)))
-        total = apply_masks(reduce(total, bits=m), masks=masks, bits=m)
+            seeds_d = pair_seeds(private=sk, publics={u: self.keys[u].s_pk for u in masked_with[d]},
+                                 context=p.context, me=d)
+            for u, seed in seeds_d.items():  # u added sign(u, d) * PRG(s_ud); take it away
+                mask = expand(seed, length=n, bits=m)
+                total = total - mask if pair_sign(u, d) > 0 else total + mask
+        total = reduce(total, bits=m)
         weight = int(total[-1])
         if not len(survivors) <= weight <= len(survivors) * p.max_weight or \
                 int(total[:-1].max()) > weight * max_level(p.bits):

@@ -64,15 +64,28 @@ def split_int(
 
 
 def lagrange_at_zero(xs: Sequence[int], *, prime: int = PRIME) -> list[int]:
-    """Coefficients ``l_j`` with ``f(0) = sum_j l_j f(x_j)`` for distinct ``xs``."""
-    out = []
+    """Coefficients ``l_j`` with ``f(0) = sum_j l_j f(x_j)`` for distinct ``xs``.
+
+    ``l_j = prod_{m != j} x_m / (x_m - x_j)``; the denominators are inverted together
+    (one modular inverse and ``3t`` products instead of ``t`` inverses).
+    """
+    nums, dens = [], []
     for j, xj in enumerate(xs):
         num, den = 1, 1
         for m, xm in enumerate(xs):
             if m != j:
                 num = num * xm % prime
                 den = den * (xm - xj) % prime
-        out.append(num * pow(den, -1, prime) % prime)
+        nums.append(num)
+        dens.append(den)
+    prefix = [1]
+    for d in dens:
+        prefix.append(prefix[-1] * d % prime)
+    inv = pow(prefix[-1], -1, prime)
+    out = [0] * len(xs)
+    for j in range(len(xs) - 1, -1, -1):  # inv holds 1 / (d_0 ... d_j)
+        out[j] = nums[j] * inv * prefix[j] % prime
+        inv = inv * dens[j] % prime
     return out
 
 
