@@ -24,6 +24,7 @@ an error reply; the server then counts this client as dropped.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -51,6 +52,7 @@ STATE_SETUP, STATE_SETUP_ARRAYS = "secagg.setup", "secagg.setup-arrays"
 STATE_CLIENT, STATE_CLIENT_ARRAYS = "secagg.client", "secagg.client-arrays"
 STATE_RESIDUAL = "secagg.residual"
 CODEC_KEY = "arrays-codec"
+R = TypeVar("R", ConfigRecord, ArrayRecord)
 _REQUESTS = {SHARE_KEYS: (KeysRequest, "share_keys"), COLLECT_MASKED: (MaskRequest, "masked_input"),
              UNMASK: (UnmaskRequest, "unmask")}
 
@@ -90,11 +92,18 @@ def unpack_global(content: RecordDict, *, source: str) -> dict[str, np.ndarray]:
         raise MessageError(f"{source}: downlink cannot be decoded: {exc}") from exc
 
 
+def _state(state: RecordDict, key: str, kind: type[R], *, node_id: int, hint: str) -> R:
+    rec = state.get(key) if key in state else None
+    if not isinstance(rec, kind):
+        raise MessageError(f"node {node_id}: state {key!r} is missing or damaged; {hint}")
+    return rec
+
+
 def _params(state: RecordDict, *, node_id: int) -> RoundParams:
-    if STATE_SETUP not in state:
-        raise MessageError(f"node {node_id}: no secure-aggregation round in progress; begin_round must run on "
-                           "the round's first message")
-    return RoundParams.from_records(state[STATE_SETUP], state[STATE_SETUP_ARRAYS], source=f"state of node {node_id}")
+    hint = "begin_round must run on the round's first message"
+    return RoundParams.from_records(_state(state, STATE_SETUP, ConfigRecord, node_id=node_id, hint=hint),
+                                    _state(state, STATE_SETUP_ARRAYS, ArrayRecord, node_id=node_id, hint=hint),
+                                    source=f"state of node {node_id}")
 
 
 def seal_update(
@@ -128,9 +137,10 @@ def seal_update(
     if not np.isfinite(flat).all():
         raise MessageError(f"{source}: holds NaN or inf; it is not sent (check the learning rate)")
     residual = None
-    if STATE_RESIDUAL in state:
-        old = state[STATE_RESIDUAL]["residual"].numpy()
-        residual = old if old.size == flat.size else None  # the adapter changed: start afresh
+    kept = state.get(STATE_RESIDUAL) if STATE_RESIDUAL in state else None
+    if isinstance(kept, ArrayRecord) and "residual" in kept:
+        old = kept["residual"].numpy()
+        residual = old if old.shape == flat.shape else None  # the adapter changed: start afresh
     comp = compress_update(update=flat, residual=residual, support=params.support, bits=params.bits,
                            clip=params.clip, norm_clip=params.norm_clip, rng=np.random.default_rng(seed))
     try:
@@ -150,9 +160,10 @@ def client_stage(stage: str, content: RecordDict, state: RecordDict, *, node_id:
         raise MessageError(f"node {node_id}: unknown secure-aggregation stage {stage!r}; "
                            f"expected one of {sorted(_REQUESTS)}")
     params = _params(state, node_id=node_id)
-    if STATE_CLIENT not in state:
-        raise MessageError(f"node {node_id}: {stage} request but no sealed update; seal_update must run first")
-    client = ClientSecAgg.from_records(state[STATE_CLIENT], state[STATE_CLIENT_ARRAYS], params=params)
+    hint = f"a {stage} request needs a sealed update (seal_update runs at the end of training)"
+    client = ClientSecAgg.from_records(_state(state, STATE_CLIENT, ConfigRecord, node_id=node_id, hint=hint),
+                                       _state(state, STATE_CLIENT_ARRAYS, ArrayRecord, node_id=node_id, hint=hint),
+                                       params=params)
     kind, method = _REQUESTS[stage]
     req = from_content(content, kind, stage=stage, server_round=params.server_round,
                        source=f"{stage} request to node {node_id}")

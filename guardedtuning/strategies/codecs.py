@@ -339,9 +339,8 @@ def unpack_bits(packed: np.ndarray, *, bits: int, count: int) -> np.ndarray:
     stream = np.unpackbits(p)
     if stream[count * bits:].any():
         raise ValueError("`packed` has non-zero pad bits; the payload is corrupted")
-    stream = stream[:count * bits].reshape(count, bits)
     full = np.zeros((count, 64), dtype=np.uint8)
-    full[:, 64 - bits:] = stream
+    full[:, 64 - bits:] = stream[:count * bits].reshape(count, bits)
     return np.packbits(full.ravel()).view(">u8").astype(np.uint64)
 
 

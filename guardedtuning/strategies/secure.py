@@ -274,10 +274,10 @@ class SecureSparseFedAvg(Strategy):
         adverts = self._advertised(server_round, replies)
         t0 = time.perf_counter()
         try:
-            reqs = srv.receive_advertise(adverts)
-            reqs = srv.receive_shares(self._stage(srv, SHARE_KEYS, reqs, SharesReply, stats))
-            reqs = srv.receive_masked(self._stage(srv, COLLECT_MASKED, reqs, MaskedReply, stats))
-            result = srv.receive_unmask(self._stage(srv, UNMASK, reqs, UnmaskReply, stats))
+            keys = srv.receive_advertise(adverts)
+            masks = srv.receive_shares(self._stage(srv, SHARE_KEYS, keys, SharesReply, stats))
+            unmask = srv.receive_masked(self._stage(srv, COLLECT_MASKED, masks, MaskedReply, stats))
+            result = srv.receive_unmask(self._stage(srv, UNMASK, unmask, UnmaskReply, stats))
         except RoundRefused:
             result = None
         finally:

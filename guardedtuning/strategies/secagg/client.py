@@ -19,6 +19,7 @@ so it fits a Flower ``context.state`` (:meth:`to_records` / :meth:`from_records`
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -189,10 +190,21 @@ class ClientSecAgg:
 
     @classmethod
     def from_records(cls, cfg: ConfigRecord, arrays: ArrayRecord, *, params: RoundParams) -> ClientSecAgg:
-        """Inverse of :meth:`to_records`."""
-        secrets = {k: cfg[k] for k in _BYTES if cfg[k]}
-        peers = {v: (c, s) for v, c, s in zip(cfg["peer-nodes"], cfg["peer-c"], cfg["peer-s"], strict=True)}
-        held = {v: (b, s) for v, b, s in zip(cfg["held-nodes"], cfg["held-b"], cfg["held-s"], strict=True)}
+        """Inverse of :meth:`to_records`; a :class:`MessageError` if the state is damaged."""
+        def get(key: str, typ: type, item: type | None = None) -> Any:
+            v: Any = cfg.get(key)
+            ok = isinstance(v, typ)
+            if ok and item is not None:
+                ok = all(isinstance(x, item) for x in v)
+            if not ok:
+                raise MessageError(f"client state: {key!r} is damaged; the round must start again")
+            return v
+
+        secrets = {k: get(k, bytes) for k in _BYTES if get(k, bytes)}
+        peers = {v: (c, s) for v, c, s in zip(get("peer-nodes", list, int), get("peer-c", list, bytes),
+                                              get("peer-s", list, bytes), strict=True)}
+        held = {v: (b, s) for v, b, s in zip(get("held-nodes", list, int), get("held-b", list, bytes),
+                                             get("held-s", list, bytes), strict=True)}
         x = arrays["x"].numpy() if "x" in arrays else None
-        return cls(params=params, node=int(cfg["node"]), stage=str(cfg["stage"]), secrets=secrets, x=x,
-                   peers=peers, held=held, mask_with=list(cfg["mask-with"]))
+        return cls(params=params, node=get("node", int), stage=get("stage", str), secrets=secrets, x=x,
+                   peers=peers, held=held, mask_with=list(get("mask-with", list, int)))

@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 KEY_BYTES = 32
 TAG_BYTES = 16
 COMMIT_BYTES = 16
-_RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 _NONCE = bytes(12)
 
 
@@ -37,12 +36,13 @@ def new_keypair() -> tuple[bytes, bytes]:
     sk = X25519PrivateKey.generate()
     priv = sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                             serialization.NoEncryption())
-    return priv, sk.public_key().public_bytes(**_RAW)
+    return priv, sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def public_key_of(private: bytes) -> bytes:
     """The raw X25519 public key of a raw private key."""
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(**_RAW)
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _ids(*nodes: int) -> bytes:

@@ -164,7 +164,7 @@ def from_content(content: RecordDict, kind: type[P], *, stage: str, server_round
         if k == "bytes-list" and (not isinstance(v, list) or any(
                 not isinstance(x, bytes) or len(x) != nbytes for x in v)):
             raise MessageError(f"{source}: {key!r} must be a list of {nbytes}-byte strings, got {_describe(v)}")
-        if group is not None:
+        if group is not None and isinstance(v, list):
             if groups.setdefault(group, len(v)) != len(v):
                 raise MessageError(f"{source}: {key!r} has {len(v)} entries, not aligned with its id list")
         values[f.name] = list(v) if isinstance(v, list) else v
