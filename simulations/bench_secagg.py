@@ -45,15 +45,21 @@ from guardedtuning.strategies.secagg.wire import COLLECT_MASKED, MaskedReply, to
 from guardedtuning.strategies.secure import SecureSparseFedAvg  # noqa: E402
 from tests.local_grid import LocalGrid  # noqa: E402
 
-SHAPES = {f"bottom.{layer}.{mod}.lora_{ab}": ((8, 384) if ab == "A" else (384, 8))
-          for layer in (0, 1) for mod in ("query", "value") for ab in ("A", "B")}
+
+def lora_shapes(layers: int) -> dict[str, tuple[int, int]]:
+    """MiniLM (hidden 384) LoRA r = 8 on query and value of ``layers`` blocks."""
+    return {f"block.{layer}.{mod}.lora_{ab}": ((8, 384) if ab == "A" else (384, 8))
+            for layer in range(layers) for mod in ("query", "value") for ab in ("A", "B")}
+
+
+SHAPES = lora_shapes(2)  # the split recipe's bottom LoRA (split.layer = 2)
 SIZE = sum(int(np.prod(s)) for s in SHAPES.values())
 DENSITY, BITS, CLIP = 0.05, 8, 0.05
 
 
-def fake_update(node: int) -> dict[str, np.ndarray]:
+def fake_update(node: int, shapes: dict[str, tuple[int, int]] = SHAPES) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(node)
-    return {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in SHAPES.items()}
+    return {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in shapes.items()}
 
 
 def round_params(n: int, *, max_weight: int, packing: str) -> RoundParams:
@@ -171,7 +177,7 @@ def table_upload(sizes: list[int], *, max_weight: int) -> None:
 
 # ---------------------------------------------------------------------------- 3. bytes per client per round
 
-def _fake_app() -> ClientApp:
+def _fake_app(shapes: dict[str, tuple[int, int]]) -> ClientApp:
     app = ClientApp()
 
     @app.train()
@@ -179,9 +185,9 @@ def _fake_app() -> ClientApp:
         metrics = MetricRecord({"num-examples": 320.0, "compute_s": 0.0, "peak_mem_mb": 0.0})
         if "secagg" not in msg.content:  # plain FedAvg: the dense fp32 update
             return Message(RecordDict({"update": ArrayRecord({k: Array(v) for k, v in fake_update(
-                context.node_id).items()}), "metrics": metrics}), reply_to=msg)
+                context.node_id, shapes).items()}), "metrics": metrics}), reply_to=msg)
         begin_round(msg.content, context.state, node_id=context.node_id)
-        content = seal_update(fake_update(context.node_id), num_examples=320, state=context.state,
+        content = seal_update(fake_update(context.node_id, shapes), num_examples=320, state=context.state,
                               node_id=context.node_id, seed=0)
         content["metrics"] = metrics
         return Message(content, reply_to=msg)
@@ -197,24 +203,27 @@ def _stage_of(msg: Message) -> str:
     return msg.content["secagg-stage"]["stage"] if "secagg-stage" in msg.content else "?"
 
 
-def table_round_bytes(sizes: list[int], *, max_weight: int) -> None:
-    glob = ArrayRecord({k: Array(v) for k, v in fake_update(10**6).items()})  # random: no deduplicated chunks
-    dense = 4 * SIZE
-    print(f"\n3. Bytes per client per round through LocalGrid (all stages, serialized), vs dense fp32 "
-          f"({dense:,} B of parameters) and vs the FedAvg messages (same metrics/config records)")
+def table_round_bytes(sizes: list[int], *, max_weight: int, layers: int = 2) -> None:
+    shapes = lora_shapes(layers)
+    glob = ArrayRecord({k: Array(v) for k, v in fake_update(10**6, shapes).items()})  # random: no deduplication
+    dense = 4 * sum(int(np.prod(s)) for s in shapes.values())
+    print(f"\n3. Bytes per client per round through LocalGrid (all stages, serialized): LoRA on {layers} blocks, "
+          f"{dense // 4:,} params, density {DENSITY:.0%}, {BITS} bits; vs dense fp32 ({dense:,} B of parameters) "
+          f"and vs the FedAvg messages (same metrics/config records)")
     print(f"{'n':>5} {'max w':>5} {'packing':>7} {'downlink':>8} | {'up/client':>9} {'less than':>9} "
           f"{'less than':>9} | {'advertise':>9} {'shares':>6} {'masked':>6} {'unmask':>6} | {'down/client':>11} "
           f"{'less than':>9}")
     print(f"{'':>30} | {'':>9} {'fp32 vals':>9} {'FedAvg':>9} | {'':>30} | {'':>11} {'FedAvg':>9}")
+    configs = ((max_weight, "word", 0), (max_weight, "bits", 0), (1, "word", 0), (1, "bits", 0), (1, "bits", 8)) \
+        if layers == 2 else ((max_weight, "bits", 0), (1, "bits", 0), (1, "bits", 8))
     for n in sizes:
-        grid = LocalGrid(_fake_app(), n, {})
+        grid = LocalGrid(_fake_app(shapes), n, {})
         nodes = SecureSparseFedAvg(clients_per_round=n, seed=0).sample(1, grid)
         fed = exchange(grid, [Message(RecordDict({"arrays": glob, "config": ConfigRecord({"server-round": 1})}),
                                       dst_node_id=v, message_type=MessageType.TRAIN) for v in nodes],
                        timeout=5, poll=0.002)
         fed_up, fed_down = sum(fed.bytes_up.values()) / n, sum(fed.bytes_down.values()) / n
-        for mw, packing, down_bits in ((max_weight, "word", 0), (max_weight, "bits", 0), (1, "word", 0),
-                                       (1, "bits", 0), (1, "bits", 8)):
+        for mw, packing, down_bits in configs:
             per_stage: dict[str, int] = {}
 
             def tally(node: int, reply: Message, per_stage=per_stage) -> Message:
@@ -223,7 +232,7 @@ def table_round_bytes(sizes: list[int], *, max_weight: int) -> None:
                     per_stage[st] = per_stage.get(st, 0) + message_nbytes(reply)
                 return reply
 
-            grid = LocalGrid(_fake_app(), n, {}, tamper=tally)
+            grid = LocalGrid(_fake_app(shapes), n, {}, tamper=tally)
             s = SecureSparseFedAvg(clients_per_round=n, seed=0, density=DENSITY, bits=BITS, clip=CLIP,
                                    max_weight=mw, packing=packing, downlink_bits=down_bits, timeout=5)
             msgs = list(s.configure_train(1, glob, ConfigRecord({}), grid))
@@ -253,6 +262,7 @@ def main() -> None:
     table_crypto(sizes, repeats=args.repeats, dropout=args.dropout, max_weight=args.max_weight)
     table_upload([5, *sizes], max_weight=args.max_weight)
     table_round_bytes([int(s) for s in args.bytes_sizes.split(",") if s], max_weight=args.max_weight)
+    table_round_bytes([5, 10], max_weight=args.max_weight, layers=6)  # the fedlora recipe's adapter
 
 
 if __name__ == "__main__":

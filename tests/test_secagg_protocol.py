@@ -262,3 +262,21 @@ def test_wire_rejects_missing_keys_wrong_stage_and_misaligned_lists():
                        stage="unmask", server_round=1)
     with pytest.raises(MessageError, match="33-byte"):
         from_content(short, UnmaskReply, stage="unmask", server_round=1, source="t")
+
+
+def test_the_server_never_reconstructs_both_secrets_of_one_client(monkeypatch):
+    params = make_params(7)
+    inputs = random_inputs(params, np.random.default_rng(14))
+    rebuilt: list[tuple[int, str]] = []
+    orig = ServerSecAgg._reconstruct
+
+    def spy(self, owner, shares, what):  # type: ignore[no-untyped-def]
+        rebuilt.append((owner, what))
+        return orig(self, owner, shares, what)
+
+    monkeypatch.setattr(ServerSecAgg, "_reconstruct", spy)
+    gone = set(params.nodes[:2])
+    result, _, _ = run_round(params, inputs, drop={"collect-masked": gone})
+    seeds = {o for o, w in rebuilt if w == "self-mask seed"}
+    keys = {o for o, w in rebuilt if w == "mask key"}
+    assert seeds == set(result.survivors) and keys == gone and not seeds & keys

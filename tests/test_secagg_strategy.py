@@ -253,3 +253,24 @@ def test_threshold_above_the_share_holders_skips_the_round(caplog):
     assert "aggregation.threshold" in caplog.text
     avg, metrics = strategy.aggregate_train(1, [])
     assert avg is None and metrics["refused"] == 1
+
+
+def test_handlers_refuse_out_of_order_use():
+    from flwr.app import RecordDict
+
+    from guardedtuning.clients.secagg_handlers import client_stage
+    from guardedtuning.errors import MessageError
+
+    state = RecordDict()
+    with pytest.raises(MessageError, match="begin_round"):
+        seal_update(fake_update(1, 1), num_examples=1, state=state, node_id=1)
+    grid = LocalGrid(fake_app(), 3, {})
+    strategy = SecureSparseFedAvg(clients_per_round=3, seed=0, timeout=0.2)
+    first = list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid))[0]
+    begin_round(first.content, state, node_id=first.metadata.dst_node_id)
+    with pytest.raises(MessageError, match="sealed update"):
+        client_stage("share-keys", RecordDict(), state, node_id=first.metadata.dst_node_id)
+    with pytest.raises(MessageError, match="unknown secure-aggregation stage"):
+        client_stage("advertise", RecordDict(), state, node_id=first.metadata.dst_node_id)
+    with pytest.raises(MessageError, match="not among the round's participants"):
+        begin_round(first.content, RecordDict(), node_id=4242)
