@@ -133,6 +133,9 @@ def test_two_rounds_carry_the_residual_and_stay_exact():
     assert metrics["clients"] == 5
     _close(avg, expected_mean(strategy, grid.node_ids, 2, residuals))
     assert all("secagg.client" not in grid.contexts[n].state for n in grid.node_ids)  # round state dropped
+    from guardedtuning.clients.secagg_handlers import in_secure_round
+    assert not any(in_secure_round(grid.contexts[n].state) for n in grid.node_ids)
+    assert all("secagg.residual" in grid.contexts[n].state for n in grid.node_ids)  # the residual stays
 
 
 def test_below_threshold_the_round_is_skipped_and_reported():

@@ -2,8 +2,10 @@
 
 Three calls, all keyed on the client's ``context.state`` (a RecordDict):
 
-1. :func:`begin_round` with the round's first message content: stores the public round
-   parameters (``secagg`` / ``secagg-setup`` records) for the round's later messages.
+1. :func:`begin_round` with the round's first message content (when
+   :func:`is_secure_round`; else :func:`forget_round`): stores the public round
+   parameters (``secagg`` / ``secagg-setup`` records) for the round's later messages;
+   :func:`in_secure_round` then tells the final training step to seal, not send.
    :func:`unpack_global` reads the global adapters from the same content, fp32 or
    quantized (``arrays-codec``).
 2. :func:`seal_update` with the client's adapter update at the end of local training:
@@ -60,6 +62,20 @@ _REQUESTS = {SHARE_KEYS: (KeysRequest, "share_keys"), COLLECT_MASKED: (MaskReque
 def is_secure_round(content: RecordDict) -> bool:
     """Whether a round's first message asks for secure aggregation."""
     return CONFIG_KEY in content
+
+
+def in_secure_round(state: RecordDict) -> bool:
+    """Whether :func:`begin_round` stored a round that has not finished (seal instead of sending the update)."""
+    return STATE_SETUP in state
+
+
+def forget_round(state: RecordDict) -> None:
+    """Drop an unfinished round's parameters and keys (keeps the error-feedback residual).
+
+    Call it on the first message of a round that is *not* secure, so that a refused
+    earlier round does not make the next final reply sealed.
+    """
+    _clear(state, (STATE_CLIENT, STATE_CLIENT_ARRAYS, STATE_SETUP, STATE_SETUP_ARRAYS))
 
 
 def begin_round(content: RecordDict, state: RecordDict, *, node_id: int) -> RoundParams:
@@ -169,7 +185,7 @@ def client_stage(stage: str, content: RecordDict, state: RecordDict, *, node_id:
                        source=f"{stage} request to node {node_id}")
     reply = getattr(client, method)(req)
     if stage == UNMASK:
-        _clear(state, (STATE_CLIENT, STATE_CLIENT_ARRAYS, STATE_SETUP, STATE_SETUP_ARRAYS))
+        forget_round(state)
     else:
         _save(client, state)
     return to_content(reply, stage=stage, server_round=params.server_round)
