@@ -1,0 +1,187 @@
+"""The stage payloads of the protocol and their Flower records, checked on the way in.
+
+One round, after the server's first message (which carries :class:`RoundParams`):
+
+==================  ==============================  ===================================
+stage               server -> client                client -> server
+==================  ==============================  ===================================
+``advertise``       (the round's training messages)  :class:`Advertise` (in the train reply)
+``share-keys``      :class:`KeysRequest`            :class:`SharesReply`
+``collect-masked``  :class:`MaskRequest`            :class:`MaskedReply`
+``unmask``          :class:`UnmaskRequest`          :class:`UnmaskReply`
+==================  ==============================  ===================================
+
+A payload travels as one ConfigRecord (``secagg-stage``: the stage name, the round and
+the fields) and, for the masked vector, one ArrayRecord (``secagg-masked``). Decoding
+checks every key, type, byte length, list alignment, duplicate id, the stage name and
+the round; a :class:`~guardedtuning.errors.MessageError` names the first problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from guardedtuning.errors import MessageError
+from guardedtuning.strategies.secagg.keys import COMMIT_BYTES, KEY_BYTES, TAG_BYTES
+from guardedtuning.strategies.secagg.shamir import SHARE_BYTES
+
+STAGE_KEY = "secagg-stage"
+MASKED_KEY = "secagg-masked"
+ADVERTISE, SHARE_KEYS, COLLECT_MASKED, UNMASK = "advertise", "share-keys", "collect-masked", "unmask"
+STAGES = (ADVERTISE, SHARE_KEYS, COLLECT_MASKED, UNMASK)
+CIPHERTEXT_BYTES = 2 * SHARE_BYTES + TAG_BYTES  # a b-share and an s-share, sealed
+
+
+def _f(key: str, kind: str, *, nbytes: int | None = None, group: str | None = None) -> Any:
+    """A payload field: record key, kind (int, bytes, ints, bytes-list), fixed byte length, aligned group."""
+    return field(metadata={"key": key, "kind": kind, "nbytes": nbytes, "group": group})
+
+
+@dataclass(frozen=True)
+class Advertise:
+    """A client's two public keys for the round."""
+
+    c_pk: bytes = _f("c-pk", "bytes", nbytes=KEY_BYTES)
+    s_pk: bytes = _f("s-pk", "bytes", nbytes=KEY_BYTES)
+
+
+@dataclass(frozen=True)
+class KeysRequest:
+    """The public keys of the client's neighbours that advertised."""
+
+    nodes: list[int] = _f("nodes", "ints", group="n")
+    c_pks: list[bytes] = _f("c-pks", "bytes-list", nbytes=KEY_BYTES, group="n")
+    s_pks: list[bytes] = _f("s-pks", "bytes-list", nbytes=KEY_BYTES, group="n")
+
+
+@dataclass(frozen=True)
+class SharesReply:
+    """Sealed shares for each neighbour, and commitments to every share (own included)."""
+
+    dsts: list[int] = _f("dsts", "ints", group="d")
+    cts: list[bytes] = _f("cts", "bytes-list", nbytes=CIPHERTEXT_BYTES, group="d")
+    holders: list[int] = _f("holders", "ints", group="h")
+    commit_b: list[bytes] = _f("commit-b", "bytes-list", nbytes=COMMIT_BYTES, group="h")
+    commit_s: list[bytes] = _f("commit-s", "bytes-list", nbytes=COMMIT_BYTES, group="h")
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Whom to mask with, and the sealed shares addressed to this client."""
+
+    mask_with: list[int] = _f("mask-with", "ints")
+    srcs: list[int] = _f("srcs", "ints", group="s")
+    cts: list[bytes] = _f("cts", "bytes-list", nbytes=CIPHERTEXT_BYTES, group="s")
+
+
+@dataclass(frozen=True)
+class MaskedReply:
+    """The masked vector (packed) and the senders whose shares did not decrypt."""
+
+    y: np.ndarray = _f("y", "array")
+    undecryptable: list[int] = _f("undecryptable", "ints")
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Which neighbours survived (reveal their b-share) or dropped (reveal their s-share)."""
+
+    survivors: list[int] = _f("survivors", "ints")
+    dropped: list[int] = _f("dropped", "ints")
+    num_survivors: int = _f("num-survivors", "int")
+
+
+@dataclass(frozen=True)
+class UnmaskReply:
+    """The revealed shares."""
+
+    b_nodes: list[int] = _f("b-nodes", "ints", group="b")
+    b_shares: list[bytes] = _f("b-shares", "bytes-list", nbytes=SHARE_BYTES, group="b")
+    s_nodes: list[int] = _f("s-nodes", "ints", group="s")
+    s_shares: list[bytes] = _f("s-shares", "bytes-list", nbytes=SHARE_BYTES, group="s")
+
+
+Payload = Advertise | KeysRequest | SharesReply | MaskRequest | MaskedReply | UnmaskRequest | UnmaskReply
+P = TypeVar("P", Advertise, KeysRequest, SharesReply, MaskRequest, MaskedReply, UnmaskRequest, UnmaskReply)
+
+
+def to_content(payload: Payload, *, stage: str, server_round: int) -> RecordDict:
+    """A payload as the records of a message's content."""
+    cfg = ConfigRecord({"stage": stage, "server-round": server_round})
+    content = RecordDict()
+    for f in dataclasses.fields(payload):
+        value = getattr(payload, f.name)
+        if f.metadata["kind"] == "array":
+            content[MASKED_KEY] = ArrayRecord({f.metadata["key"]: Array(np.ascontiguousarray(value))})
+        else:
+            cfg[f.metadata["key"]] = list(value) if isinstance(value, list) else value
+    content[STAGE_KEY] = cfg
+    return content
+
+
+def stage_of(content: RecordDict, *, source: str) -> tuple[str, int]:
+    """The ``(stage, round)`` a content claims, or a MessageError."""
+    cfg = content.get(STAGE_KEY) if STAGE_KEY in content else None
+    if not isinstance(cfg, ConfigRecord):
+        raise MessageError(f"{source}: record {STAGE_KEY!r} is missing; the secure-aggregation stage sends it")
+    stage, round_ = cfg.get("stage"), cfg.get("server-round")
+    if stage not in STAGES or not isinstance(round_, int) or isinstance(round_, bool):
+        raise MessageError(f"{source}: stage {stage!r} / round {round_!r} is not a secure-aggregation stage")
+    return stage, round_
+
+
+def from_content(content: RecordDict, kind: type[P], *, stage: str, server_round: int, source: str) -> P:
+    """Decode and check a payload of type ``kind`` for ``stage`` of ``server_round``."""
+    got_stage, got_round = stage_of(content, source=source)
+    if got_stage != stage or got_round != server_round:
+        raise MessageError(f"{source}: expected stage {stage!r} of round {server_round}, got {got_stage!r} of "
+                           f"round {got_round}; a stage was missed")
+    cfg = content[STAGE_KEY]
+    values: dict[str, Any] = {}
+    groups: dict[str, int] = {}
+    for f in dataclasses.fields(kind):
+        key, k, nbytes, group = (f.metadata[x] for x in ("key", "kind", "nbytes", "group"))
+        if k == "array":
+            values[f.name] = _array(content, key, source=source)
+            continue
+        if key not in cfg:
+            raise MessageError(f"{source}: {stage} payload lacks {key!r}")
+        v = cfg[key]
+        if k == "int" and not (isinstance(v, int) and not isinstance(v, bool)):
+            raise MessageError(f"{source}: {key!r} is {v!r}, expected an integer")
+        if k == "bytes" and not (isinstance(v, bytes) and len(v) == nbytes):
+            raise MessageError(f"{source}: {key!r} must be {nbytes} bytes, got {_describe(v)}")
+        if k == "ints":
+            if not isinstance(v, list) or any(not isinstance(x, int) or isinstance(x, bool) for x in v):
+                raise MessageError(f"{source}: {key!r} must be a list of node ids, got {_describe(v)}")
+            if len(set(v)) != len(v):
+                raise MessageError(f"{source}: {key!r} lists a node twice")
+        if k == "bytes-list" and (not isinstance(v, list) or any(
+                not isinstance(x, bytes) or len(x) != nbytes for x in v)):
+            raise MessageError(f"{source}: {key!r} must be a list of {nbytes}-byte strings, got {_describe(v)}")
+        if group is not None and isinstance(v, list):
+            if groups.setdefault(group, len(v)) != len(v):
+                raise MessageError(f"{source}: {key!r} has {len(v)} entries, not aligned with its id list")
+        values[f.name] = list(v) if isinstance(v, list) else v
+    return kind(**values)
+
+
+def _array(content: RecordDict, key: str, *, source: str) -> np.ndarray:
+    rec = content.get(MASKED_KEY) if MASKED_KEY in content else None
+    if not isinstance(rec, ArrayRecord) or key not in rec:
+        raise MessageError(f"{source}: record {MASKED_KEY!r} with array {key!r} is missing; the client sends it")
+    try:
+        return rec[key].numpy()
+    except Exception as exc:  # noqa: BLE001 - an undecodable payload is a bad message
+        raise MessageError(f"{source}: masked vector cannot be decoded ({exc})") from exc
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, list):
+        return f"a list of {len(v)} {type(v[0]).__name__ if v else 'items'}"
+    return f"{type(v).__name__} of length {len(v)}" if isinstance(v, bytes) else repr(v)

@@ -1,0 +1,279 @@
+"""SecureSparseFedAvg end to end through LocalGrid with a small fake ClientApp (no Ray, no model)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.clientapp import ClientApp
+
+from guardedtuning.clients.secagg_handlers import begin_round, handle_stage_message, seal_update, unpack_global
+from guardedtuning.server_app.exchange import exchange
+from guardedtuning.strategies import codecs as C
+from guardedtuning.strategies.messages import message_nbytes
+from guardedtuning.strategies.secure import STAGE_MESSAGE_TYPE, SecureSparseFedAvg
+from tests.local_grid import LocalGrid
+
+SHAPES = {"layer.0.lora_A": (4, 24), "layer.0.lora_B": (24, 4), "layer.1.lora_A": (4, 24), "layer.1.lora_B": (24, 4)}
+SIZE = sum(int(np.prod(s)) for s in SHAPES.values())  # 384
+
+
+def fake_update(node: int, round_: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(node * 1000 + round_)
+    return {k: rng.normal(0, 0.02, s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def fake_app(*, nan_node: int | None = None) -> ClientApp:
+    """Trains nothing: replies with a seeded fake update, sealed for secure aggregation."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        params = begin_round(msg.content, context.state, node_id=context.node_id)
+        glob = unpack_global(msg.content, source="test")
+        assert set(glob) == set(SHAPES)
+        update = fake_update(context.node_id, params.server_round)
+        if context.node_id == nan_node:
+            update["layer.0.lora_A"][0, 0] = np.nan
+        content = seal_update(update, num_examples=10 + context.node_id % 7, state=context.state,
+                              node_id=context.node_id, seed=context.node_id)
+        content["metrics"] = MetricRecord({"compute_s": 0.0})
+        return Message(content, reply_to=msg)
+
+    @app.train("secagg")
+    def stage(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        return handle_stage_message(msg, context)
+
+    return app
+
+
+def expected_mean(strategy: SecureSparseFedAvg, nodes, round_: int, residuals=None) -> dict[str, np.ndarray]:
+    """The plaintext weighted mean of what the survivors sent (same support, same seeded rounding)."""
+    support = C.rand_k_support(size=SIZE, density=strategy.density, seed=strategy.round_seed(round_))
+    total, weight = np.zeros(SIZE), 0
+    for v in nodes:
+        comp = C.compress_update(update=C.flatten(fake_update(v, round_)), residual=(residuals or {}).get(v),
+                                 support=support, bits=strategy.bits, clip=strategy.clip,
+                                 rng=np.random.default_rng(v))
+        w = min(strategy.max_weight, 10 + v % 7)
+        total += w * comp.sent
+        weight += w
+    return C.unflatten(total / weight, shapes=SHAPES)
+
+
+class Recorder:
+    """Tamper hook: drops chosen replies, records every reply's serialized size."""
+
+    def __init__(self, drop_stage: str | None = None, drop_nodes: set[int] | None = None) -> None:
+        self.drop_stage, self.drop_nodes = drop_stage, drop_nodes or set()
+        self.up: list[int] = []
+
+    def __call__(self, node: int, reply: Message) -> Message | None:
+        stage = None
+        if not reply.has_error() and "secagg-stage" in reply.content:
+            stage = reply.content["secagg-stage"]["stage"]
+        if stage == self.drop_stage and node in self.drop_nodes:
+            return None  # never arrives: the exchange times out on it
+        if reply.metadata.message_type == STAGE_MESSAGE_TYPE and not reply.has_error():
+            self.up.append(message_nbytes(reply))
+        return reply
+
+
+def global_arrays() -> ArrayRecord:
+    return ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+
+
+def run_one_round(strategy, grid, round_=1):  # type: ignore[no-untyped-def]
+    """What a driver does: first messages, the training exchange, then aggregate_train."""
+    msgs = list(strategy.configure_train(round_, global_arrays(), ConfigRecord({"local-steps": 1}), grid))
+    ex = exchange(grid, msgs, timeout=0.2, poll=0.002)
+    return msgs, ex, strategy.aggregate_train(round_, ex.replies.values())
+
+
+def _close(got: ArrayRecord, want: dict[str, np.ndarray]) -> None:
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k].numpy(), want[k], rtol=1e-5, atol=1e-8)
+
+
+def test_five_clients_one_dropped_mid_round_runs_to_the_end(caplog):
+    rec = Recorder(drop_stage="collect-masked", drop_nodes={1002})
+    grid = LocalGrid(fake_app(), 5, {}, tamper=rec)
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, bits=8, clip=0.05, timeout=0.2)
+    with caplog.at_level(logging.WARNING):
+        msgs, ex, (avg, metrics) = run_one_round(strategy, grid)
+    assert len(msgs) == 5 and not ex.failures()
+    assert avg is not None and metrics["refused"] == 0
+    assert metrics["clients"] == 4 and metrics["dropped"] == 1
+    assert any("node 1002" in r and "collect-masked" in r for r in strategy.rejections)
+    _close(avg, expected_mean(strategy, [1000, 1001, 1003, 1004], 1))
+    # the update is zero off the public support
+    flat = C.flatten({k: avg[k].numpy() for k in SHAPES})
+    support = C.rand_k_support(size=SIZE, density=0.1, seed=strategy.round_seed(1))
+    assert not np.delete(flat, support).any()
+
+
+def test_no_reply_the_server_sees_holds_the_update():
+    grid = LocalGrid(fake_app(), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    _, ex, _ = run_one_round(strategy, grid)
+    for reply in ex.replies.values():
+        assert "update" not in reply.content and "secagg-masked" not in reply.content
+        assert set(reply.content["secagg-stage"].keys()) == {"stage", "server-round", "c-pk", "s-pk"}
+
+
+def test_two_rounds_carry_the_residual_and_stay_exact():
+    grid = LocalGrid(fake_app(), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=3, density=0.1, timeout=0.2)
+    run_one_round(strategy, grid, 1)
+    residuals = {n: grid.contexts[n].state["secagg.residual"]["residual"].numpy().astype(np.float64)
+                 for n in grid.node_ids}
+    _, _, (avg, metrics) = run_one_round(strategy, grid, 2)
+    assert metrics["clients"] == 5
+    _close(avg, expected_mean(strategy, grid.node_ids, 2, residuals))
+    assert all("secagg.client" not in grid.contexts[n].state for n in grid.node_ids)  # round state dropped
+    from guardedtuning.clients.secagg_handlers import in_secure_round
+    assert not any(in_secure_round(grid.contexts[n].state) for n in grid.node_ids)
+    assert all("secagg.residual" in grid.contexts[n].state for n in grid.node_ids)  # the residual stays
+
+
+def test_below_threshold_the_round_is_skipped_and_reported():
+    rec = Recorder(drop_stage="collect-masked", drop_nodes={1000, 1001, 1002})  # t = 3 of 5
+    grid = LocalGrid(fake_app(), 5, {}, tamper=rec)
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, timeout=0.1)
+    _, _, (avg, metrics) = run_one_round(strategy, grid)
+    assert avg is None and metrics["refused"] == 1
+    # nothing was revealed: the unmask stage never ran
+    assert not [m for m in grid.sent if "secagg-stage" in m.content and m.content["secagg-stage"]["stage"] == "unmask"]
+
+
+def test_nan_update_is_refused_on_the_client_and_the_round_goes_on():
+    grid = LocalGrid(fake_app(nan_node=1003), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    _, _, (avg, metrics) = run_one_round(strategy, grid)
+    assert any("node 1003" in r and "NaN" in r for r in strategy.rejections)
+    assert metrics["clients"] == 4
+    _close(avg, expected_mean(strategy, [1000, 1001, 1002, 1004], 1))
+
+
+def test_duplicate_final_replies_reject_the_node():
+    grid = LocalGrid(fake_app(), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    msgs = list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid))
+    ex = exchange(grid, msgs, timeout=0.2, poll=0.002)
+    replies = [*ex.replies.values(), ex.replies[1001]]
+    avg, metrics = strategy.aggregate_train(1, replies)
+    assert any("node 1001" in r and "2 final replies" in r for r in strategy.rejections)
+    assert metrics["clients"] == 4
+    _close(avg, expected_mean(strategy, [1000, 1002, 1003, 1004], 1))
+
+
+def test_a_reply_to_the_wrong_stage_is_rejected():
+    def tamper(node: int, reply: Message) -> Message:
+        if node == 1004 and "secagg-stage" in reply.content and \
+                reply.content["secagg-stage"]["stage"] == "share-keys":
+            reply.content["secagg-stage"]["stage"] = "unmask"
+        return reply
+
+    grid = LocalGrid(fake_app(), 5, {}, tamper=tamper)
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    _, _, (avg, metrics) = run_one_round(strategy, grid)
+    assert any("node 1004" in r and "a stage was missed" in r for r in strategy.rejections)
+    _close(avg, expected_mean(strategy, [1000, 1001, 1002, 1003], 1))
+
+
+def test_bytes_accounting_equals_the_serialized_payloads():
+    rec = Recorder()
+    grid = LocalGrid(fake_app(), 5, {}, tamper=rec)
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    _, _, (_, metrics) = run_one_round(strategy, grid)
+    stage_msgs = [m for m in grid.sent if m.metadata.message_type == STAGE_MESSAGE_TYPE]
+    assert len(stage_msgs) == 15 and len(rec.up) == 15
+    assert metrics["secagg-bytes-down"] == sum(message_nbytes(m) for m in stage_msgs)
+    assert metrics["secagg-bytes-up"] == sum(rec.up)
+    assert metrics["dense-bytes"] == 5 * 4 * SIZE
+
+
+def test_masked_upload_uses_the_smallest_word():
+    sizes = {}
+    for packing in ("word", "bits"):
+        grid = LocalGrid(fake_app(), 5, {})
+        strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, max_weight=16, packing=packing,
+                                      timeout=0.2)
+        msgs = list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid))
+        m_bits = (5 * 16 * 254).bit_length()  # 15 bits: uint16
+        ex = exchange(grid, msgs, timeout=0.2, poll=0.002)
+        masked = []
+        orig_pull = grid.pull_messages
+
+        def spy(ids, orig_pull=orig_pull, masked=masked):  # type: ignore[no-untyped-def]
+            out = list(orig_pull(ids))
+            masked.extend(r.content["secagg-masked"]["y"] for r in out if "secagg-masked" in r.content)
+            return out
+
+        grid.pull_messages = spy  # type: ignore[method-assign]
+        avg, _ = strategy.aggregate_train(1, ex.replies.values())
+        assert avg is not None and len(masked) == 5
+        k = C.support_size(size=SIZE, density=0.1)
+        want = (np.dtype(np.uint16), k + 1) if packing == "word" else (np.dtype(np.uint8), -(-(k + 1) * m_bits // 8))
+        assert {(a.numpy().dtype, a.numpy().size) for a in masked} == {want}
+        sizes[packing] = len(masked[0].data)
+    assert sizes["bits"] < sizes["word"]
+
+
+def test_topk_support_and_downlink_quantization():
+    grid = LocalGrid(fake_app(), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=1, density=0.1, support="topk", explore=0.5,
+                                  downlink_bits=8, timeout=0.2)
+    msgs, _, (avg1, _) = run_one_round(strategy, grid, 1)
+    assert msgs[0].content["arrays"][sorted(SHAPES)[0]].numpy().dtype == np.uint8
+    sup = [m.content["secagg-setup"]["support"].numpy().tolist() for m in msgs]
+    assert all(s == sup[0] for s in sup)  # one support for everyone
+    msgs2, _, (avg2, m2) = run_one_round(strategy, grid, 2)
+    sup2 = np.array(msgs2[0].content["secagg-setup"]["support"].numpy(), dtype=np.int64)
+    flat1 = C.flatten({k: avg1[k].numpy() for k in SHAPES})
+    top = np.argsort(-np.abs(flat1), kind="stable")[:10]
+    assert set(top.tolist()) <= set(sup2.tolist())  # the largest public coordinates are kept
+    assert avg2 is not None and m2["clients"] == 5
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"clients_per_round": 1}, "clients_per_round"), ({"density": 0.0}, "density"), ({"bits": 1}, "bits"),
+    ({"support": "top"}, "support"), ({"threshold": 1}, "threshold"), ({"packing": "int64"}, "packing"),
+    ({"max_weight": 2**40, "bits": 32}, "max-weight"),
+])
+def test_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SecureSparseFedAvg(**{"clients_per_round": 5, "seed": 0, **kwargs})
+
+
+def test_threshold_above_the_share_holders_skips_the_round(caplog):
+    grid = LocalGrid(fake_app(), 3, {})
+    strategy = SecureSparseFedAvg(clients_per_round=3, seed=0, threshold=4)
+    with caplog.at_level(logging.WARNING):
+        assert list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid)) == []
+    assert "aggregation.threshold" in caplog.text
+    avg, metrics = strategy.aggregate_train(1, [])
+    assert avg is None and metrics["refused"] == 1
+
+
+def test_handlers_refuse_out_of_order_use():
+    from flwr.app import RecordDict
+
+    from guardedtuning.clients.secagg_handlers import client_stage
+    from guardedtuning.errors import MessageError
+
+    state = RecordDict()
+    with pytest.raises(MessageError, match="begin_round"):
+        seal_update(fake_update(1, 1), num_examples=1, state=state, node_id=1)
+    grid = LocalGrid(fake_app(), 3, {})
+    strategy = SecureSparseFedAvg(clients_per_round=3, seed=0, timeout=0.2)
+    first = list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid))[0]
+    begin_round(first.content, state, node_id=first.metadata.dst_node_id)
+    with pytest.raises(MessageError, match="sealed update"):
+        client_stage("share-keys", RecordDict(), state, node_id=first.metadata.dst_node_id)
+    with pytest.raises(MessageError, match="unknown secure-aggregation stage"):
+        client_stage("advertise", RecordDict(), state, node_id=first.metadata.dst_node_id)
+    with pytest.raises(MessageError, match="not among the round's participants"):
+        begin_round(first.content, RecordDict(), node_id=4242)
