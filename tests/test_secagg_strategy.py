@@ -70,7 +70,7 @@ class Recorder:
         self.drop_stage, self.drop_nodes = drop_stage, drop_nodes or set()
         self.up: list[int] = []
 
-    def __call__(self, node: int, reply: Message) -> Message | None:
+    def __call__(self, node: int, request: Message, reply: Message) -> Message | None:
         stage = None
         if not reply.has_error() and "secagg-stage" in reply.content:
             stage = reply.content["secagg-stage"]["stage"]
@@ -170,7 +170,7 @@ def test_duplicate_final_replies_reject_the_node():
 
 
 def test_a_reply_to_the_wrong_stage_is_rejected():
-    def tamper(node: int, reply: Message) -> Message:
+    def tamper(node: int, request: Message, reply: Message) -> Message:
         if node == 1004 and "secagg-stage" in reply.content and \
                 reply.content["secagg-stage"]["stage"] == "share-keys":
             reply.content["secagg-stage"]["stage"] = "unmask"
