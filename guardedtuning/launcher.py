@@ -102,7 +102,12 @@ class FlowerRun:
         env["FLWR_HOME"] = str(self.out / ".flwr")
         return env
 
-    def start(self) -> None:
+    def start(self, run_config: str | None = None) -> None:
+        """Start the SuperLink, then ``flwr run``.
+
+        ``run_config`` is passed to ``flwr run --run-config`` as given (``'k=v k=v'``); by
+        default the whole config goes as a TOML file, so defaults cannot drift.
+        """
         home = self.out / ".flwr"
         home.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -124,9 +129,10 @@ class FlowerRun:
         fed = (f"num-supernodes={self.cfg.federation.num_clients} "
                f"client-resources-num-cpus={self.cfg.sim.num_cpus} "
                f"client-resources-num-gpus={self.cfg.sim.num_gpus}")
-        run_toml = write_run_config(self.cfg, self.out / "run-config.toml")
+        if run_config is None:
+            run_config = str(write_run_config(self.cfg, self.out / "run-config.toml"))
         cmd = [_script("flwr"), "run", str(app_dir(self.out)), "guardedtuning", "--stream",
-               "--run-config", str(run_toml), "--federation-config", fed]
+               "--run-config", run_config, "--federation-config", fed]
         flog = None if self.verbose else (self.out / "flower.log").open("ab")
         self.flwr = subprocess.Popen(cmd, stdout=flog, stderr=subprocess.STDOUT if flog else None,
                                      env=self.env(), start_new_session=True)

@@ -34,12 +34,17 @@ def _check_contract(record):
         assert {"round", "utility", "train_loss", "epsilon", "bytes_up", "bytes_down", "wall_s"} <= set(row)
 
 
-@pytest.mark.parametrize("recipe", ["split", "fedlora"])
-def test_recipe_learns_and_writes_the_record(tiny_flat, recipe):
-    record, grid = _run({**tiny_flat, "recipe": recipe, "federation.rounds": 3})
+@pytest.mark.parametrize(("recipe", "model"), [("split", "tiny-bert"), ("fedlora", "tiny-bert"),
+                                               ("split", "tiny-llama")])
+def test_recipe_learns_and_writes_the_record(tiny_flat, recipe, model):
+    record, grid = _run({**tiny_flat, "recipe": recipe, "model.name": model, "federation.rounds": 3})
     _check_contract(record)
     losses = [r["train_loss"] for r in record["history"]]
     assert losses[-1] < losses[0], losses
+    metric = "accuracy" if model == "tiny-bert" else "exact_match"
+    assert record["utility"]["metric"] == metric and 0 <= record["utility"]["value"] <= 1
+    if model == "tiny-llama":
+        assert 0 <= record["history"][-1]["rouge_l"] <= 1
     assert record["cost"]["bytes_up_per_client_round"] > 0
     on_disk = json.loads((Path(tiny_flat["output.dir"]) / "results.json").read_text())
     assert on_disk["history"] == record["history"]

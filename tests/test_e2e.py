@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from guardedtuning.launcher import processes_with_env
+from guardedtuning.launcher import processes_with_env, toml_value
 
 pytestmark = pytest.mark.e2e
 
-TINY = ["model.name=tiny-bert", "model.max-length=32", "data.train-size=240", "data.test-size=60",
-        "federation.num-clients=3", "federation.clients-per-round=3", "federation.rounds=2",
-        "train.local-steps=8", "train.batch-size=8", "train.lr=5e-3", "train.server-lr=5e-3"]
+TINY_CFG = {"model.name": "tiny-bert", "model.max-length": 32, "data.train-size": 240, "data.test-size": 60,
+            "federation.num-clients": 3, "federation.clients-per-round": 3, "federation.rounds": 2,
+            "train.local-steps": 8, "train.batch-size": 8, "train.lr": 5e-3, "train.server-lr": 5e-3}
+TINY = [f"{k}={v}" for k, v in TINY_CFG.items()]
 
 
 def _processes_using(flwr_home: Path) -> list[int]:
@@ -56,20 +56,24 @@ def test_central_ft_runs_in_process(tmp_path):
 
 
 def test_flwr_run_dot_uses_the_same_defaults(tmp_path):
-    """`flwr run .` on a SuperLink we start ourselves, stopped by PID afterwards."""
-    from guardedtuning.config import build_config
+    """`flwr run .` with only a few overrides: every other key comes from pyproject.toml."""
+    from guardedtuning.config import build_config, default_flat_config
     from guardedtuning.launcher import FlowerRun
 
-    flat = dict(s.split("=", 1) for s in TINY)
-    flat["output.dir"] = str(tmp_path / "flwr")
-    run = FlowerRun(build_config(flat), tmp_path / "flwr")
-    (tmp_path / "flwr").mkdir()
+    out = tmp_path / "flwr"
+    flat = {**TINY_CFG, "output.dir": str(out)}
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())
+    run = FlowerRun(build_config(flat), out)
+    out.mkdir()
     try:
-        run.start()
+        run.start(run_config=overrides)
         assert run.flwr is not None
         run.flwr.wait(timeout=600)
     finally:
         run.stop()
-    assert os.path.exists(tmp_path / "flwr" / "results.json")
-    left = _processes_using(tmp_path / "flwr" / ".flwr")
+    record = json.loads((out / "results.json").read_text())
+    expected = {**default_flat_config(), **build_config(flat).flat()}
+    assert record["config"] == expected
+    assert record["config"]["federation.rounds"] == 2 and record["config"]["lora.rank"] == 8
+    left = _processes_using(out / ".flwr")
     assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
