@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fetch(args.model)
         return _run(args)
     except GuardedTuningError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; rerun the same command to resume from the last finished round")
@@ -145,7 +147,7 @@ class EventTail:
                 f"{(ev['train_loss'] or float('nan')):.4f}  up {ev['bytes_up'] / 1e6:.2f} MB  "
                 f"down {ev['bytes_down'] / 1e6:.2f} MB  {ev['wall_s']:.1f} s", highlight=False, soft_wrap=True)
         elif kind == "dropped":
-            self.progress.console.print(f"[yellow]round {ev['round']}: dropped node {ev['node']}: {ev['reason']}[/]",
+            self.progress.console.print(f"[yellow]round {ev['round']}: dropped node {ev['node']}: {escape(ev['reason'])}[/]",
                                         highlight=False, soft_wrap=True)
         elif kind == "resume":
             self.progress.console.print(f"resuming after round {ev['round']} from the checkpoint")
@@ -162,7 +164,8 @@ def _summary(out: Path) -> None:
     for col in ("utility", "majority class", "bytes up / client-round", "step overhead (median)", "wall"):
         table.add_column(col)
     overhead = c.get("step_overhead_s_median")
-    table.add_row(f"{u['metric']} {u['value']:.4f}", f"{u['majority_rate']:.4f}",
+    value = f"{u['value']:.4f}" if u["value"] is not None else "-"
+    table.add_row(f"{u['metric']} {value}", f"{u['majority_rate']:.4f}",
                   f"{c['bytes_up_per_client_round'] / 1e6:.3f} MB" if c["bytes_up_per_client_round"] else "-",
                   f"{overhead * 1000:.1f} ms" if overhead is not None else "-", f"{c['wall_s']:.1f} s")
     console.print(table)
@@ -194,11 +197,18 @@ def _run_in_process(cfg: RunConfig, events: Path, offset: int) -> int:
     return 0
 
 
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run_flower(cfg: RunConfig, out: Path, events: Path, offset: int, *, verbose: bool) -> int:
     from guardedtuning.launcher import FlowerRun
 
     run = FlowerRun(cfg, out, verbose=verbose)
     tail = EventTail(events, offset, cfg)
+    # a closed terminal or `kill` must still stop the SuperLink and Ray (see `finally`)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     try:
         with tail.progress:
             run.start()
@@ -216,7 +226,8 @@ def _run_flower(cfg: RunConfig, out: Path, events: Path, offset: int, *, verbose
         message = tail.error.get("message", "unknown error")
         if tail.error.get("input", False):
             raise GuardedTuningError(message)
-        err.print(f"[bold red]run failed:[/] {message}\nlogs: {out / 'flower.log'}", highlight=False)
+        err.print(f"[bold red]run failed:[/] {escape(message)}\nlogs: {out / 'flower.log'}", highlight=False,
+                  soft_wrap=True)
         return 1
     if not tail.done:
         err.print(f"[bold red]run failed:[/] Flower exited (code {run.poll()}) before the run finished; "

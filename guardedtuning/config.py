@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from guardedtuning.errors import ConfigError
 
@@ -266,6 +266,8 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise _fail("seed", self.seed, "an integer >= 0")
         if self.recipe not in RECIPES:
             raise ConfigError(
                 f"`recipe` must be one of {', '.join(RECIPES)} but is {self.recipe!r}; "
@@ -337,16 +339,17 @@ def _coerce(key: str, value: Any, typ: type) -> Scalar:
                 pass
         raise _fail(key, value, "an integer")
     if typ is float:
-        if isinstance(value, bool):
-            raise _fail(key, value, "a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _fail(key, value, "a number")
+        if number is None or not math.isfinite(number):
+            raise _fail(key, value, "a finite number")
+        return number
     if not isinstance(value, str):
         raise _fail(key, value, "a string")
     return value

@@ -26,3 +26,7 @@ class DataError(GuardedTuningError):
 
 class MessageError(GuardedTuningError):
     """A message between ServerApp and ClientApp lacks a record or holds bad values."""
+
+
+class ClientsFailed(GuardedTuningError):
+    """Every client of a round failed; the message carries the first client's reason."""

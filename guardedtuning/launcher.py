@@ -17,11 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from guardedtuning.config import PACKAGE_DIR, RunConfig, default_flat_config
 

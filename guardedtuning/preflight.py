@@ -8,8 +8,9 @@ The same checks run again where the work happens; this only makes failing cheap.
 from __future__ import annotations
 
 from guardedtuning.config import RunConfig
-from guardedtuning.data.partition import check_enough_rows
+from guardedtuning.data.partition import check_enough_rows, load_partition
 from guardedtuning.data.sources import load_task
+from guardedtuning.errors import ModelLoadError
 from guardedtuning.models.loading import load_model_config, model_kind
 from guardedtuning.models.split import check_split_layer
 
@@ -20,15 +21,21 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
     kind = model_kind(mcfg, cfg.model.name)
     depth = cfg.model.num_layers or int(mcfg.num_hidden_layers)
     if cfg.model.num_layers > int(mcfg.num_hidden_layers):
-        from guardedtuning.errors import ModelLoadError
-
         raise ModelLoadError(
             f"`model.num-layers` is {cfg.model.num_layers} but {cfg.model.name!r} has only "
             f"{mcfg.num_hidden_layers} blocks; pass 0 or a number <= {mcfg.num_hidden_layers}"
         )
     check_split_layer(cfg.split.layer, depth, cfg.model.name)
+    positions = getattr(mcfg, "max_position_embeddings", None)
+    if positions is not None and cfg.model.max_length + cfg.eval.max_new_tokens > int(positions):
+        raise ModelLoadError(
+            f"`model.max-length` is {cfg.model.max_length} but {cfg.model.name!r} has "
+            f"{positions} positions (generation adds eval.max-new-tokens={cfg.eval.max_new_tokens}); "
+            f"pass --set model.max-length=N with N <= {int(positions) - cfg.eval.max_new_tokens}"
+        )
     task = load_task(cfg.data, cfg.seed)
     if cfg.recipe != "central-ft":
         check_enough_rows(cfg.data, cfg.federation.num_clients, cfg.seed)
+        load_partition(cfg.data, 0, cfg.federation.num_clients, cfg.seed)  # builds (and checks) all of them
     return {"kind": kind, "layers": depth, "train_rows": len(task.train), "test_rows": len(task.test),
             "labels": task.label_names, "majority_rate": task.majority_rate()}

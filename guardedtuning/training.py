@@ -25,8 +25,10 @@ def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    return torch.optim.AdamW(list(trainable_params(module).values()), lr=lr, weight_decay=weight_decay)
+def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW | None:
+    """AdamW over the trainable parameters, or None when nothing in ``module`` trains."""
+    params = list(trainable_params(module).values())
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if params else None
 
 
 def flat_trainable(module: nn.Module) -> torch.Tensor:
@@ -86,15 +88,19 @@ def local_train(
     batches: Iterable[Batch],
     device: torch.device,
 ) -> list[float]:
-    """Plain steps: mean per-example loss, backward, step. Returns the loss of each step."""
+    """Plain steps in train mode (dropout on): mean loss, backward, step. Returns each step's loss."""
     losses = []
-    for batch in batches:
-        b = batch.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss = model.per_example_loss(b.input_ids, b.attention_mask, b.labels).mean()  # type: ignore[operator]
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    model.train()
+    try:
+        for batch in batches:
+            b = batch.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = model.per_example_loss(b.input_ids, b.attention_mask, b.labels).mean()  # type: ignore[operator]
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.eval()
     return losses
 
 
@@ -117,7 +123,7 @@ def _pad_to(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
 
 def top_step(
     top: Top,
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | None,
     acts: list[ClientActs],
     device: torch.device,
 ) -> tuple[list[torch.Tensor], list[float]]:
@@ -127,6 +133,9 @@ def top_step(
     gradient a client receives for its activations is the gradient of its own mean
     loss, whatever the other clients' batch sizes. The top's gradients are divided by
     the number of clients before its optimizer step (the mean over clients).
+
+    The top runs in train mode (its dropout and LoRA dropout on); with ``opt=None``
+    (nothing on the top trains) it only computes the gradients the clients need.
 
     Returns each client's activation gradient (its own (B, T, D) shape) and mean loss.
     """
@@ -139,13 +148,19 @@ def top_step(
         labels = torch.cat([_pad_to(a.labels.long(), width, IGNORE) for a in acts]).to(device)
     else:
         labels = torch.cat([a.labels.long() for a in acts]).to(device)
-    opt.zero_grad(set_to_none=True)
-    per_example = top.per_example_loss(h, mask, labels)  # (N,)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    top.train()
+    try:
+        per_example = top.per_example_loss(h, mask, labels)  # (N,)
+    finally:
+        top.eval()
     per_client = torch.stack([chunk.mean() for chunk in per_example.split(sizes)])  # (C,)
     per_client.sum().backward()
-    for p in trainable_params(top).values():
-        if p.grad is not None:
-            p.grad.div_(len(acts))
-    opt.step()
+    if opt is not None:
+        for p in trainable_params(top).values():
+            if p.grad is not None:
+                p.grad.div_(len(acts))
+        opt.step()
     grads = [g[:, :t].detach().cpu() for g, t in zip(h.grad.split(sizes), lengths, strict=True)]  # type: ignore[union-attr]
     return grads, [float(x) for x in per_client.detach()]

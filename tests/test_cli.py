@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -23,6 +24,12 @@ def _cli(*args, cwd=None):
         (["--set", "data.train-size=5"], "federation.num-clients is 10 but dataset 'sentiment' has only 5 training rows"),
         (["--set", "federation.roundz=2"], "unknown run-config key `federation.roundz`; did you mean federation.rounds"),
         (["--set", "train.lr=-1"], "`train.lr` must be a positive number but is -1.0"),
+        (["--set", "lora.alpha=nan"], "`lora.alpha` must be a finite number but is 'nan'"),
+        (["--set", "seed=-1"], "`seed` must be an integer >= 0 but is -1"),
+        (["--set", "data.partition=[/]"], "`data.partition` must be `iid` or `dirichlet` but is '[/]'"),
+        (["--set", "model.max-length=600"], "`model.max-length` is 600 but 'minilm-l6' has 512 positions"),
+        (["--set", "data.partition=dirichlet", "--set", "data.alpha=0.01", "--set", "federation.num-clients=30",
+          "--set", "data.train-size=300"], "cannot split 'sentiment' into 30 dirichlet partitions"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, needle):
@@ -39,6 +46,21 @@ def test_dataset_without_the_text_field(tmp_path):
     res = _cli("run", "--out", str(tmp_path / "o"), "--set", f"data.name={path}", "--set", "data.test-size=5")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "has no column 'text' (columns: body, label); pass --set data.text-field=<column>" in res.stderr
+
+
+def test_model_folder_without_model_type(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    res = _cli("run", "--out", str(tmp_path / "o"), "--set", f"model.name={tmp_path / 'm'}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "cannot load model" in res.stderr
+
+
+def test_dataset_without_the_label_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"t{i}", "stars": i % 2}) for i in range(50)))
+    res = _cli("run", "--out", str(tmp_path / "o"), "--set", f"data.name={path}", "--set", "data.test-size=5")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "has no column 'label' (columns: text, stars); pass --set data.label-field=<column>" in res.stderr
 
 
 def test_keys_lists_every_key():

@@ -87,12 +87,15 @@ def test_more_clients_than_rows():
         check_enough_rows(DataConfig(train_size=20, test_size=10), 50, 0)
 
 
-def test_batch_order_is_a_pure_function_of_step_and_covers_each_epoch():
-    n, b = 10, 4
-    first = [batch_indices(n, b, s, seed=1, client=2) for s in range(5)]
-    again = [batch_indices(n, b, s, seed=1, client=2) for s in range(5)]
+def test_batch_order_is_a_pure_function_of_step_with_full_batches_per_epoch():
+    n, b = 10, 4  # two full batches an epoch; the remaining 2 rows wait for a later order
+    first = [batch_indices(n, b, s, seed=1, client=2) for s in range(6)]
+    again = [batch_indices(n, b, s, seed=1, client=2) for s in range(6)]
     assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
-    flat = np.concatenate(first)  # 20 rows = two epochs of 10
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    for epoch in range(3):
+        rows = np.concatenate(first[2 * epoch: 2 * epoch + 2])
+        assert len(set(rows.tolist())) == 8  # no row twice within an epoch (nor a batch)
+    assert set(np.concatenate(first).tolist()) == set(range(10))  # every row gets used
     other = batch_indices(n, b, 0, seed=1, client=3)
     assert not np.array_equal(first[0], other)
+    assert sorted(batch_indices(3, 8, 5, seed=0, client=0).tolist()) == [0, 1, 2]  # fewer rows than a batch

@@ -27,7 +27,7 @@ def _run(flat, tamper=None):
     return execute(cfg, grid), grid
 
 
-def _check_contract(record):
+def check_contract(record):
     assert CONTRACT <= set(record)
     assert COST <= set(record["cost"])
     for row in record["history"]:
@@ -38,7 +38,7 @@ def _check_contract(record):
                                                ("split", "tiny-llama")])
 def test_recipe_learns_and_writes_the_record(tiny_flat, recipe, model):
     record, grid = _run({**tiny_flat, "recipe": recipe, "model.name": model, "federation.rounds": 3})
-    _check_contract(record)
+    check_contract(record)
     losses = [r["train_loss"] for r in record["history"]]
     assert losses[-1] < losses[0], losses
     metric = "accuracy" if model == "tiny-bert" else "exact_match"
@@ -148,6 +148,44 @@ def test_crash_resumes_from_the_last_checkpoint(tiny_flat):
     assert [r["round"] for r in record["history"]] == [1, 2]
     events = (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text()
     assert '"event": "resume", "time"' in events and '"round": 1}' in events
+
+
+def test_a_resumed_run_computes_what_an_uninterrupted_run_computes(tiny_flat, tmp_path):
+    whole, _ = _run({**tiny_flat, "output.dir": str(tmp_path / "whole")})
+    cfg = build_config(tiny_flat)
+    grid = LocalGrid(client_app, 3, cfg.flat())
+    original, pushes = grid.push_messages, {"n": 0}
+
+    def crashing_push(messages):
+        pushes["n"] += 1
+        if pushes["n"] == 7 + 3:
+            raise RuntimeError("simulated crash")
+        return original(messages)
+
+    grid.push_messages = crashing_push
+    with pytest.raises(RuntimeError):
+        execute(cfg, grid)
+    resumed = execute(cfg, LocalGrid(client_app, 3, cfg.flat()))
+    for a, b in zip(whole["history"], resumed["history"], strict=True):
+        assert a["utility"] == b["utility"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    # running a finished run again reports the same record instead of failing
+    again = execute(cfg, LocalGrid(client_app, 3, cfg.flat()))
+    assert again["utility"]["value"] == resumed["utility"]["value"] and again["history"] == resumed["history"]
+
+
+def test_when_every_client_fails_the_run_stops_with_the_reason(tiny_flat):
+    from guardedtuning.errors import ClientsFailed
+
+    def tamper(node, request, reply):
+        return Message(Error(code=0, reason=f"DataError: partition {node} is broken"), reply_to=request)
+
+    with pytest.raises(ClientsFailed, match="round 1: no client could take part; first reason: .*partition 100. is broken"):
+        _run(tiny_flat, tamper=tamper)
+
+
+def test_a_frozen_top_still_trains_the_bottom(tiny_flat):
+    record, _ = _run({**tiny_flat, "model.name": "tiny-llama", "lora.top": False})
+    assert len(record["history"]) == 2 and record["cost"]["rejected_replies"] == 0
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_flat):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from guardedtuning.launcher import processes_with_env, toml_value
+from guardedtuning.launcher import FLWR_ENV, processes_with_env, toml_value
+from tests.test_drivers import check_contract
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +36,7 @@ def test_run_on_the_simulation_engine(tmp_path, recipe):
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     record = json.loads((out / "results.json").read_text())
+    check_contract(record)
     assert record["schema"] == "guardedtuning.results/v1" and record["recipe"] == recipe
     losses = [r["train_loss"] for r in record["history"]]
     assert len(losses) == 2 and losses[1] < losses[0]
@@ -53,6 +57,33 @@ def test_central_ft_runs_in_process(tmp_path):
     record = json.loads((out / "results.json").read_text())
     assert record["num_clients"] is None and record["cost"]["bytes_up_per_client_round"] is None
     assert record["history"][-1]["train_loss"] < record["history"][0]["train_loss"]
+
+
+def test_flwr_run_dot_as_the_readme_says(tmp_path):
+    """The README's `flwr run . local ...` (Flower starts its own local SuperLink, which we stop)."""
+    from guardedtuning.config import build_config, default_flat_config
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    out = tmp_path / "run"
+    flat = {**TINY_CFG, "output.dir": str(out)}
+    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home)}
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", ".", "local", "--stream", "--federation-config",
+           "num-supernodes=3", "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())]
+    try:
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        for pid in processes_with_env("FLWR_HOME", str(home)):  # the SuperLink flwr left running
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"] == {**default_flat_config(), **build_config(flat).flat()}
+    assert len(record["history"]) == 2
 
 
 def test_flwr_run_dot_uses_the_same_defaults(tmp_path):

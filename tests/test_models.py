@@ -41,6 +41,37 @@ def test_decoder_head_matches_causal_lm_logits():
     torch.testing.assert_close(logits[valid], ref[valid], rtol=1e-4, atol=1e-4)
 
 
+def test_left_padded_prompts_match_the_unsplit_model():
+    """Generation left-pads; positions then skip the padding, as the model itself does."""
+    from guardedtuning.data.batches import encode_prompts
+    from guardedtuning.models.split import position_ids_from_mask
+
+    bb = load_backbone("tiny-llama")
+    batch = encode_prompts(bb.tokenizer, TEXTS, max_length=40, instruction="Classify.")
+    assert (batch.attention_mask[:, -1] == 1).all() and (batch.attention_mask[:, 0] == 0).any()
+    bottom, top = build_split(bb, 2, num_labels=3)
+    with torch.no_grad():
+        ref = bb.lm_head(bb.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=position_ids_from_mask(batch.attention_mask)).last_hidden_state)
+        out = top.logits(bottom(batch.input_ids, batch.attention_mask), batch.attention_mask)
+    valid = batch.attention_mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_long_texts_keep_the_prompt_template_whole():
+    from guardedtuning.data.batches import encode_prompts, tokenize
+
+    tok = load_backbone("tiny-llama").tokenizer
+    long = "word " * 300
+    rows = tokenize(tok, "decoder", [long, "short"], [0, 2], max_length=40,
+                    label_names=("negative", "neutral", "positive"), instruction="Classify.")
+    assert len(rows[0].ids) <= 40
+    train_text = tok.decode(rows[0].ids)
+    assert train_text.startswith("# # # instruction") and "# # # response : negative" in train_text
+    prompt = tok.decode(encode_prompts(tok, [long], max_length=40, instruction="Classify.").input_ids[0])
+    assert prompt.endswith("# # # response :") and "instruction" in prompt
+
+
 def test_decoder_loss_covers_response_tokens_only():
     bb = load_backbone("tiny-llama")
     batch = encode(bb.tokenizer, "decoder", TEXTS, [0, 1, 2], max_length=48,

@@ -21,8 +21,13 @@ from guardedtuning.training import (
 LABELS = ("negative", "neutral", "positive")
 
 
-def _model(seed=0):
-    return split_model(ModelConfig(name="tiny-bert"), 2, LoraConfig(rank=4), 3, "cpu", seed)
+def _model(seed=0, dropout=False):
+    model = split_model(ModelConfig(name="tiny-bert"), 2, LoraConfig(rank=4), 3, "cpu", seed)
+    if not dropout:  # the server's top trains in train mode; compare without random masks
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    return model
 
 
 def _batch(model, texts, labels):

@@ -171,7 +171,9 @@ def fedlora_train(msg: Message, context: Context) -> Message:
     opt = make_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps = cfg.train.local_steps
     batches = (client_batch(context, cfg, (round_ - 1) * steps + s) for s in range(steps))
-    losses = local_train(model, opt, batches, device)
+    with torch.random.fork_rng(devices=[]):  # dropout draws depend on (seed, client, round) only
+        torch.manual_seed(cfg.seed * 1_000_003 + partition_of(context, cfg)[0] * 1_009 + round_)
+        losses = local_train(model, opt, batches, device)
     now = trainable_state(model)
     content = RecordDict({
         "update": tensors_to_record({k: now[k] - start[k] for k in now}),

@@ -33,12 +33,30 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
+_SLOT = "\ue000"  # a private-use character marks where the row's text goes in the template
+
+
 def prompt_text(tokenizer: Any, instruction: str, text: str) -> str:
-    user = f"{instruction}\nText: {text}"
+    """The instruction prompt (the tokenizer's chat template when it has one)."""
+    user = f"{instruction}\nText:{text}"
     if getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True))
     return f"### Instruction:\n{user}\n### Response:\n"
+
+
+def prompt_ids(tokenizer: Any, instruction: str, texts: list[str], *, budget: int) -> list[list[int]]:
+    """Token ids of each row's prompt, at most ``budget`` long, truncating the *text* only.
+
+    The template around the text (instruction, chat markers, the assistant turn) is kept
+    whole, so training and generation see the same prompt shape however long the text.
+    """
+    head, tail = prompt_text(tokenizer, instruction, _SLOT).split(_SLOT)
+    pre = tokenizer(head, add_special_tokens=False)["input_ids"]
+    suf = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    room = max(0, budget - len(pre) - len(suf))
+    bodies = tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
+    return [pre + body[:room] + suf for body in bodies]
 
 
 @dataclass(frozen=True)
@@ -60,11 +78,11 @@ def tokenize(
         return [Example(tuple(r), None, int(c)) for r, c in zip(ids, class_ids, strict=True)]
     eos = tokenizer.eos_token or ""
     answers = {c: tokenizer(label_names[c] + eos, add_special_tokens=False)["input_ids"] for c in set(class_ids)}
-    prompts = tokenizer([prompt_text(tokenizer, instruction, t) for t in texts], add_special_tokens=False)["input_ids"]
+    longest = max(len(a) for a in answers.values())
+    prompts = prompt_ids(tokenizer, instruction, texts, budget=max_length - longest)
     out = []
     for prompt, c in zip(prompts, class_ids, strict=True):
         answer = answers[c]
-        prompt = prompt[: max(1, max_length - len(answer))]  # keep the whole answer
         out.append(Example(tuple(prompt + answer), tuple([IGNORE] * len(prompt) + answer), int(c)))
     return out
 
@@ -96,8 +114,7 @@ def encode(
 
 def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int, instruction: str) -> Batch:
     """Left-padded prompts for greedy generation."""
-    rows = [tokenizer(prompt_text(tokenizer, instruction, t), add_special_tokens=False)["input_ids"][-max_length:]
-            for t in texts]
+    rows = prompt_ids(tokenizer, instruction, texts, budget=max_length)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -111,18 +128,14 @@ def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int, instruc
 def batch_indices(n: int, batch_size: int, step: int, *, seed: int, client: int) -> np.ndarray:
     """Row indices of global step ``step`` for a client with ``n`` rows.
 
-    Rows are visited epoch by epoch in a seeded random order; a batch never spans two
-    epochs' orders in a way that repeats a row within the batch when ``batch_size <= n``.
+    Epoch by epoch, each in a fresh seeded order, ``n // batch_size`` full batches (the
+    last partial batch is dropped; the next epoch's order differs, so every row is used).
+    No row repeats within a batch. A client with fewer rows than a batch uses all of them.
     """
     size = min(batch_size, n)
-    start = step * size
-    out = np.empty(size, dtype=np.int64)
-    for j in range(size):
-        pos = start + j
-        epoch, offset = divmod(pos, n)
-        perm = _perm(n, seed, client, epoch)
-        out[j] = perm[offset]
-    return out
+    per_epoch = n // size
+    epoch, k = divmod(step, per_epoch)
+    return _perm(n, seed, client, epoch)[k * size:(k + 1) * size].copy()
 
 
 _PERMS: dict[tuple[int, int, int, int], np.ndarray] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from guardedtuning.config import DataConfig
@@ -45,7 +46,9 @@ def load_partition(cfg: DataConfig, partition_id: int, num_partitions: int, seed
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}; check the node config")
     try:
-        return _partitioner(cfg, num_partitions, seed).load_partition(partition_id)
+        with warnings.catch_warnings():  # flwr-datasets warns on every Dirichlet retry; we report the failure
+            warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
+            return _partitioner(cfg, num_partitions, seed).load_partition(partition_id)
     except ValueError as exc:  # Dirichlet sampling can fail for tiny data / many clients
         raise DataError(
             f"cannot split {cfg.name!r} into {num_partitions} {cfg.partition} partitions "

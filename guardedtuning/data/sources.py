@@ -153,6 +153,7 @@ def load_task(cfg: DataConfig, seed: int) -> TaskData:
     """The task's train and test sets (cached per process; same result in every process)."""
     import datasets
 
+    datasets.disable_progress_bars()  # our own progress is per round; these bars are per shuffle
     if cfg.name == "sentiment":
         rows, names = _records_sentiment()
     elif cfg.name == "synthetic":

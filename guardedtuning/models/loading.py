@@ -16,8 +16,10 @@ Names:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -102,7 +104,7 @@ def load_model_config(name: str) -> Any:
     source = resolve_model_source(name)
     try:
         return AutoConfig.from_pretrained(source)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"cannot load model {name!r} ({_first_line(exc)}); pass a local folder, "
             "`minilm-l6` or `smollm2-135m`, or make the hub reachable"
@@ -163,6 +165,20 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
 def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0) -> Backbone:
     """Load a fresh copy of the model body (and LM head for decoders) on the CPU.
 
@@ -186,12 +202,15 @@ def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0) -> Backbone:
     tokenizer = load_tokenizer(name)
     try:
         if name in TINY:
-            torch.manual_seed(seed)
-            full = BertModel(config, add_pooling_layer=False) if kind == "encoder" else LlamaForCausalLM(config)
-        elif kind == "encoder":
-            full = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                full = BertModel(config, add_pooling_layer=False) if kind == "encoder" else LlamaForCausalLM(config)
         else:
-            full = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
+            with _quiet_transformers():  # its load report lists the pooler we leave out on purpose
+                if kind == "encoder":
+                    full = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+                else:
+                    full = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load weights of {name!r} from {source} ({_first_line(exc)}); check the "

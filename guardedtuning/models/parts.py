@@ -21,7 +21,7 @@ from torch import nn
 from guardedtuning.config import LoraConfig, ModelConfig
 from guardedtuning.models.loading import load_backbone
 from guardedtuning.models.lora import add_lora
-from guardedtuning.models.split import Bottom, Top, build_split
+from guardedtuning.models.split import Bottom, Top, build_split, check_split_layer
 
 
 class SplitModel(nn.Module):
@@ -47,14 +47,18 @@ def _device(name: str) -> torch.device:
 
 @functools.lru_cache(maxsize=2)
 def client_bottom(model: ModelConfig, layer: int, lora: LoraConfig, device: str, seed: int) -> Bottom:
-    """The client's bottom with LoRA (blocks above the cut are dropped)."""
-    backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
-    bottom = Bottom(backbone, layer)  # checked by build_split on the server; check here too
-    from guardedtuning.models.split import check_split_layer
+    """The client's bottom with LoRA (blocks above the cut are dropped).
 
-    check_split_layer(layer, backbone.num_layers, backbone.name)
-    bottom.to(_device(device))  # device before LoRA: see opacus issue 820
-    add_lora(bottom, lora, backbone.kind)
+    Its LoRA initialisation does not matter (every round starts from the global adapter)
+    and, like every builder here, it leaves the process's random state untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
+        check_split_layer(layer, backbone.num_layers, backbone.name)
+        bottom = Bottom(backbone, layer)
+        bottom.to(_device(device))  # device before LoRA: see opacus issue 820
+        add_lora(bottom, lora, backbone.kind)
     bottom.eval()  # no dropout: the forward of step s is recomputed in step s + 1
     return bottom
 
@@ -66,8 +70,18 @@ def split_model(
     """A fresh bottom + top (not cached: servers build it once, fedlora clients cache it).
 
     ``full=True`` makes every weight trainable (central fine-tuning) and adds no LoRA.
-    The head is trainable whenever the task has one (encoders).
+    The head is trainable whenever the task has one (encoders). Initialisation is seeded
+    and leaves the process's random state untouched.
     """
+    with torch.random.fork_rng(devices=[]):
+        return _split_model(model, layer, lora, num_labels, device, seed, lora_bottom=lora_bottom,
+                            lora_top=lora_top, full=full)
+
+
+def _split_model(
+    model: ModelConfig, layer: int, lora: LoraConfig, num_labels: int, device: str, seed: int,
+    *, lora_bottom: bool, lora_top: bool, full: bool,
+) -> SplitModel:
     backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
     torch.manual_seed(seed)  # the head's initialisation
     bottom, top = build_split(backbone, layer, num_labels)

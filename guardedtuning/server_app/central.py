@@ -30,6 +30,7 @@ def run_central(run: ServerRun) -> dict[str, float]:
                              label_names=task.label_names, instruction=task.instruction)
     metrics: dict[str, float] = {}
     for round_ in range(1, cfg.federation.rounds + 1):
+        run.seed_round(round_)
         rec.event("round_start", round=round_, clients=[], steps=per_round)
         t0 = time.perf_counter()
         batches = (

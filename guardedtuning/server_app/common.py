@@ -7,11 +7,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from guardedtuning.config import RunConfig
 from guardedtuning.data.sources import TaskData, load_task
-from guardedtuning.errors import MessageError
+from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.evaluation import evaluate
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import SplitModel
@@ -41,6 +43,10 @@ class ServerRun:
     @classmethod
     def create(cls, cfg: RunConfig, rec: Recorder) -> ServerRun:
         return cls(cfg, rec, load_task(cfg.data, cfg.seed), server_device(cfg))
+
+    def seed_round(self, round_: int) -> None:
+        """Seed this round's random draws (dropout), so a resumed run repeats them exactly."""
+        torch.manual_seed(self.cfg.seed * 1_000_003 + round_)
 
     def evaluate(self, model: SplitModel) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -79,7 +85,37 @@ class ServerRun:
             if upd is not None:
                 self.rec.ledger.dense_bytes += dense_nbytes(upd)
 
-    def drop(self, node: int, reason: str, round_: int) -> None:
+    def drop(self, node: int | None, reason: str, round_: int) -> None:
+        """Count, log and report one client leaving the round (or one rejected reply)."""
         self.rec.ledger.rejected += 1
-        log.warning("round %d: node %d dropped from the round: %s", round_, node, reason)
+        log.warning("round %d: node %s dropped from the round: %s", round_, node, reason)
         self.rec.event("dropped", round=round_, node=node, reason=reason)
+
+    def aggregate(self, strategy: Strategy, round_: int, ex: Exchange) -> ArrayRecord | None:
+        """The strategy's aggregate of a round's final replies; failures are dropped first."""
+        for node, reason in ex.failures().items():
+            self.drop(node, reason, round_)
+        ok = ex.ok()
+        self.count_update_bytes(ok)
+        rejections = getattr(strategy, "rejections", [])
+        before = len(rejections)
+        avg, _ = strategy.aggregate_train(round_, ok.values())
+        for reason in rejections[before:]:
+            self.drop(None, reason, round_)
+        return avg
+
+    def wait_for_nodes(self, grid: Grid) -> None:
+        """Wait (up to ``comm.timeout``) until a round's worth of clients is connected."""
+        need = self.cfg.federation.clients_per_round
+        deadline = time.monotonic() + self.cfg.comm.timeout
+        while (n := len(list(grid.get_node_ids()))) < need:
+            if time.monotonic() > deadline:
+                raise ClientsFailed(f"only {n} clients connected within comm.timeout={self.cfg.comm.timeout:g}s, "
+                                    f"but federation.clients-per-round is {need}; start more SuperNodes or "
+                                    "lower federation.clients-per-round")
+            time.sleep(0.2)
+        if n != self.cfg.federation.num_clients:
+            log.warning("federation.num-clients is %d but %d clients are connected; the federation's "
+                        "num-supernodes decides how the data is partitioned", self.cfg.federation.num_clients, n)
+            self.rec.event("warning", message=f"{n} clients connected, federation.num-clients is "
+                                              f"{self.cfg.federation.num_clients}")

@@ -55,13 +55,15 @@ class Exchange:
         return max(0.0, (self.t_done - self.t_push) - busy)
 
     def failures(self) -> dict[int, str]:
-        """node -> reason, for error replies and timeouts."""
-        out = {n: f"client error: {m.error.reason}" for n, m in self.replies.items() if m.has_error()}
-        out.update({n: "no reply before comm.timeout" for n in self.timed_out})
+        """node -> reason, for error replies and timeouts (by node id)."""
+        out = {n: f"client error: {m.error.reason}" for n, m in sorted(self.replies.items()) if m.has_error()}
+        out.update({n: "no reply before comm.timeout" for n in sorted(self.timed_out)})
         return out
 
     def ok(self) -> dict[int, Message]:
-        return {n: m for n, m in self.replies.items() if not m.has_error()}
+        """node -> reply, for replies without an error, by node id (not arrival order, so
+        that what the server computes from them does not depend on timing)."""
+        return {n: m for n, m in sorted(self.replies.items()) if not m.has_error()}
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, poll: float) -> Exchange:

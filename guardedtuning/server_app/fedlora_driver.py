@@ -12,6 +12,7 @@ import statistics
 from flwr.app import ConfigRecord, MessageType
 from flwr.serverapp import Grid
 
+from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import split_model
 from guardedtuning.server_app.common import ServerRun, log
@@ -32,26 +33,26 @@ def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:
         done, state = resumed
         global_state, first = state["global"], done + 1
         log.info("resuming after round %d from %s", done, rec.checkpoint_path)
+    run.wait_for_nodes(grid)
     metrics: dict[str, float] = {}
     for round_ in range(first, cfg.federation.rounds + 1):
+        run.seed_round(round_)
         messages = list(strategy.configure_train(round_, tensors_to_record(global_state),
                                                  ConfigRecord({"local-steps": cfg.train.local_steps}), grid))
         rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=1)
         rec.ledger.client_rounds += len(messages)
         ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
         run.account(ex)
-        run.count_update_bytes(ex.ok())
-        for node in ex.timed_out:
-            run.drop(node, "no reply before comm.timeout", round_)
-        n_rejected = len(strategy.rejections)
-        avg, _ = strategy.aggregate_train(round_, ex.replies.values())
-        rec.ledger.rejected += len(strategy.rejections) - n_rejected
+        if not ex.ok() and ex.failures():
+            raise ClientsFailed(f"round {round_}: no client could take part; "
+                                f"first reason: {next(iter(ex.failures().values()))}")
         losses = []
         for node, msg in ex.ok().items():
             try:
                 losses.append(metric_value(msg.content["metrics"], "train_loss", source=f"reply of node {node}"))
-            except Exception:  # noqa: BLE001 - already rejected by the strategy if malformed
-                pass
+            except (KeyError, MessageError):
+                pass  # the strategy rejects the reply with its reason
+        avg = run.aggregate(strategy, round_, ex)
         if avg is not None:
             delta = record_to_tensors(avg, source="aggregate")
             global_state = {k: global_state[k] + delta[k] for k in global_state}
@@ -59,9 +60,10 @@ def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:
             log.warning("round %d: no valid update; the global model is unchanged", round_)
         load_trainable(model, global_state, source="global adapter")
         metrics = run.evaluate(model)
-        rec.event("step", round=round_, step=1, steps=1, loss=statistics.fmean(losses) if losses else None)
-        rec.add_round(round_, utility=metrics["utility"], train_loss=statistics.fmean(losses) if losses else None,
-                      epsilon=None, bytes_up=sum(ex.bytes_up.values()), bytes_down=sum(ex.bytes_down.values()),
+        loss = statistics.fmean(losses) if losses else None
+        rec.event("step", round=round_, step=1, steps=1, loss=loss)
+        rec.add_round(round_, utility=metrics["utility"], train_loss=loss, epsilon=None,
+                      bytes_up=sum(ex.bytes_up.values()), bytes_down=sum(ex.bytes_down.values()),
                       extra={k: v for k, v in metrics.items() if k != "utility"})
         rec.save_checkpoint(round_, {"global": global_state})
     return metrics

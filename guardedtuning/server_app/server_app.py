@@ -40,6 +40,8 @@ def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -
             metrics = run_split(grid, run)
         else:
             metrics = run_fedlora(grid, run)
+        if not metrics and rec.history:  # resumed after the last round: nothing left to run
+            metrics = {"utility": rec.history[-1]["utility"]}
         kind = kind_of(cfg.model.name)
         return rec.finish(metric=utility_metric(kind), utility=metrics.get("utility"))
     except GuardedTuningError as exc:

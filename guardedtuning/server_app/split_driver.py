@@ -25,11 +25,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from guardedtuning.errors import MessageError
+from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
-from guardedtuning.models.parts import split_model
+from guardedtuning.models.parts import SplitModel, split_model
+from guardedtuning.models.split import IGNORE
 from guardedtuning.server_app.common import ServerRun, log
-from guardedtuning.server_app.exchange import exchange
+from guardedtuning.server_app.exchange import Exchange, exchange
 from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.strategies.messages import get_record, record_to_tensors, tensors_to_record
 from guardedtuning.training import ClientActs, make_optimizer, top_step
@@ -38,7 +39,10 @@ MESSAGE_TYPE = "train.split"
 
 
 def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, kind: str) -> ClientActs:
-    """A client's released activations, checked before they touch the top."""
+    """A client's released activations, checked before they touch the top.
+
+    ``num_labels`` is the number of classes (encoders) or the vocabulary size (decoders).
+    """
     source = f"reply of node {msg.metadata.src_node_id}"
     acts = record_to_tensors(get_record(msg.content, "acts", ArrayRecord, source=source, sender="ClientApp"),
                              source=source)
@@ -58,8 +62,9 @@ def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, k
         if tuple(labels.shape) != (b,) or labels.is_floating_point() or not bool(
                 ((labels >= 0) & (labels < num_labels)).all()):
             raise MessageError(f"{source}: labels must be {b} class ids in 0..{num_labels - 1}")
-    elif tuple(labels.shape) != (b, t) or labels.is_floating_point():
-        raise MessageError(f"{source}: labels have shape {tuple(labels.shape)}, expected ({b}, {t}) token ids")
+    elif tuple(labels.shape) != (b, t) or labels.is_floating_point() or not bool(
+            ((labels == IGNORE) | ((labels >= 0) & (labels < num_labels))).all()):
+        raise MessageError(f"{source}: labels must be ({b}, {t}) token ids in 0..{num_labels - 1} or {IGNORE}")
     return ClientActs(h, mask, labels)
 
 
@@ -78,65 +83,82 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
     global_bottom = trainable_state(model.bottom)
     strategy = AdapterFedAvg(clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
                              message_type=MESSAGE_TYPE)
-    hidden = int(model.bottom.word_embeddings().shape[1])
-    steps = cfg.train.local_steps
     first = 1
     resumed = rec.load_checkpoint()
     if resumed is not None:
         done, state = resumed
         global_bottom = state["global_bottom"]
         load_trainable(model.top, state["top"], source="checkpoint")
-        top_opt.load_state_dict(state["top_opt"])
+        if top_opt is not None:
+            top_opt.load_state_dict(state["top_opt"])
         first = done + 1
         log.info("resuming after round %d from %s", done, rec.checkpoint_path)
+    run.wait_for_nodes(grid)
     metrics: dict[str, float] = {}
     for round_ in range(first, cfg.federation.rounds + 1):
-        config = ConfigRecord({"step": 0, "steps": steps})
-        messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
-        active = [m.metadata.dst_node_id for m in messages]
-        rec.event("round_start", round=round_, clients=active, steps=steps)
-        rec.ledger.client_rounds += len(active)
+        run.seed_round(round_)
         up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
-        ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
-        losses: list[float] = []
-        for step in range(1, steps + 1):
-            rec.ledger.step_overhead_s.append(run.account(ex))
-            rec.ledger.step_wall_s.append(ex.wall_s)
-            for node, reason in ex.failures().items():
-                run.drop(node, reason, round_)
-            acts: dict[int, ClientActs] = {}
-            for node, msg in ex.ok().items():
-                try:
-                    acts[node] = unpack_acts(msg, hidden=hidden, max_batch=cfg.train.batch_size,
-                                             num_labels=task.num_labels, kind=model.kind)
-                except MessageError as exc:
-                    run.drop(node, str(exc), round_)
-            if not acts:
-                break
-            t0 = time.perf_counter()
-            grads, client_losses = top_step(model.top, top_opt, list(acts.values()), run.device)
-            rec.ledger.server_s += time.perf_counter() - t0
-            losses.append(statistics.fmean(client_losses))
-            rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1], clients=len(acts),
-                      exchange_s=ex.wall_s, overhead_s=rec.ledger.step_overhead_s[-1])
-            ex = exchange(grid, [_step_message(n, round_, step, steps, g) for n, g in zip(acts, grads, strict=True)],
-                          timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
-        if not losses:
-            log.warning("round %d: no client answered; the global model is unchanged", round_)
-            continue
-        run.account(ex)
-        run.count_update_bytes(ex.ok())
-        n_rejected = len(strategy.rejections)
-        avg, _ = strategy.aggregate_train(round_, ex.replies.values())
-        rec.ledger.rejected += len(strategy.rejections) - n_rejected + len(ex.timed_out)
+        losses, final = _train_round(grid, run, model, top_opt, strategy, global_bottom, round_)
+        avg = run.aggregate(strategy, round_, final) if final is not None else None
         if avg is not None:
             delta = record_to_tensors(avg, source="aggregate")
             global_bottom = {k: global_bottom[k] + delta[k] for k in global_bottom}
+        else:
+            log.warning("round %d: no valid update; the global bottom adapter is unchanged", round_)
         load_trainable(model.bottom, global_bottom, source="global adapter")
         metrics = run.evaluate(model)
-        rec.add_round(round_, utility=metrics["utility"], train_loss=statistics.fmean(losses), epsilon=None,
-                      bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
+        rec.add_round(round_, utility=metrics["utility"], train_loss=statistics.fmean(losses) if losses else None,
+                      epsilon=None, bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
                       extra={k: v for k, v in metrics.items() if k != "utility"})
         rec.save_checkpoint(round_, {"global_bottom": global_bottom, "top": trainable_state(model.top),
-                                     "top_opt": top_opt.state_dict()})
+                                     "top_opt": top_opt.state_dict() if top_opt is not None else None})
     return metrics
+
+
+def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.optim.Optimizer | None,
+                 strategy: AdapterFedAvg, global_bottom: dict[str, torch.Tensor], round_: int,
+                 ) -> tuple[list[float], Exchange | None]:
+    """The S + 1 exchanges of one round; returns the step losses and the final exchange.
+
+    The final exchange (the clients' updates) is None when every client dropped out
+    before the last step.
+    """
+    cfg, rec, task = run.cfg, run.rec, run.task
+    steps = cfg.train.local_steps
+    hidden = int(model.bottom.word_embeddings().shape[1])
+    num_labels = task.num_labels if model.kind == "encoder" else int(model.top.head.weight.shape[0])
+    config = ConfigRecord({"step": 0, "steps": steps})
+    messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
+    rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=steps)
+    rec.ledger.client_rounds += len(messages)
+    ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        rec.ledger.step_overhead_s.append(run.account(ex))
+        rec.ledger.step_wall_s.append(ex.wall_s)
+        failures = ex.failures()
+        for node, reason in failures.items():
+            run.drop(node, reason, round_)
+        acts: dict[int, ClientActs] = {}
+        for node, msg in ex.ok().items():
+            try:
+                acts[node] = unpack_acts(msg, hidden=hidden, max_batch=cfg.train.batch_size,
+                                         num_labels=num_labels, kind=model.kind)
+            except MessageError as exc:
+                failures[node] = str(exc)
+                run.drop(node, str(exc), round_)
+        if not acts:
+            if step == 1 and failures:  # nobody could even start: stop with the reason
+                raise ClientsFailed(f"round {round_}: no client could take part; "
+                                    f"first reason: {next(iter(failures.values()))}")
+            return losses, None
+        t0 = time.perf_counter()
+        grads, client_losses = top_step(model.top, top_opt, list(acts.values()), run.device)
+        rec.ledger.server_s += time.perf_counter() - t0
+        losses.append(statistics.fmean(client_losses))
+        rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1], clients=len(acts),
+                  exchange_s=ex.wall_s, overhead_s=rec.ledger.step_overhead_s[-1])
+        ex = exchange(grid, [_step_message(n, round_, step, steps, g) for n, g in zip(acts, grads, strict=True)],
+                      timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
+    run.account(ex)
+    return losses, ex
