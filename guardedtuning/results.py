@@ -167,6 +167,7 @@ class Recorder:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rows = [r for r in self.history if r.get("utility") is not None]
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -174,6 +175,7 @@ class Recorder:
         if self.majority_rate is not None:
             ax.axhline(self.majority_rate, linestyle="--", color="grey", label="majority class")
             ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(metric)
         ax.set_title(f"{self.cfg.recipe} · {self.model} · {self.dataset}")

@@ -9,6 +9,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from guardedtuning.clients.steps import backward_from_server
 from guardedtuning.config import LoraConfig
+from guardedtuning.config.privacy import DPConfig
 from guardedtuning.data.batches import Batch, encode
 from guardedtuning.errors import MessageError
 from guardedtuning.models.loading import load_backbone
@@ -24,7 +25,6 @@ from guardedtuning.privacy.dpsgd import (
     poisson_batch_indices,
     sample_rate_for,
 )
-from guardedtuning.privacy.settings import DPConfig
 
 TEXTS = ["what a lovely day, truly great", "bad", "meh, it was fine I guess", "awful, just awful film",
          "I would watch it again"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
+from guardedtuning.config.privacy import DPConfig, PrivacyConfig, check_combination
 from guardedtuning.errors import ConfigError
 from guardedtuning.privacy.dchi import clip_tokens, sample_dchi_noise
 from guardedtuning.privacy.mechanisms import (
@@ -22,7 +23,6 @@ from guardedtuning.privacy.mechanisms import (
     mechanism_from_config,
 )
 from guardedtuning.privacy.randomness import STREAM_TOKEN_NOISE, derive_seed, make_generator
-from guardedtuning.privacy.settings import DPConfig, PrivacyConfig, check_combination
 
 
 def gen(seed: int = 0) -> torch.Generator:

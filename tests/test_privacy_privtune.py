@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from guardedtuning.config.privacy import PrivacyConfig
 from guardedtuning.privacy import knn as knn_mod
 from guardedtuning.privacy.knn import cached_knn_graph, exact_hop_neighbours, hop_centroids, knn_graph
 from guardedtuning.privacy.privtune import (
@@ -15,7 +16,6 @@ from guardedtuning.privacy.privtune import (
     token_eta,
     token_importance,
 )
-from guardedtuning.privacy.settings import PrivacyConfig
 
 
 def vocab(v: int = 300, d: int = 16, seed: int = 0) -> torch.Tensor:

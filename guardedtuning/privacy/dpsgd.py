@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from guardedtuning.config.privacy import ACCOUNTANTS, DPConfig, check_delta, check_epsilon
 from guardedtuning.data.batches import Batch
 from guardedtuning.errors import GuardedTuningError, MessageError
 from guardedtuning.privacy.randomness import STREAM_DP_SAMPLING
-from guardedtuning.privacy.settings import ACCOUNTANTS, DPConfig, check_delta, check_epsilon
 
 
 class PrivacyBudgetSpent(GuardedTuningError):

@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 
-from guardedtuning.config import _fail
-from guardedtuning.privacy.dchi import clip_tokens, sample_dchi_noise
-from guardedtuning.privacy.settings import (
+from guardedtuning.config.fields import fail as _fail
+from guardedtuning.config.privacy import (
     MECHANISMS,
     PrivacyConfig,
     check_clip,
@@ -41,6 +40,7 @@ from guardedtuning.privacy.settings import (
     check_eta,
     check_rho,
 )
+from guardedtuning.privacy.dchi import clip_tokens, sample_dchi_noise
 
 DESCRIBE_KEYS = (
     "mechanism", "eta", "eta_min", "eta_max", "clip", "rho", "mean_shift_bound",

@@ -69,9 +69,9 @@ from pathlib import Path
 
 import torch
 
+from guardedtuning.config.privacy import PrivacyConfig, check_eta, check_rho
 from guardedtuning.privacy.knn import cached, cached_knn_graph, default_cache_dir, embedding_digest, hop_centroids
 from guardedtuning.privacy.mechanisms import PrivTuneMechanism
-from guardedtuning.privacy.settings import PrivacyConfig, check_eta, check_rho
 
 
 @dataclass

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from guardedtuning.config import _fail, _opt
+from guardedtuning.config.fields import fail as _fail
+from guardedtuning.config.fields import opt as _opt
 from guardedtuning.errors import ConfigError
 
 MECHANISMS = ("none", "dchi", "privtune", "gaussian", "laplace")

@@ -1,0 +1,193 @@
+"""The core sections of the run config: model, split, LoRA, data, federation, training, ..."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from guardedtuning.config.fields import fail as _fail
+from guardedtuning.config.fields import opt as _opt
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _opt(
+        "minilm-l6",
+        "`minilm-l6` (embedded encoder), `smollm2-135m` (embedded decoder), "
+        "a local model folder, or a Hugging Face hub id",
+    )
+    max_length: int = _opt(64, "tokens per example after truncation")
+    num_layers: int = _opt(0, "tiny test models only: 0 keeps the model's own depth")
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise _fail("model.name", self.name, "a model name, folder or hub id")
+        if self.max_length < 8:
+            raise _fail("model.max-length", self.max_length, "an integer >= 8")
+        if self.num_layers < 0:
+            raise _fail("model.num-layers", self.num_layers, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    layer: int = _opt(2, "transformer blocks kept on the client (the bottom); 1 <= layer < L")
+
+    def __post_init__(self) -> None:
+        if self.layer < 1:
+            raise _fail("split.layer", self.layer, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _opt(8, "LoRA rank r")
+    alpha: float = _opt(16.0, "LoRA scaling alpha")
+    dropout: float = _opt(0.0, "LoRA dropout")
+    targets: str = _opt(
+        "auto", "comma-separated module names to adapt; `auto` picks the attention query/value"
+    )
+    top: bool = _opt(True, "also put LoRA on the server's top blocks (else only the head trains)")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise _fail("lora.rank", self.rank, "a positive integer")
+        if self.alpha <= 0:
+            raise _fail("lora.alpha", self.alpha, "a positive number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise _fail("lora.dropout", self.dropout, "a number in [0, 1)")
+        if not self.target_list:
+            raise _fail("lora.targets", self.targets, "`auto` or a list like `query,value`")
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _opt(
+        "sentiment",
+        "`sentiment` (embedded corpus), `synthetic` (instructions with sensitive "
+        "attributes), a local .jsonl/.csv/.parquet file, or `hub:<dataset id>`",
+    )
+    text_field: str = _opt("text", "column holding the input text (local and hub data)")
+    label_field: str = _opt("label", "column holding the label (local and hub data)")
+    train_size: int = _opt(4000, "training rows kept after a seeded shuffle; 0 keeps all")
+    test_size: int = _opt(500, "held-out rows for central evaluation")
+    partition: str = _opt("iid", "`iid` or `dirichlet` (non-IID by label)")
+    alpha: float = _opt(0.5, "Dirichlet concentration; smaller is more skewed")
+
+    def __post_init__(self) -> None:
+        if self.partition not in ("iid", "dirichlet"):
+            raise _fail("data.partition", self.partition, "`iid` or `dirichlet`")
+        if self.alpha <= 0:
+            raise _fail("data.alpha", self.alpha, "a positive number")
+        if self.train_size < 0:
+            raise _fail("data.train-size", self.train_size, "an integer >= 0 (0 keeps all)")
+        if self.test_size < 1:
+            raise _fail("data.test-size", self.test_size, "a positive integer")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_clients: int = _opt(10, "simulated clients (SuperNodes); each holds one partition")
+    clients_per_round: int = _opt(5, "clients sampled per round")
+    rounds: int = _opt(5, "federated rounds")
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise _fail("federation.num-clients", self.num_clients, "a positive integer")
+        if not 1 <= self.clients_per_round <= self.num_clients:
+            raise _fail(
+                "federation.clients-per-round",
+                self.clients_per_round,
+                f"between 1 and federation.num-clients ({self.num_clients})",
+            )
+        if self.rounds < 1:
+            raise _fail("federation.rounds", self.rounds, "a positive integer")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = _opt(20, "optimizer steps per client per round")
+    batch_size: int = _opt(16, "examples per client step")
+    lr: float = _opt(2e-3, "client learning rate (AdamW)")
+    server_lr: float = _opt(2e-3, "server learning rate for the top (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+
+    def __post_init__(self) -> None:
+        for key, value in (("train.local-steps", self.local_steps), ("train.batch-size", self.batch_size)):
+            if value < 1:
+                raise _fail(key, value, "a positive integer")
+        for key, val in (("train.lr", self.lr), ("train.server-lr", self.server_lr)):
+            if not val > 0:
+                raise _fail(key, val, "a positive number")
+        if self.weight_decay < 0:
+            raise _fail("train.weight-decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = _opt(64, "evaluation batch size")
+    max_new_tokens: int = _opt(8, "generation length for decoder evaluation")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise _fail("eval.batch-size", self.batch_size, "a positive integer")
+        if self.max_new_tokens < 1:
+            raise _fail("eval.max-new-tokens", self.max_new_tokens, "a positive integer")
+
+
+@dataclass(frozen=True)
+class CentralConfig:
+    lr: float = _opt(5e-5, "learning rate of central full fine-tuning")
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise _fail("central.lr", self.lr, "a positive number")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_cpus: int = _opt(1, "CPUs reserved per simulated client (Ray); sets how many run at once")
+    num_gpus: float = _opt(0.0, "GPUs per client; fractions let several clients share one")
+    server_device: str = _opt("auto", "`auto`, `cpu`, `cuda` or `cuda:N` for the server's compute")
+    dispatch_interval: float = _opt(
+        0.002, "seconds the simulation engine's dispatcher sleeps between sweeps (Flower: 0.1); 0 keeps Flower's"
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 1:
+            raise _fail("sim.num-cpus", self.num_cpus, "a positive integer")
+        if self.num_gpus < 0:
+            raise _fail("sim.num-gpus", self.num_gpus, "a number >= 0")
+        if self.dispatch_interval < 0:
+            raise _fail("sim.dispatch-interval", self.dispatch_interval, "a number >= 0")
+        dev = self.server_device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise _fail("sim.server-device", dev, "`auto`, `cpu`, `cuda` or `cuda:N`")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    poll_interval: float = _opt(0.002, "seconds between the ServerApp's pulls for replies")
+    timeout: float = _opt(600.0, "seconds to wait for a client's reply before dropping it")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.poll_interval <= 5:
+            raise _fail("comm.poll-interval", self.poll_interval, "a number in (0, 5]")
+        if self.timeout <= 0:
+            raise _fail("comm.timeout", self.timeout, "a positive number")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    strategy: str = _opt("fedavg", "`fedavg` (weighted average of adapter updates)")
+
+    def __post_init__(self) -> None:
+        if self.strategy != "fedavg":
+            raise _fail("aggregation.strategy", self.strategy, "`fedavg`")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = _opt("runs/latest", "folder for results.json, plots, events and checkpoints")
+    resume: bool = _opt(True, "resume from <dir>/checkpoint.pt when it exists")
