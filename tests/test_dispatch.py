@@ -69,3 +69,17 @@ def test_fast_dispatcher_delivers_each_message_once_and_quickly(monkeypatch):
     assert sorted(got) == ["a", "b", "c", "d"] and q.empty()
     # between sweeps it sleeps the configured interval (Flower's own loop: 0.1 s)
     assert Stop.waits and min(Stop.waits) == 0.002
+
+
+def test_only_nodes_with_undelivered_messages_are_swept():
+    from types import SimpleNamespace as NS
+
+    from guardedtuning.server_app.dispatch import nodes_with_pending_messages
+
+    def msg(dst, delivered):
+        return NS(metadata=NS(dst_node_id=dst, delivered_at=delivered))
+
+    state = NS(message_ins_store={"a": msg(1, ""), "b": msg(2, "2026-11-22T00:00:00"), "c": msg(3, ""),
+                                  "d": msg(99, "")})
+    assert sorted(nodes_with_pending_messages(state, {1: 0, 2: 1, 3: 2})) == [1, 3]
+    assert list(nodes_with_pending_messages(NS(), {1: 0, 2: 1})) == [1, 2]  # unknown backend: full sweep
