@@ -74,6 +74,7 @@ class Recorder:
         self.wall_before = 0.0  # wall seconds of earlier attempts (resumed runs)
         self.majority_rate: float | None = None  # utility of always answering the top class
         self.dispatch: str | None = None  # how the simulation engine dispatched messages
+        self.privacy_reports: dict[str, Any] = {}  # merged privacy descriptions from the clients
 
     # -- events ---------------------------------------------------------------------
     def event(self, kind: str, **data: Any) -> None:
@@ -153,7 +154,7 @@ class Recorder:
             "rounds": fed.rounds,
             "history": self.history,
             "utility": {"metric": metric, "value": utility, "majority_rate": self.majority_rate},
-            "privacy": privacy or {"epsilon": None, "delta": None, "eta": None, "attacks": {}},
+            "privacy": privacy or self.privacy_record(),
             "cost": cost,
             **(extra or {}),
         }
@@ -161,6 +162,27 @@ class Recorder:
         self.plot(metric)
         self.event("done", utility=utility, metric=metric)
         return record
+
+    def privacy_record(self) -> dict[str, Any]:
+        """The record's privacy block, from the config and what clients reported.
+
+        ``epsilon`` is the DP-SGD epsilon of the worst client (None without DP-SGD), or the
+        per-token epsilon of a calibrated token mechanism (Gaussian, Laplace, clipped d_chi)
+        when no DP-SGD runs; ``eta`` is the d_chi parameter (None for other mechanisms).
+        """
+        p, dp, rep = self.cfg.privacy, self.cfg.dp, self.privacy_reports
+        epsilons = [r["epsilon"] for r in self.history if r.get("epsilon") is not None]
+        epsilon = max(epsilons) if epsilons else (rep.get("epsilon") if p.mechanism != "none" else None)
+        delta = dp.delta if dp.enabled else (p.delta if p.mechanism == "gaussian" else None)
+        return {
+            "epsilon": epsilon, "delta": delta,
+            "eta": p.eta if p.mechanism in ("dchi", "privtune") else None,
+            "mechanism": {"name": p.mechanism, **{k: v for k, v in rep.items() if not k.startswith("dp_")}},
+            "dp": ({"enabled": True, "target_epsilon": dp.target_epsilon, "delta": dp.delta,
+                    "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant,
+                    **{k[3:]: v for k, v in rep.items() if k.startswith("dp_")}} if dp.enabled else {"enabled": False}),
+            "attacks": {},
+        }
 
     def plot(self, metric: str) -> None:
         import matplotlib

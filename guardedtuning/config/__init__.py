@@ -7,11 +7,13 @@
 """
 
 from guardedtuning.config.fields import Scalar, fail, opt
+from guardedtuning.config.privacy import DPConfig, PrivacyConfig
 from guardedtuning.config.run import (
     FIELD_TYPES,
     PACKAGE_DIR,
     RECIPES,
     SECTIONS,
+    SPLIT_RECIPES,
     RunConfig,
     build_config,
     config_from_recipe,
@@ -39,7 +41,7 @@ from guardedtuning.config.sections import (
 )
 
 __all__ = [
-    "FIELD_TYPES", "PACKAGE_DIR", "RECIPES", "SECTIONS", "AggregationConfig", "CentralConfig", "CommConfig",
+    "FIELD_TYPES", "PACKAGE_DIR", "RECIPES", "SECTIONS", "SPLIT_RECIPES", "DPConfig", "PrivacyConfig", "AggregationConfig", "CentralConfig", "CommConfig",
     "DataConfig", "EvalConfig", "FederationConfig", "LoraConfig", "ModelConfig", "OutputConfig", "RunConfig",
     "Scalar", "SimConfig", "SplitConfig", "TrainConfig", "build_config", "config_from_recipe", "config_help",
     "default_flat_config", "fail", "load_recipe", "opt", "parse_set", "recipe_dir", "recipe_path",

@@ -25,6 +25,7 @@ from typing import Any
 from guardedtuning.config.fields import Scalar
 from guardedtuning.config.fields import fail as _fail
 from guardedtuning.config.fields import opt as _opt
+from guardedtuning.config.privacy import DPConfig, PrivacyConfig, check_combination
 from guardedtuning.config.sections import (
     AggregationConfig,
     CentralConfig,
@@ -41,7 +42,8 @@ from guardedtuning.config.sections import (
 )
 from guardedtuning.errors import ConfigError
 
-RECIPES = ("split", "fedlora", "central-ft")
+RECIPES = ("split", "privtune", "fedlora", "central-ft")
+SPLIT_RECIPES = ("split", "privtune")  # recipes driven by split learning (privacy knobs apply)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the guardedtuning package
 
 
@@ -67,6 +69,8 @@ SECTIONS: dict[str, type] = {
     "sim": SimConfig,
     "comm": CommConfig,
     "aggregation": AggregationConfig,
+    "privacy": PrivacyConfig,
+    "dp": DPConfig,
     "output": OutputConfig,
 }
 
@@ -88,6 +92,8 @@ class RunConfig:
     sim: SimConfig = field(default_factory=SimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
@@ -97,6 +103,13 @@ class RunConfig:
             raise ConfigError(
                 f"`recipe` must be one of {', '.join(RECIPES)} but is {self.recipe!r}; "
                 "pass --recipe NAME"
+            )
+        check_combination(self.privacy, self.dp)
+        if self.recipe not in SPLIT_RECIPES and (self.privacy.mechanism != "none" or self.dp.enabled
+                                                 or self.privacy.nopeek_weight > 0 or self.privacy.quantize_bits):
+            raise ConfigError(
+                f"`recipe` is {self.recipe!r}, which releases no activations, but privacy.* or dp.* knobs are "
+                f"set; they act on split learning: use --recipe {' or '.join(SPLIT_RECIPES)}"
             )
 
     def flat(self) -> dict[str, Scalar]:

@@ -44,6 +44,29 @@ class ServerRun:
     def create(cls, cfg: RunConfig, rec: Recorder) -> ServerRun:
         return cls(cfg, rec, load_task(cfg.data, cfg.seed), server_device(cfg))
 
+    def note_privacy(self, replies: dict[int, Message]) -> float | None:
+        """Merge what clients report of their privacy (mechanism, DP accountant); the round's epsilon.
+
+        The round's epsilon is the largest of the reporting clients' DP-SGD epsilons (each
+        client has its own accountant); None when no client runs DP-SGD.
+        """
+        merged = self.rec.privacy_reports
+        epsilons = []
+        for msg in replies.values():
+            rec = msg.content.get("privacy")
+            if rec is None:
+                continue
+            for key, value in rec.items():
+                if key in ("eta_min",):
+                    merged[key] = min(value, merged.get(key, value))
+                elif key in ("eta_max", "dp_epsilon", "dp_noise_multiplier", "dp_steps"):
+                    merged[key] = max(value, merged.get(key, value))
+                else:
+                    merged.setdefault(key, value)
+            if "dp_epsilon" in rec:
+                epsilons.append(float(rec["dp_epsilon"]))
+        return max(epsilons) if epsilons else None
+
     def seed_round(self, round_: int) -> None:
         """Seed this round's random draws (dropout), so a resumed run repeats them exactly."""
         torch.manual_seed(self.cfg.seed * 1_000_003 + round_)

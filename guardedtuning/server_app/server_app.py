@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from guardedtuning.config import RunConfig, build_config
+from guardedtuning.config import SPLIT_RECIPES, RunConfig, build_config
 from guardedtuning.errors import GuardedTuningError
 from guardedtuning.evaluation import utility_metric
 from guardedtuning.models.loading import kind_of
@@ -36,10 +36,12 @@ def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -
             metrics = run_central(run)
         elif grid is None:
             raise GuardedTuningError(f"recipe {cfg.recipe!r} is federated; run it with `guardedtuning run` or `flwr run .`")
-        elif cfg.recipe == "split":
+        elif cfg.recipe in SPLIT_RECIPES:
             metrics = run_split(grid, run)
-        else:
+        elif cfg.recipe == "fedlora":
             metrics = run_fedlora(grid, run)
+        else:  # a recipe listed in RECIPES without a driver is a bug, not bad input
+            raise RuntimeError(f"no driver for recipe {cfg.recipe!r}")
         if not metrics and rec.history:  # resumed after the last round: nothing left to run
             metrics = {"utility": rec.history[-1]["utility"]}
         kind = kind_of(cfg.model.name)

@@ -29,6 +29,7 @@ from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import SplitModel, split_model
 from guardedtuning.models.split import IGNORE
+from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations
 from guardedtuning.server_app.common import ServerRun, log
 from guardedtuning.server_app.exchange import Exchange, exchange
 from guardedtuning.strategies.fedavg import AdapterFedAvg
@@ -44,8 +45,10 @@ def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, k
     ``num_labels`` is the number of classes (encoders) or the vocabulary size (decoders).
     """
     source = f"reply of node {msg.metadata.src_node_id}"
-    acts = record_to_tensors(get_record(msg.content, "acts", ArrayRecord, source=source, sender="ClientApp"),
-                             source=source)
+    record = get_record(msg.content, "acts", ArrayRecord, source=source, sender="ClientApp")
+    acts = record_to_tensors(record, source=source)
+    if "codes" in acts:  # quantized uplink (privacy.quantize-bits)
+        acts["h"] = dequantize(record, source=source)
     for key in ("h", "mask", "labels"):
         if key not in acts:
             raise MessageError(f"{source}: activations record lacks {key!r}")
@@ -54,8 +57,10 @@ def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, k
         raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, "
                            f"expected float (B, T, {hidden})")
     b, t = h.shape[0], h.shape[1]
-    if not 1 <= b <= max_batch:
-        raise MessageError(f"{source}: batch of {b} rows, expected 1..{max_batch}")
+    if not 0 <= b <= max_batch:  # 0: an empty Poisson batch under DP-SGD
+        raise MessageError(f"{source}: batch of {b} rows, expected 0..{max_batch}")
+    if b == 0:
+        return ClientActs(h, mask.reshape(0, t), labels.reshape(0) if kind == "encoder" else labels.reshape(0, t))
     if tuple(mask.shape) != (b, t) or not bool(((mask == 0) | (mask == 1)).all()):
         raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)}, expected ({b}, {t}) of 0/1")
     if kind == "encoder":
@@ -68,11 +73,32 @@ def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, k
     return ClientActs(h, mask, labels)
 
 
+def dequantize(record: ArrayRecord, *, source: str) -> torch.Tensor:
+    """Quantized activations (codes, scales, meta) back to float, checked."""
+    try:
+        qa = QuantizedActivations.from_arrays({k: record[k].numpy() for k in ("codes", "scales", "meta")})
+        return dequantize_activations(qa)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise MessageError(f"{source}: quantized activations cannot be decoded ({exc})") from exc
+
+
 def _step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None) -> Message:
     content = RecordDict({"config": ConfigRecord({"server-round": round_, "step": step, "steps": steps})})
     if grad is not None:
         content["grad"] = tensors_to_record({"h": grad})
     return Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
+
+
+def top_step_nonempty(top: torch.nn.Module, opt: torch.optim.Optimizer | None, acts: dict[int, ClientActs],
+                      device: torch.device) -> tuple[dict[int, torch.Tensor], list[float]]:
+    """:func:`top_step` over the clients that sent rows; an empty batch gets an empty gradient."""
+    full = {n: a for n, a in acts.items() if a.h.shape[0] > 0}
+    grads: dict[int, torch.Tensor] = {n: torch.zeros_like(a.h) for n, a in acts.items() if n not in full}
+    losses: list[float] = []
+    if full:
+        g, losses = top_step(top, opt, list(full.values()), device)
+        grads.update(zip(full, g, strict=True))
+    return grads, losses
 
 
 def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
@@ -99,6 +125,7 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
         run.seed_round(round_)
         up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
         losses, final = _train_round(grid, run, model, top_opt, strategy, global_bottom, round_)
+        epsilon = run.note_privacy(final.ok()) if final is not None else None
         avg = run.aggregate(strategy, round_, final) if final is not None else None
         if avg is not None:
             delta = record_to_tensors(avg, source="aggregate")
@@ -108,7 +135,7 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
         load_trainable(model.bottom, global_bottom, source="global adapter")
         metrics = run.evaluate(model)
         rec.add_round(round_, utility=metrics["utility"], train_loss=statistics.fmean(losses) if losses else None,
-                      epsilon=None, bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
+                      epsilon=epsilon, bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
                       extra={k: v for k, v in metrics.items() if k != "utility"})
         rec.save_checkpoint(round_, {"global_bottom": global_bottom, "top": trainable_state(model.top),
                                      "top_opt": top_opt.state_dict() if top_opt is not None else None})
@@ -127,6 +154,9 @@ def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.o
     steps = cfg.train.local_steps
     hidden = int(model.bottom.word_embeddings().shape[1])
     num_labels = task.num_labels if model.kind == "encoder" else int(model.top.head.weight.shape[0])
+    # Poisson batches (DP-SGD) vary around batch-size; allow a generous bound
+    max_batch = cfg.train.batch_size if not cfg.dp.enabled else 4 * cfg.train.batch_size + 64
+    budget_out: list[int] = []
     config = ConfigRecord({"step": 0, "steps": steps})
     messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
     rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=steps)
@@ -142,23 +172,33 @@ def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.o
         acts: dict[int, ClientActs] = {}
         for node, msg in ex.ok().items():
             try:
-                acts[node] = unpack_acts(msg, hidden=hidden, max_batch=cfg.train.batch_size,
+                if "budget-spent" in msg.content.get("metrics", {}):
+                    eps = msg.content["metrics"].get("epsilon", float("nan"))
+                    budget_out.append(node)
+                    run.drop(node, f"privacy budget spent (epsilon {eps:.3f} of dp.target-epsilon "
+                                   f"{cfg.dp.target_epsilon}); it stops contributing", round_)
+                    continue
+                acts[node] = unpack_acts(msg, hidden=hidden, max_batch=max_batch,
                                          num_labels=num_labels, kind=model.kind)
             except MessageError as exc:
                 failures[node] = str(exc)
                 run.drop(node, str(exc), round_)
         if not acts:
+            if step == 1 and budget_out and not failures:
+                raise ClientsFailed(f"round {round_}: every sampled client has spent its privacy budget "
+                                    f"(dp.target-epsilon {cfg.dp.target_epsilon}); plan fewer rounds or raise it")
             if step == 1 and failures:  # nobody could even start: stop with the reason
                 raise ClientsFailed(f"round {round_}: no client could take part; "
                                     f"first reason: {next(iter(failures.values()))}")
             return losses, None
         t0 = time.perf_counter()
-        grads, client_losses = top_step(model.top, top_opt, list(acts.values()), run.device)
+        grads, client_losses = top_step_nonempty(model.top, top_opt, acts, run.device)
         rec.ledger.server_s += time.perf_counter() - t0
-        losses.append(statistics.fmean(client_losses))
-        rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1], clients=len(acts),
+        if client_losses:
+            losses.append(statistics.fmean(client_losses))
+        rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1] if losses else None, clients=len(acts),
                   exchange_s=ex.wall_s, overhead_s=rec.ledger.step_overhead_s[-1])
-        ex = exchange(grid, [_step_message(n, round_, step, steps, g) for n, g in zip(acts, grads, strict=True)],
+        ex = exchange(grid, [_step_message(n, round_, step, steps, grads[n]) for n in acts],
                       timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
     run.account(ex)
     return losses, ex

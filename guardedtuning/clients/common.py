@@ -1,0 +1,72 @@
+"""What every client handler needs: the config, the device, the partition, the data."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+from flwr.app import Context, MetricRecord
+
+from guardedtuning.config import DataConfig, RunConfig, build_config
+from guardedtuning.data.batches import Batch, Example, batch_indices, collate, tokenize_rows
+from guardedtuning.data.partition import load_partition
+from guardedtuning.data.sources import load_task
+from guardedtuning.models.loading import kind_of, load_tokenizer
+from guardedtuning.results import peak_rss_mb
+
+
+@functools.lru_cache(maxsize=4)
+def _config(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return build_config(dict(items))
+
+
+def run_config(context: Context) -> RunConfig:
+    """The run's validated config (built once per process per run config)."""
+    return _config(tuple(sorted(context.run_config.items())))
+
+
+def client_device(cfg: RunConfig) -> torch.device:
+    """The GPU Ray assigned to this actor when the client asked for one, else the CPU."""
+    if cfg.sim.num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def partition_of(context: Context, cfg: RunConfig) -> tuple[int, int]:
+    """(partition id, number of partitions) from the node config."""
+    nc = context.node_config
+    if "partition-id" in nc and "num-partitions" in nc:
+        return int(nc["partition-id"]), int(nc["num-partitions"])
+    raise KeyError(
+        "node config lacks partition-id/num-partitions; start each SuperNode with "
+        "--node-config 'partition-id=I num-partitions=N'"
+    )
+
+
+@functools.lru_cache(maxsize=128)
+def examples_of(data: DataConfig, seed: int, pid: int, n: int, model: str, max_length: int) -> list[Example]:
+    """Client ``pid``'s partition, tokenised once per process (bounded: clients of recent rounds)."""
+    task = load_task(data, seed)
+    return tokenize_rows(load_partition(data, pid, n, seed), load_tokenizer(model), kind_of(model),
+                         max_length=max_length, label_names=task.label_names, instruction=task.instruction)
+
+
+def client_examples(context: Context, cfg: RunConfig) -> list[Example]:
+    pid, n = partition_of(context, cfg)
+    return examples_of(cfg.data, cfg.seed, pid, n, cfg.model.name, cfg.model.max_length)
+
+
+def client_batch(context: Context, cfg: RunConfig, global_step: int) -> Batch:
+    """The batch of this client's ``global_step`` (a pure function of config and step)."""
+    examples = client_examples(context, cfg)
+    idx = batch_indices(len(examples), cfg.train.batch_size, global_step, seed=cfg.seed,
+                        client=partition_of(context, cfg)[0])
+    return collate([examples[i] for i in idx], load_tokenizer(cfg.model.name).pad_token_id)
+
+
+def metrics_record(t0: float, started: float, **extra: float) -> MetricRecord:
+    """Compute time and wall-clock interval of a handler (for the overhead figure), and more."""
+    return MetricRecord({"compute_s": time.perf_counter() - t0, "t_start": started, "t_end": time.time(),
+                         "peak_mem_mb": peak_rss_mb(), **extra})

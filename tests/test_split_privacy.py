@@ -1,0 +1,125 @@
+"""The client's privacy knobs inside split learning: what is released, DP-SGD, budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from guardedtuning.clients.client_app import app as client_app
+from guardedtuning.clients.split_client import ACCOUNTANT_KEY, Privacy, release
+from guardedtuning.clients.steps import forward_activations
+from guardedtuning.config import LoraConfig, ModelConfig, build_config
+from guardedtuning.data.batches import encode
+from guardedtuning.errors import ClientsFailed
+from guardedtuning.models.loading import load_tokenizer
+from guardedtuning.models.parts import client_bottom
+from guardedtuning.privacy.dpsgd import DPAccountant
+from guardedtuning.privacy.mechanisms import DChiMechanism, NoMechanism
+from guardedtuning.server_app.server_app import execute
+from tests.local_grid import LocalGrid
+
+TEXTS = ["a fine day for a walk in the park", "awful", "it was ok I guess, nothing special"]
+
+
+def _bottom():
+    return client_bottom(ModelConfig(name="tiny-bert"), 2, LoraConfig(rank=4), "cpu", 0)
+
+
+def _batch():
+    return encode(load_tokenizer("tiny-bert"), "encoder", TEXTS, [2, 0, 1], max_length=32,
+                  label_names=("negative", "neutral", "positive"), instruction="")
+
+
+def test_released_activations_carry_dchi_noise_and_no_padding():
+    bottom, batch, cfg = _bottom(), _batch(), build_config({"model.name": "tiny-bert"})
+    clean = forward_activations(bottom, batch, torch.device("cpu"))
+    eta = 20.0
+    out = release(bottom, batch, Privacy(seed=123, mechanism=DChiMechanism(eta=eta), plan=None, accountant=None),
+                  cfg, torch.device("cpu"), pid=0, global_step=0)
+    noise = (out["h"] - clean)[batch.attention_mask.bool()]  # (N, D) on real tokens
+    d = clean.shape[-1]
+    assert abs(float(noise.norm(dim=-1).mean()) - d / eta) < 0.25 * d / eta  # Gamma(d, eta): mean d / eta
+    assert torch.equal(out["h"][~batch.attention_mask.bool()], torch.zeros_like(out["h"][~batch.attention_mask.bool()]))
+    plain = release(bottom, batch, Privacy(seed=0, mechanism=NoMechanism(), plan=None, accountant=None), cfg,
+                    torch.device("cpu"), pid=0, global_step=0)
+    torch.testing.assert_close(plain["h"], clean)
+
+
+def test_quantized_release_is_a_quarter_of_the_bytes():
+    bottom, batch = _bottom(), _batch()
+    cfg = build_config({"model.name": "tiny-bert", "privacy.quantize-bits": 8})
+    out = release(bottom, batch, Privacy(seed=0, mechanism=NoMechanism(), plan=None, accountant=None), cfg,
+                  torch.device("cpu"), pid=0, global_step=0)
+    assert "h" not in out and out["codes"].dtype == np.uint8
+    clean = forward_activations(bottom, batch, torch.device("cpu"))
+    assert out["codes"].nbytes + out["scales"].nbytes < 0.3 * clean.numel() * 4
+
+
+def _run(flat, prepare=None):
+    cfg = build_config(flat)
+    grid = LocalGrid(client_app, cfg.federation.num_clients, cfg.flat())
+    if prepare:
+        prepare(grid)
+    return execute(cfg, grid), grid
+
+
+@pytest.mark.parametrize("knobs", [
+    {"recipe": "privtune", "privacy.mechanism": "privtune", "privacy.eta": 200.0, "privacy.rho": 0.5},
+    {"privacy.mechanism": "dchi", "privacy.eta": 200.0, "privacy.quantize-bits": 8},
+    {"privacy.mechanism": "gaussian", "privacy.epsilon": 8.0, "privacy.clip": 5.0, "privacy.nopeek-weight": 0.5},
+])
+def test_split_runs_with_each_token_mechanism(tiny_flat, knobs, tmp_path):
+    flat = {**tiny_flat, **knobs, "privacy.cache-dir": str(tmp_path / "knn")}
+    record, grid = _run(flat)
+    assert len(record["history"]) == 2 and record["cost"]["rejected_replies"] == 0
+    priv = record["privacy"]
+    assert priv["mechanism"]["name"] == flat["privacy.mechanism"]
+    if flat["privacy.mechanism"] == "privtune":
+        assert priv["eta"] == 200.0 and priv["mechanism"]["mean_shift_bound"] == 1.0
+        assert priv["mechanism"]["eta_min"] < 200.0 < priv["mechanism"]["eta_max"]  # importance scaling
+    if flat["privacy.mechanism"] == "gaussian":
+        assert priv["mechanism"]["sigma"] > 0 and priv["epsilon"] == 8.0
+    # every client drew its own private seed (not derived from the run's public seed)
+    seeds = {int(ctx.state["privacy.seed"]["seed"]) for ctx in grid.contexts.values()}
+    assert len(seeds) == 3
+
+
+def test_dp_sgd_accounts_epsilon_per_round_within_the_target(tiny_flat):
+    record, grid = _run({**tiny_flat, "dp.enabled": True, "dp.target-epsilon": 4.0, "federation.rounds": 2})
+    eps = [r["epsilon"] for r in record["history"]]
+    assert eps[0] is not None and 0 < eps[0] < eps[1] <= 4.0
+    assert record["privacy"]["epsilon"] == eps[1] and record["privacy"]["delta"] == 1e-5
+    dp = record["privacy"]["dp"]
+    assert dp["enabled"] and dp["noise_multiplier"] > 0.5 and dp["steps"] == 12  # 2 rounds x 6 steps
+    for ctx in grid.contexts.values():  # the accountant persists in each client's state
+        acc = DPAccountant()
+        acc.load_state_dict({k: v.numpy() for k, v in ctx.state[ACCOUNTANT_KEY].items()})
+        assert acc.steps == 12
+
+
+def _spend(node_ids):
+    def prepare(grid):
+        acc = DPAccountant()
+        acc.record(noise_multiplier=0.3, sample_rate=1.0, steps=5000)
+        for n in node_ids:
+            grid.contexts[n].state[ACCOUNTANT_KEY] = ArrayRecord({k: Array(v) for k, v in acc.state_dict().items()})
+    return prepare
+
+
+def test_a_client_whose_budget_is_spent_stops_and_says_so(tiny_flat):
+    record, _ = _run({**tiny_flat, "dp.enabled": True}, prepare=_spend([1000]))
+    events = [json.loads(x) for x in (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
+    dropped = [e for e in events if e["event"] == "dropped"]
+    assert {e["node"] for e in dropped} == {1000} and len(dropped) == 2
+    assert "privacy budget spent" in dropped[0]["reason"]
+    assert len(record["history"]) == 2  # the others went on
+
+
+def test_when_every_budget_is_spent_the_run_stops(tiny_flat):
+    with pytest.raises(ClientsFailed, match="every sampled client has spent its privacy budget"):
+        _run({**tiny_flat, "dp.enabled": True}, prepare=_spend([1000, 1001, 1002]))
