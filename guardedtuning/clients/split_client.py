@@ -45,7 +45,7 @@ from guardedtuning.models.parts import client_bottom
 from guardedtuning.privacy.decorrelation import decorrelation_loss, split_backward
 from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep, budget_spent, poisson_batch_indices
 from guardedtuning.privacy.mechanisms import TokenMechanism, mechanism_from_config
-from guardedtuning.privacy.privtune import activation_scale, privtune_from_config
+from guardedtuning.privacy.privtune import privtune_base, privtune_from_config
 from guardedtuning.privacy.quantize import quantize_activations
 from guardedtuning.privacy.randomness import (
     STREAM_DP_NOISE,
@@ -96,22 +96,22 @@ def private_client_seed(context: Context, cfg: RunConfig, pid: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _mechanism(cfg: RunConfig, pid: int, n: int, device: str) -> TokenMechanism:
+def _mechanism(cfg: RunConfig, pid: int, n: int) -> TokenMechanism:
     """The token mechanism of client ``pid`` (PrivTune's tables come from its own data)."""
     p: PrivacyConfig = cfg.privacy
     if p.mechanism != "privtune":
         return mechanism_from_config(p)
-    bottom = client_bottom(cfg.model, cfg.split.layer, cfg.lora, device, cfg.seed)
     tok = load_tokenizer(cfg.model.name)
     examples = examples_of(cfg.data, cfg.seed, pid, n, cfg.model.name, cfg.model.max_length)
     batch = collate(list(examples), tok.pad_token_id)
-    embeddings = bottom.word_embeddings().detach().cpu()
+    embeddings, scale = privtune_base(cfg.model, cfg.split.layer, cfg.seed)
     mech, _ = privtune_from_config(
         p, embeddings=embeddings, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         labels=batch.class_ids, num_classes=int(batch.class_ids.max()) + 1 if len(batch) else 1,
-        scale=activation_scale(bottom, bottom.word_embeddings().detach()), ignore_ids=tuple(tok.all_special_ids),
+        scale=scale, ignore_ids=tuple(tok.all_special_ids),
     )
     return mech
+
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,7 +129,7 @@ def privacy_of(context: Context, cfg: RunConfig) -> Privacy:
         accountant = DPAccountant(kind=cfg.dp.accountant)
         if ACCOUNTANT_KEY in context.state:
             accountant.load_state_dict({k: v.numpy() for k, v in context.state[ACCOUNTANT_KEY].items()})
-    mechanism = _mechanism(cfg, pid, n, str(client_device(cfg)))
+    mechanism = _mechanism(cfg, pid, n)
     needs_seed = cfg.privacy.mechanism != "none" or plan is not None
     return Privacy(private_client_seed(context, cfg, pid) if needs_seed else 0, mechanism, plan, accountant)
 

@@ -62,6 +62,7 @@ utility and attack success, never the bound.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,10 @@ from pathlib import Path
 
 import torch
 
+from guardedtuning.config import ModelConfig
 from guardedtuning.config.privacy import PrivacyConfig, check_eta, check_rho
+from guardedtuning.models.loading import load_backbone
+from guardedtuning.models.split import Bottom
 from guardedtuning.privacy.knn import cached, cached_knn_graph, default_cache_dir, embedding_digest, hop_centroids
 from guardedtuning.privacy.mechanisms import PrivTuneMechanism
 
@@ -319,3 +323,16 @@ def privtune_from_config(
     mech = PrivTuneMechanism(eta=cfg.eta, clip=cfg.clip, rho=cfg.rho, token_eta=tables.token_eta,
                              mean_shift=tables.mean_shift)
     return mech, tables
+
+
+@functools.lru_cache(maxsize=2)
+def privtune_base(model: ModelConfig, layer: int, seed: int) -> tuple[torch.Tensor, float]:
+    """The public inputs of PrivTune's tables: the vocabulary embeddings and the cut's scale.
+
+    Both come from the *base* bottom (no adapter), so they are the same in every process
+    and for every client, and the tables cached on disk from them are found again.
+    """
+    backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
+    bottom = Bottom(backbone, layer).eval()
+    embeddings = bottom.word_embeddings().detach().cpu()
+    return embeddings, activation_scale(bottom, embeddings)
