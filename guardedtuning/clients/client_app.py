@@ -5,7 +5,9 @@ Message types:
 - ``train.split``: one step of split learning (``split``, ``privtune``), with the client's
   privacy knobs: :mod:`guardedtuning.clients.split_client`;
 - ``train``: local LoRA training on the whole model (``fedlora``):
-  :mod:`guardedtuning.clients.fedlora_client`.
+  :mod:`guardedtuning.clients.fedlora_client`;
+- ``train.secagg``: the later stages of secure aggregation (``aggregation.secure``):
+  :mod:`guardedtuning.clients.secagg_handlers`.
 
 Per-client state kept between messages lives in ``context.state``; base weights are
 built once per process (:mod:`guardedtuning.models.parts`).
@@ -17,6 +19,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from guardedtuning.clients.fedlora_client import handle_fedlora_train
+from guardedtuning.clients.secagg_handlers import handle_stage_message
 from guardedtuning.clients.split_client import handle_split_step
 
 app = ClientApp()
@@ -32,3 +35,9 @@ def split_step(msg: Message, context: Context) -> Message:
 def fedlora_train(msg: Message, context: Context) -> Message:
     """Local LoRA training on the whole model."""
     return handle_fedlora_train(msg, context)
+
+
+@app.train("secagg")
+def secagg_stage(msg: Message, context: Context) -> Message:
+    """A stage of secure aggregation (share keys, send the masked update, unmask)."""
+    return handle_stage_message(msg, context)

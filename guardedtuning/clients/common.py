@@ -6,15 +6,25 @@ import functools
 import time
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import Context, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from guardedtuning.clients.secagg_handlers import (
+    begin_round,
+    forget_round,
+    in_secure_round,
+    is_secure_round,
+    seal_update,
+    unpack_global,
+)
 from guardedtuning.config import DataConfig, RunConfig, build_config
 from guardedtuning.data.batches import Batch, Example, batch_indices, collate, tokenize_rows
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import load_task
 from guardedtuning.models.loading import kind_of, load_tokenizer
 from guardedtuning.results import peak_rss_mb
+from guardedtuning.strategies.messages import get_record, record_to_tensors, tensors_to_record
 
 
 @functools.lru_cache(maxsize=4)
@@ -64,6 +74,36 @@ def client_batch(context: Context, cfg: RunConfig, global_step: int) -> Batch:
     idx = batch_indices(len(examples), cfg.train.batch_size, global_step, seed=cfg.seed,
                         client=partition_of(context, cfg)[0])
     return collate([examples[i] for i in idx], load_tokenizer(cfg.model.name).pad_token_id)
+
+
+def round_start_adapter(msg: Message, context: Context, *, source: str) -> dict[str, torch.Tensor]:
+    """The global adapter carried by a round's first message.
+
+    A secure round (the strategy sent its public parameters) is remembered in the client's
+    state, and its adapter may arrive quantized; a plain round forgets any unfinished one.
+    """
+    if is_secure_round(msg.content):
+        begin_round(msg.content, context.state, node_id=context.node_id)
+        arrays = unpack_global(msg.content, source=source)
+        return {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    forget_round(context.state)
+    record = get_record(msg.content, "arrays", ArrayRecord, source=source, sender="ServerApp")
+    return record_to_tensors(record, source=source, float_only=True)
+
+
+def update_content(update: dict[str, torch.Tensor], *, num_examples: float,
+                   context: Context) -> tuple[RecordDict, dict[str, float]]:
+    """The final reply's records for an adapter update, and the metrics to add to them.
+
+    In a secure round the update is compressed and kept in the client's state (it leaves
+    only masked, in the strategy's later stages) and even the example count stays out of
+    the clear; otherwise the update goes as is, with ``num-examples`` for the weighting.
+    """
+    if in_secure_round(context.state):
+        sealed = seal_update({k: v.numpy() for k, v in update.items()}, num_examples=num_examples,
+                             state=context.state, node_id=context.node_id)
+        return sealed, {}
+    return RecordDict({"update": tensors_to_record(update)}), {"num-examples": num_examples}
 
 
 def metrics_record(t0: float, started: float, **extra: float) -> MetricRecord:

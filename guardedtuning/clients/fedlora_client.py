@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 
 from guardedtuning.clients.common import (
     client_batch,
@@ -13,12 +13,14 @@ from guardedtuning.clients.common import (
     client_examples,
     metrics_record,
     partition_of,
+    round_start_adapter,
     run_config,
+    update_content,
 )
 from guardedtuning.data.sources import load_task
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import client_full_model
-from guardedtuning.strategies.messages import config_value, get_record, record_to_tensors, tensors_to_record
+from guardedtuning.strategies.messages import config_value, get_record
 from guardedtuning.training import local_train, make_optimizer
 
 
@@ -32,8 +34,7 @@ def handle_fedlora_train(msg: Message, context: Context) -> Message:
     device = client_device(cfg)
     task = load_task(cfg.data, cfg.seed)
     model = client_full_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, str(device), cfg.seed)
-    start = record_to_tensors(get_record(msg.content, "arrays", ArrayRecord, source=source, sender="ServerApp"),
-                              source=source, float_only=True)
+    start = round_start_adapter(msg, context, source=source)
     load_trainable(model, start, source=source)
     opt = make_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     assert opt is not None  # the whole model carries LoRA and the head
@@ -44,7 +45,6 @@ def handle_fedlora_train(msg: Message, context: Context) -> Message:
         losses = local_train(model, opt, batches, device)
     now = trainable_state(model)
     examples = float(steps * min(cfg.train.batch_size, len(client_examples(context, cfg))))
-    return Message(RecordDict({
-        "update": tensors_to_record({k: now[k] - start[k] for k in now}),
-        "metrics": metrics_record(t0, started, **{"num-examples": examples, "train_loss": sum(losses) / len(losses)}),
-    }), reply_to=msg)
+    content, extra = update_content({k: now[k] - start[k] for k in now}, num_examples=examples, context=context)
+    content["metrics"] = metrics_record(t0, started, train_loss=sum(losses) / len(losses), **extra)
+    return Message(content, reply_to=msg)

@@ -33,7 +33,9 @@ from guardedtuning.clients.common import (
     examples_of,
     metrics_record,
     partition_of,
+    round_start_adapter,
     run_config,
+    update_content,
 )
 from guardedtuning.clients.steps import forward_activations
 from guardedtuning.config import DPConfig, PrivacyConfig, RunConfig
@@ -222,9 +224,7 @@ def handle_split_step(msg: Message, context: Context) -> Message:
             eps = priv.accountant.epsilon(delta=priv.plan.delta)
             return Message(RecordDict({"metrics": metrics_record(
                 t0, started, **{"budget-spent": 1.0, "epsilon": eps})}), reply_to=msg)
-        start = record_to_tensors(get_record(msg.content, "arrays", ArrayRecord, source=source,
-                                             sender="ServerApp"), source=source, float_only=True)
-        load_trainable(bottom, start, source=source)
+        load_trainable(bottom, round_start_adapter(msg, context, source=source), source=source)
         state["split.start"] = ArrayRecord({"flat": Array(flat_trainable(bottom).numpy())})
     else:
         if "split.lora" not in state:
@@ -252,11 +252,11 @@ def handle_split_step(msg: Message, context: Context) -> Message:
         return Message(content, reply_to=msg)
     delta = flat_trainable(bottom) - torch.from_numpy(state["split.start"]["flat"].numpy())
     load_flat_trainable(bottom, delta)  # the cached bottom is reloaded by every message
-    content["update"] = tensors_to_record(trainable_state(bottom))
     for key in ROUND_KEYS:
         if key in state:
             del state[key]
-    extra: dict[str, float] = {"num-examples": float(steps * min(cfg.train.batch_size, len(client_examples(context, cfg))))}
+    examples = float(steps * min(cfg.train.batch_size, len(client_examples(context, cfg))))
+    content, extra = update_content(trainable_state(bottom), num_examples=examples, context=context)
     if priv.plan is not None and priv.accountant is not None:
         extra["epsilon"] = priv.accountant.epsilon(delta=priv.plan.delta)
     content["metrics"] = metrics_record(t0, started, **extra)

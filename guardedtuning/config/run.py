@@ -105,6 +105,12 @@ class RunConfig:
                 "pass --recipe NAME"
             )
         check_combination(self.privacy, self.dp)
+        if self.aggregation.secure and self.recipe != "central-ft" and self.federation.clients_per_round < 2:
+            raise ConfigError(
+                "`aggregation.secure` is true but federation.clients-per-round is "
+                f"{self.federation.clients_per_round}; one client has no one to hide among: sample at least 2 "
+                "clients per round or set --set aggregation.secure=false"
+            )
         if self.recipe not in SPLIT_RECIPES and (self.privacy.mechanism != "none" or self.dp.enabled
                                                  or self.privacy.nopeek_weight > 0 or self.privacy.quantize_bits):
             raise ConfigError(

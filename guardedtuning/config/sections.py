@@ -180,11 +180,44 @@ class CommConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    strategy: str = _opt("fedavg", "`fedavg` (weighted average of adapter updates)")
+    secure: bool = _opt(
+        False, "sum sparse, quantized adapter updates under secure aggregation (SecAgg+); false = plain FedAvg"
+    )
+    density: float = _opt(0.05, "secure: fraction of the adapter's coordinates sent each round")
+    bits: int = _opt(8, "secure: bits per sent value")
+    clip: float = _opt(0.05, "secure: quantization range [-clip, clip] of a sent value")
+    support: str = _opt("rand", "secure: `rand` (rand-k from a public round seed) or `topk` (of the public aggregate)")
+    explore: float = _opt(0.5, "secure, topk: fraction of the support drawn at random")
+    degree: int = _opt(0, "secure: neighbours per client in the masking graph; 0 = O(log n)")
+    threshold: int = _opt(0, "secure: shares needed to unmask, and the fewest survivors a round accepts; 0 = auto")
+    max_weight: int = _opt(1024, "secure: cap on a client's weight (example count) folded into the sum")
+    norm_clip: float = _opt(0.0, "secure: L2 clip of each client's sent update before quantization (0 = off)")
+    packing: str = _opt("bits", "secure: `bits` (exactly m bits a value) or `word` (smallest uint word)")
+    downlink_bits: int = _opt(0, "secure: quantize the global adapters sent to clients (0 = fp32)")
 
     def __post_init__(self) -> None:
-        if self.strategy != "fedavg":
-            raise _fail("aggregation.strategy", self.strategy, "`fedavg`")
+        if not 0 < self.density <= 1:
+            raise _fail("aggregation.density", self.density, "a number in (0, 1]")
+        if not 2 <= self.bits <= 32:
+            raise _fail("aggregation.bits", self.bits, "an integer in [2, 32]")
+        if not self.clip > 0:
+            raise _fail("aggregation.clip", self.clip, "a positive number")
+        if self.support not in ("rand", "topk"):
+            raise _fail("aggregation.support", self.support, "`rand` or `topk`")
+        if not 0 <= self.explore <= 1:
+            raise _fail("aggregation.explore", self.explore, "a number in [0, 1]")
+        if self.degree < 0:
+            raise _fail("aggregation.degree", self.degree, "an integer >= 0 (0 picks O(log n))")
+        if not (self.threshold == 0 or self.threshold >= 2):
+            raise _fail("aggregation.threshold", self.threshold, "0 (auto) or an integer >= 2")
+        if self.max_weight < 1:
+            raise _fail("aggregation.max-weight", self.max_weight, "a positive integer")
+        if self.norm_clip < 0:
+            raise _fail("aggregation.norm-clip", self.norm_clip, "a number >= 0 (0 turns it off)")
+        if self.packing not in ("bits", "word"):
+            raise _fail("aggregation.packing", self.packing, "`bits` or `word`")
+        if not (self.downlink_bits == 0 or 2 <= self.downlink_bits <= 32):
+            raise _fail("aggregation.downlink-bits", self.downlink_bits, "0 (off) or an integer in [2, 32]")
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,35 @@ from flwr.serverapp.strategy import Strategy
 
 from guardedtuning.config import RunConfig
 from guardedtuning.data.sources import TaskData, load_task
-from guardedtuning.errors import ClientsFailed, MessageError
+from guardedtuning.errors import ClientsFailed, ConfigError, MessageError
 from guardedtuning.evaluation import evaluate
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import SplitModel
 from guardedtuning.results import Recorder
 from guardedtuning.server_app.exchange import Exchange
+from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.strategies.messages import dense_nbytes, metric_value
+from guardedtuning.strategies.secure import SecureSparseFedAvg
 
 log = logging.getLogger("guardedtuning")
+
+
+def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
+    """The aggregation seam: plain weighted FedAvg, or secure sparse aggregation."""
+    a = cfg.aggregation
+    if not a.secure:
+        return AdapterFedAvg(clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
+                             message_type=message_type)
+    try:
+        return SecureSparseFedAvg(
+            clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, message_type=message_type,
+            density=a.density, bits=a.bits, clip=a.clip, support=a.support, explore=a.explore, degree=a.degree,
+            threshold=a.threshold, max_weight=a.max_weight, norm_clip=a.norm_clip, packing=a.packing,
+            downlink_bits=a.downlink_bits, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval,
+        )
+    except ValueError as exc:  # e.g. the field would need more than 64 bits
+        raise ConfigError(f"aggregation.* settings do not fit together: {exc}; lower aggregation.bits, "
+                          "aggregation.max-weight or federation.clients-per-round") from exc
 
 
 def server_device(cfg: RunConfig) -> torch.device:
@@ -122,9 +142,17 @@ class ServerRun:
         self.count_update_bytes(ok)
         rejections = getattr(strategy, "rejections", [])
         before = len(rejections)
-        avg, _ = strategy.aggregate_train(round_, ok.values())
+        avg, metrics = strategy.aggregate_train(round_, ok.values())
         for reason in rejections[before:]:
             self.drop(None, reason, round_)
+        if metrics is not None and "secagg-bytes-up" in metrics:  # the secure stages' own messages
+            led = self.rec.ledger
+            led.bytes_up += int(metrics["secagg-bytes-up"])
+            led.bytes_down += int(metrics["secagg-bytes-down"])
+            led.dense_bytes += int(metrics.get("dense-bytes", 0))
+            led.server_s += float(metrics.get("server-s", 0.0))
+            if metrics.get("refused"):
+                self.rec.event("refused", round=round_, reason="secure aggregation refused the round")
         return avg
 
     def wait_for_nodes(self, grid: Grid) -> None:

@@ -15,9 +15,8 @@ from flwr.serverapp import Grid
 from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import split_model
-from guardedtuning.server_app.common import ServerRun, log
+from guardedtuning.server_app.common import ServerRun, log, make_strategy
 from guardedtuning.server_app.exchange import exchange
-from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.strategies.messages import metric_value, record_to_tensors, tensors_to_record
 
 
@@ -25,8 +24,7 @@ def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:
     cfg, rec, task = run.cfg, run.rec, run.task
     model = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, str(run.device), cfg.seed)
     global_state = trainable_state(model)
-    strategy = AdapterFedAvg(clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
-                             message_type=MessageType.TRAIN)
+    strategy = make_strategy(cfg, MessageType.TRAIN)
     first = 1
     resumed = rec.load_checkpoint()
     if resumed is not None:
@@ -39,6 +37,9 @@ def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:
         run.seed_round(round_)
         messages = list(strategy.configure_train(round_, tensors_to_record(global_state),
                                                  ConfigRecord({"local-steps": cfg.train.local_steps}), grid))
+        if not messages:  # the strategy refused the round (logged): the global model stays as it is
+            log.warning("round %d: no round was configured; the global model is unchanged", round_)
+            continue
         rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=1)
         rec.ledger.client_rounds += len(messages)
         ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)

@@ -24,15 +24,15 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import SplitModel, split_model
 from guardedtuning.models.split import IGNORE
 from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations
-from guardedtuning.server_app.common import ServerRun, log
+from guardedtuning.server_app.common import ServerRun, log, make_strategy
 from guardedtuning.server_app.exchange import Exchange, exchange
-from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.strategies.messages import get_record, record_to_tensors, tensors_to_record
 from guardedtuning.training import ClientActs, make_optimizer, top_step
 
@@ -107,8 +107,7 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
                         lora_top=cfg.lora.top)
     top_opt = make_optimizer(model.top, lr=cfg.train.server_lr, weight_decay=cfg.train.weight_decay)
     global_bottom = trainable_state(model.bottom)
-    strategy = AdapterFedAvg(clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
-                             message_type=MESSAGE_TYPE)
+    strategy = make_strategy(cfg, MESSAGE_TYPE)
     first = 1
     resumed = rec.load_checkpoint()
     if resumed is not None:
@@ -143,7 +142,7 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
 
 
 def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.optim.Optimizer | None,
-                 strategy: AdapterFedAvg, global_bottom: dict[str, torch.Tensor], round_: int,
+                 strategy: Strategy, global_bottom: dict[str, torch.Tensor], round_: int,
                  ) -> tuple[list[float], Exchange | None]:
     """The S + 1 exchanges of one round; returns the step losses and the final exchange.
 
@@ -159,6 +158,8 @@ def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.o
     budget_out: list[int] = []
     config = ConfigRecord({"step": 0, "steps": steps})
     messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
+    if not messages:  # the strategy refused the round (logged): the global model stays as it is
+        return [], None
     rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=steps)
     rec.ledger.client_rounds += len(messages)
     ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)

@@ -1,0 +1,67 @@
+"""Secure sparse aggregation as the strategy of the federated recipes (in-process grid)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from guardedtuning.clients.client_app import app as client_app
+from guardedtuning.config import build_config
+from guardedtuning.server_app.server_app import execute
+from tests.local_grid import LocalGrid
+
+
+def _flat(tiny_flat, **extra):
+    return {**tiny_flat, "federation.num-clients": 5, "federation.clients-per-round": 5,
+            "aggregation.secure": True, **extra}
+
+
+def _run(flat, tamper=None):
+    cfg = build_config(flat)
+    grid = LocalGrid(client_app, cfg.federation.num_clients, cfg.flat(), tamper=tamper)
+    return execute(cfg, grid), grid
+
+
+@pytest.mark.parametrize("recipe", ["split", "fedlora"])
+def test_secure_rounds_update_the_global_adapter(tiny_flat, recipe):
+    record, grid = _run(_flat(tiny_flat, recipe=recipe))
+    assert record["cost"]["rejected_replies"] == 0 and len(record["history"]) == 2
+    state = torch.load(Path(tiny_flat["output.dir"]) / "checkpoint.pt", weights_only=False)["state"]
+    adapter = state["global_bottom"] if recipe == "split" else state["global"]
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    types = {m.metadata.message_type for m in grid.sent}
+    assert "train.secagg" in types
+    # no client ever sent its update in the clear
+    assert all("update" not in m.content for m in grid.sent)
+
+
+def test_fedlora_uploads_far_less_than_dense_fp32(tiny_flat):
+    record, _ = _run(_flat(tiny_flat, recipe="fedlora"))
+    cost = record["cost"]
+    assert cost["bytes_up_per_client_round"] < 0.2 * cost["dense_bytes_per_client_round"]
+
+
+def test_a_client_dropped_mid_round_still_gives_an_aggregate(tiny_flat):
+    seen = {"n": 0}
+
+    def tamper(node, request, reply):
+        if node == 1003 and request.metadata.message_type == "train.secagg":
+            seen["n"] += 1
+            if seen["n"] == 2:  # its masked upload of round 1 never arrives
+                return None
+        return reply
+
+    record, _ = _run(_flat(tiny_flat, **{"comm.timeout": 1.0}), tamper=tamper)
+    events = [json.loads(x) for x in (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
+    dropped = [e for e in events if e["event"] == "dropped"]
+    assert len(dropped) == 1 and "collect-masked" in dropped[0]["reason"] and "1003" in dropped[0]["reason"]
+    assert not [e for e in events if e["event"] == "refused"]
+    assert len(record["history"]) == 2 and record["history"][0]["train_loss"] is not None
+
+
+def test_secure_needs_two_clients_per_round(tiny_flat):
+    with pytest.raises(Exception, match="one client has no one to hide among"):
+        build_config({**tiny_flat, "aggregation.secure": True, "federation.clients-per-round": 1})
