@@ -177,7 +177,8 @@ class Recorder:
         return {
             "epsilon": epsilon, "delta": delta,
             "eta": p.eta if p.mechanism in ("dchi", "privtune") else None,
-            "mechanism": {"name": p.mechanism, **{k: v for k, v in rep.items() if not k.startswith("dp_")}},
+            "mechanism": {"name": p.mechanism,
+                          **{k: v for k, v in rep.items() if not k.startswith("dp_") and k != "mechanism"}},
             "dp": ({"enabled": True, "target_epsilon": dp.target_epsilon, "delta": dp.delta,
                     "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant,
                     **{k[3:]: v for k, v in rep.items() if k.startswith("dp_")}} if dp.enabled else {"enabled": False}),

@@ -42,8 +42,8 @@ from guardedtuning.config.sections import (
 )
 from guardedtuning.errors import ConfigError
 
-RECIPES = ("split", "privtune", "fedlora", "central-ft")
-SPLIT_RECIPES = ("split", "privtune")  # recipes driven by split learning (privacy knobs apply)
+RECIPES = ("split", "privtune", "guarded", "fedlora", "central-ft")
+SPLIT_RECIPES = ("split", "privtune", "guarded")  # recipes driven by split learning (privacy knobs apply)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the guardedtuning package
 
 
