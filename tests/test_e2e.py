@@ -27,11 +27,11 @@ def _processes_using(flwr_home: Path) -> list[int]:
     return processes_with_env("FLWR_HOME", str(flwr_home))
 
 
-@pytest.mark.parametrize("recipe", ["split", "fedlora"])
+@pytest.mark.parametrize("recipe", ["split", "fedlora", "guarded"])
 def test_run_on_the_simulation_engine(tmp_path, recipe):
     out = tmp_path / recipe
     args = [sys.executable, "-m", "guardedtuning.cli", "run", "--recipe", recipe, "--out", str(out)]
-    for s in TINY:
+    for s in TINY + (["privacy.noise-seed=7"] if recipe == "guarded" else []):  # reproducible noise
         args += ["--set", s]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -42,6 +42,9 @@ def test_run_on_the_simulation_engine(tmp_path, recipe):
     assert len(losses) == 2 and losses[1] < losses[0]
     assert record["cost"]["bytes_up_per_client_round"] > 0 and record["cost"]["wall_s"] > 0
     assert (out / "utility.png").stat().st_size > 0
+    if recipe == "guarded":  # noise, DP-SGD and secure aggregation through the real engine
+        assert record["privacy"]["epsilon"] is not None and record["privacy"]["mechanism"]["name"] == "privtune"
+        assert record["cost"]["rejected_replies"] == 0
     assert "round 2:" in res.stdout
     left = _processes_using(out / ".flwr")
     assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
