@@ -29,6 +29,16 @@ METRICS_KEY = "metrics"
 WEIGHT_KEY = "num-examples"
 
 
+def seeded_sample(grid: Grid, k: int, *, seed: int, server_round: int) -> list[int]:
+    """The round's clients: ``k`` of the connected nodes (all if fewer), seeded by run and round.
+
+    Every strategy samples with this, so runs that differ only in aggregation see the same
+    clients in the same rounds.
+    """
+    nodes = sorted(grid.get_node_ids())
+    return sorted(random.Random(seed * 100_003 + server_round).sample(nodes, min(k, len(nodes))))
+
+
 class AdapterFedAvg(Strategy):
     """FedAvg over adapter updates, weighted by each client's example count.
 
@@ -56,9 +66,7 @@ class AdapterFedAvg(Strategy):
         log.info("AdapterFedAvg: %d clients per round, message type %s", self.clients_per_round, self.message_type)
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
-        nodes = sorted(grid.get_node_ids())
-        k = min(self.clients_per_round, len(nodes))
-        return sorted(random.Random(self.seed * 100_003 + server_round).sample(nodes, k))
+        return seeded_sample(grid, self.clients_per_round, seed=self.seed, server_round=server_round)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

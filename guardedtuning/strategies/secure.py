@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -50,6 +49,7 @@ from guardedtuning.strategies.codecs import (
     top_k_support,
     unflatten,
 )
+from guardedtuning.strategies.fedavg import seeded_sample
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
 from guardedtuning.strategies.secagg.params import CONFIG_KEY, SETUP_KEY, SUPPORTS, RoundParams
@@ -161,9 +161,7 @@ class SecureSparseFedAvg(Strategy):
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """The round's clients: the same draw as AdapterFedAvg, so runs are comparable."""
-        nodes = sorted(grid.get_node_ids())
-        k = min(self.clients_per_round, len(nodes))
-        return sorted(random.Random(self.seed * 100_003 + server_round).sample(nodes, k))
+        return seeded_sample(grid, self.clients_per_round, seed=self.seed, server_round=server_round)
 
     def round_seed(self, server_round: int) -> bytes:
         """The public 256-bit seed of a round (support, graph)."""
