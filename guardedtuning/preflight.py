@@ -10,7 +10,7 @@ from __future__ import annotations
 from guardedtuning.config import RunConfig
 from guardedtuning.data.partition import check_enough_rows, load_partition
 from guardedtuning.data.sources import load_task
-from guardedtuning.errors import ModelLoadError
+from guardedtuning.errors import ConfigError, ModelLoadError
 from guardedtuning.models.loading import load_model_config, model_kind
 from guardedtuning.models.split import check_split_layer
 
@@ -37,6 +37,21 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
     if cfg.recipe != "central-ft":
         check_enough_rows(cfg.data, cfg.federation.num_clients, cfg.seed)
         load_partition(cfg.data, 0, cfg.federation.num_clients, cfg.seed)  # builds (and checks) all of them
+    if cfg.recipe != "central-ft":
+        from guardedtuning.server_app.common import make_strategy
+
+        make_strategy(cfg, "train")  # aggregation settings that could never aggregate fail here
+    if cfg.dp.enabled:  # the noise multiplier for a typical client: impossible budgets fail here
+        from guardedtuning.privacy.dpsgd import DPPlan
+
+        per_client = max(1, len(task.train) // cfg.federation.num_clients)
+        try:
+            DPPlan.from_config(cfg.dp, num_examples=per_client, batch_size=cfg.train.batch_size,
+                               rounds=cfg.federation.rounds, local_steps=cfg.train.local_steps)
+        except ValueError as exc:
+            raise ConfigError(f"dp.target-epsilon {cfg.dp.target_epsilon} cannot be met for "
+                              f"{cfg.federation.rounds} rounds x {cfg.train.local_steps} steps ({exc}); raise "
+                              "dp.target-epsilon or plan fewer steps") from exc
     if cfg.privacy.mechanism == "privtune":
         warm_privtune_cache(cfg)
     return {"kind": kind, "layers": depth, "train_rows": len(task.train), "test_rows": len(task.test),

@@ -178,8 +178,12 @@ class Recorder:
             "epsilon": epsilon, "delta": delta,
             "eta": p.eta if p.mechanism in ("dchi", "privtune") else None,
             "mechanism": {"name": p.mechanism,
-                          **{k: v for k, v in rep.items() if not k.startswith("dp_") and k != "mechanism"}},
-            "dp": ({"enabled": True, "target_epsilon": dp.target_epsilon, "delta": dp.delta,
+                          **{k: v for k, v in rep.items() if not k.startswith("dp_") and k != "mechanism"},
+                          "scope": "per released token vector, per release; an example is released once each "
+                                   "time a step samples it"} if p.mechanism != "none" else {"name": "none"},
+            "dp": ({"enabled": True, "scope": "the bottom-LoRA updates of each client (add/remove one of its "
+                    "examples), with amplification by Poisson sampling; the released activations and labels "
+                    "are covered only by the token mechanism", "target_epsilon": dp.target_epsilon, "delta": dp.delta,
                     "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant,
                     **{k[3:]: v for k, v in rep.items() if k.startswith("dp_")}} if dp.enabled else {"enabled": False}),
             "attacks": {},

@@ -33,6 +33,7 @@ class LocalGrid(Grid):
         }
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
+        self.received: list[Message] = []  # every reply that reached the server
 
     def set_run(self, run):  # type: ignore[no-untyped-def]
         self._run = run
@@ -65,6 +66,7 @@ class LocalGrid(Grid):
                 reply = self.tamper(node, msg, reply)
             if reply is not None:
                 self.replies[mid] = reply
+                self.received.append(reply)
             ids.append(mid)
         return ids
 

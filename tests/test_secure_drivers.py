@@ -34,8 +34,10 @@ def test_secure_rounds_update_the_global_adapter(tiny_flat, recipe):
     assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
     types = {m.metadata.message_type for m in grid.sent}
     assert "train.secagg" in types
-    # no client ever sent its update in the clear
-    assert all("update" not in m.content for m in grid.sent)
+    # no client ever sent its update, or its example count, in the clear
+    replies = [m for m in grid.received if not m.has_error()]
+    assert replies and all("update" not in m.content for m in replies)
+    assert all("num-examples" not in m.content.get("metrics", {}) for m in replies)
 
 
 def test_fedlora_uploads_far_less_than_dense_fp32(tiny_flat):
@@ -65,3 +67,12 @@ def test_a_client_dropped_mid_round_still_gives_an_aggregate(tiny_flat):
 def test_secure_needs_two_clients_per_round(tiny_flat):
     with pytest.raises(Exception, match="one client has no one to hide among"):
         build_config({**tiny_flat, "aggregation.secure": True, "federation.clients-per-round": 1})
+
+
+def test_a_threshold_no_round_can_meet_is_refused_up_front(tiny_flat):
+    from guardedtuning.errors import ConfigError
+    from guardedtuning.server_app.common import make_strategy
+
+    cfg = build_config({**tiny_flat, "aggregation.secure": True, "aggregation.threshold": 5})
+    with pytest.raises(ConfigError, match="every round would be refused"):
+        make_strategy(cfg, "train")

@@ -123,3 +123,54 @@ def test_a_client_whose_budget_is_spent_stops_and_says_so(tiny_flat):
 def test_when_every_budget_is_spent_the_run_stops(tiny_flat):
     with pytest.raises(ClientsFailed, match="every sampled client has spent its privacy budget"):
         _run({**tiny_flat, "dp.enabled": True}, prepare=_spend([1000, 1001, 1002]))
+
+
+def test_the_client_backpropagates_through_the_clip_it_released():
+    from guardedtuning.clients.split_client import backward
+    from guardedtuning.models.lora import trainable_state
+    from guardedtuning.privacy.dchi import clip_tokens
+
+    bottom, batch = _bottom(), _batch()
+    cfg = build_config({"model.name": "tiny-bert", "privacy.mechanism": "gaussian", "privacy.clip": 2.0})
+    torch.manual_seed(0)
+    w = torch.randn(*batch.input_ids.shape, 64)  # the server's gradient for the released values
+    # reference: d/dparams of sum(w * clip(bottom(x)))
+    bottom.zero_grad()
+    (w * clip_tokens(bottom(batch.input_ids, batch.attention_mask), clip=2.0)).sum().backward()
+    expected = {n: p.grad.clone() for n, p in bottom.named_parameters() if p.requires_grad}
+    before = trainable_state(bottom)
+    opt = torch.optim.SGD([p for p in bottom.parameters() if p.requires_grad], lr=1.0)
+    priv = Privacy(seed=0, mechanism=NoMechanism(), plan=None, accountant=None)
+    backward(bottom, opt, batch, w, priv, cfg, torch.device("cpu"), pid=0, global_step=0)
+    after = trainable_state(bottom)
+    for n, g in expected.items():
+        torch.testing.assert_close(before[n] - after[n], g, rtol=1e-4, atol=1e-6)
+    from guardedtuning.models.lora import load_trainable
+
+    load_trainable(bottom, before, source="test")  # leave the cached bottom as it was
+
+
+def test_malformed_quantized_activations_drop_the_client_not_the_run(tiny_flat):
+    def tamper(node, request, reply):
+        if node == 1001 and not reply.has_error() and "acts" in reply.content:
+            acts = reply.content["acts"]
+            scales = acts["scales"].numpy().copy()
+            scales[...] = np.float32(3e38)  # decodes to inf
+            acts["scales"] = Array(scales)
+        return reply
+
+    cfg = build_config({**tiny_flat, "privacy.mechanism": "dchi", "privacy.quantize-bits": 8})
+    record = execute(cfg, LocalGrid(client_app, 3, cfg.flat(), tamper=tamper))
+    events = [json.loads(x) for x in (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
+    dropped = [e for e in events if e["event"] == "dropped"]
+    assert {e["node"] for e in dropped} == {1001} and "non-finite" in dropped[0]["reason"]
+    assert all(np.isfinite(r["train_loss"]) for r in record["history"])
+
+
+def test_a_dp_run_refuses_to_resume_with_fresh_accountants(tiny_flat):
+    from guardedtuning.errors import ConfigError
+
+    flat = {**tiny_flat, "dp.enabled": True, "federation.rounds": 1}
+    _run(flat)
+    with pytest.raises(ConfigError, match="cannot be resumed with dp.enabled"):
+        _run(flat)

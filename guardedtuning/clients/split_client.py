@@ -40,10 +40,12 @@ from guardedtuning.clients.common import (
 from guardedtuning.clients.steps import forward_activations
 from guardedtuning.config import DPConfig, PrivacyConfig, RunConfig
 from guardedtuning.data.batches import Batch, batch_indices, collate
+from guardedtuning.data.sources import load_task
 from guardedtuning.errors import MessageError
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import client_bottom
+from guardedtuning.privacy.dchi import clip_tokens
 from guardedtuning.privacy.decorrelation import decorrelation_loss, split_backward
 from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep, budget_spent, poisson_batch_indices
 from guardedtuning.privacy.mechanisms import TokenMechanism, mechanism_from_config
@@ -109,7 +111,7 @@ def _mechanism(cfg: RunConfig, pid: int, n: int) -> TokenMechanism:
     embeddings, scale = privtune_base(cfg.model, cfg.split.layer, cfg.seed)
     mech, _ = privtune_from_config(
         p, embeddings=embeddings, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        labels=batch.class_ids, num_classes=int(batch.class_ids.max()) + 1 if len(batch) else 1,
+        labels=batch.class_ids, num_classes=load_task(cfg.data, cfg.seed).num_labels,
         scale=scale, ignore_ids=tuple(tok.all_special_ids),
     )
     return mech
@@ -183,11 +185,18 @@ def backward(bottom: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, 
             with torch.no_grad():
                 x = bottom.embed(ids)
             return weight * decorrelation_loss(x, h, b.attention_mask.to(device), level=cfg.privacy.nopeek_level)
+    # the released value is clip(h) + noise: the server's gradient is for clip(h), so the
+    # recomputation applies the same clip (exact), not a straight-through estimate
+    clip = cfg.privacy.clip if cfg.privacy.mechanism != "none" and cfg.privacy.clip > 0 else 0.0
+
+    def transform(h: torch.Tensor) -> torch.Tensor:
+        return clip_tokens(h, clip=clip) if clip else h
+
     if priv.plan is not None and priv.accountant is not None:
         dp = DPStep(bottom, priv.plan)
         try:
             dp.step(opt, batch, grad_h, generator=make_generator(priv.seed, STREAM_DP_NOISE, pid, global_step),
-                    accountant=priv.accountant, device=device, extra_loss=extra)
+                    accountant=priv.accountant, device=device, extra_loss=extra, transform=transform)
         finally:
             dp.close()
         return
@@ -195,7 +204,7 @@ def backward(bottom: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, 
         return
     b = batch.to(device)
     opt.zero_grad(set_to_none=True)
-    h = bottom(b.input_ids, b.attention_mask)  # (B, T, D): the released forward, recomputed
+    h = transform(bottom(b.input_ids, b.attention_mask))  # (B, T, D): the released forward, recomputed
     if tuple(grad_h.shape) != tuple(h.shape):
         raise MessageError(f"activation gradient has shape {tuple(grad_h.shape)} but this client's activations "
                            f"have shape {tuple(h.shape)}; the server must return one gradient per activation")

@@ -251,6 +251,7 @@ class DPStep:
     def per_sample_gradients(
         self, batch: Batch, grad_h: torch.Tensor, *, device: torch.device | str = "cpu",
         extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Per-example gradients (B, *p.shape) of every trainable tensor, in ``self.params`` order.
 
@@ -265,6 +266,8 @@ class DPStep:
             p.grad = None
             setattr(p, "grad_sample", None)  # noqa: B010 - Opacus's attribute
         h = self.gsm(b.input_ids, b.attention_mask)  # (B, T, D)
+        if transform is not None:  # what the release applied to h before the noise (e.g. clipping)
+            h = transform(h)
         if tuple(grad_h.shape) != tuple(h.shape):
             raise MessageError(
                 f"activation gradient has shape {tuple(grad_h.shape)} but this client's activations "
@@ -293,6 +296,7 @@ class DPStep:
         accountant: DPAccountant,
         device: torch.device | str = "cpu",
         extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> DPStepStats:
         """One DP-SGD step: per-sample grads, clip, sum, noise, / expected batch size, step, account.
 
@@ -310,7 +314,8 @@ class DPStep:
             )
         c = plan.max_grad_norm
         if len(batch) > 0:
-            grads = self.per_sample_gradients(batch, grad_h, device=device, extra_loss=extra_loss)
+            grads = self.per_sample_gradients(batch, grad_h, device=device, extra_loss=extra_loss,
+                                              transform=transform)
             norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)  # (B,)
             factor = (c / (norms + 1e-6)).clamp(max=1.0)  # (B,)
             summed = [torch.einsum("i,i...->...", factor, g) for g in grads]

@@ -29,6 +29,18 @@ log = logging.getLogger("guardedtuning")
 def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
     """The aggregation seam: plain weighted FedAvg, or secure sparse aggregation."""
     a = cfg.aggregation
+    if a.secure:
+        from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
+
+        n = cfg.federation.clients_per_round
+        degree = effective_degree(n, a.degree)
+        t = a.threshold or auto_threshold(degree)
+        if t > min(n, degree + 1):
+            raise ConfigError(
+                f"`aggregation.threshold` {t} exceeds what {n} clients per round with masking degree {degree} "
+                f"can meet (at most {min(n, degree + 1)}): every round would be refused; lower "
+                "aggregation.threshold (0 = auto) or raise federation.clients-per-round"
+            )
     if not a.secure:
         return AdapterFedAvg(clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
                              message_type=message_type)

@@ -35,16 +35,16 @@ def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for round_ in range(first, cfg.federation.rounds + 1):
         run.seed_round(round_)
+        up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
         messages = list(strategy.configure_train(round_, tensors_to_record(global_state),
                                                  ConfigRecord({"local-steps": cfg.train.local_steps}), grid))
         if not messages:  # the strategy refused the round (logged): the global model stays as it is
-            log.warning("round %d: no round was configured; the global model is unchanged", round_)
-            continue
+            rec.event("refused", round=round_, reason="the strategy configured no round (see the log)")
         rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=1)
         rec.ledger.client_rounds += len(messages)
         ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
         run.account(ex)
-        if not ex.ok() and ex.failures():
+        if messages and not ex.ok() and ex.failures():
             raise ClientsFailed(f"round {round_}: no client could take part; "
                                 f"first reason: {next(iter(ex.failures().values()))}")
         losses = []
@@ -53,7 +53,7 @@ def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:
                 losses.append(metric_value(msg.content["metrics"], "train_loss", source=f"reply of node {node}"))
             except (KeyError, MessageError):
                 pass  # the strategy rejects the reply with its reason
-        avg = run.aggregate(strategy, round_, ex)
+        avg = run.aggregate(strategy, round_, ex) if messages else None
         if avg is not None:
             delta = record_to_tensors(avg, source="aggregate")
             global_state = {k: global_state[k] + delta[k] for k in global_state}
@@ -64,7 +64,7 @@ def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:
         loss = statistics.fmean(losses) if losses else None
         rec.event("step", round=round_, step=1, steps=1, loss=loss)
         rec.add_round(round_, utility=metrics["utility"], train_loss=loss, epsilon=None,
-                      bytes_up=sum(ex.bytes_up.values()), bytes_down=sum(ex.bytes_down.values()),
+                      bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
                       extra={k: v for k, v in metrics.items() if k != "utility"})
         rec.save_checkpoint(round_, {"global": global_state})
     return metrics

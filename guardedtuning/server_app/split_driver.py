@@ -21,12 +21,13 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from guardedtuning.errors import ClientsFailed, MessageError
+from guardedtuning.errors import ClientsFailed, ConfigError, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import SplitModel, split_model
 from guardedtuning.models.split import IGNORE
@@ -74,12 +75,28 @@ def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, k
 
 
 def dequantize(record: ArrayRecord, *, source: str) -> torch.Tensor:
-    """Quantized activations (codes, scales, meta) back to float, checked."""
+    """Quantized activations (codes, scales, meta) back to float, checked before use.
+
+    Codes must be uint8 (B, T, D) or packed (B, T, ceil(D/2)), scales finite float32
+    (B, T); the decoded activations must be finite, since one client's inf would reach
+    every client through the shared top.
+    """
     try:
-        qa = QuantizedActivations.from_arrays({k: record[k].numpy() for k in ("codes", "scales", "meta")})
-        return dequantize_activations(qa)
-    except (KeyError, ValueError, IndexError) as exc:
+        arrays = {k: record[k].numpy() for k in ("codes", "scales", "meta")}
+        codes, scales, meta = arrays["codes"], arrays["scales"], arrays["meta"]
+        if codes.dtype != np.uint8 or codes.ndim != 3 or meta.shape != (2,) or meta.dtype.kind not in "iu":
+            raise ValueError(f"codes {codes.dtype} {codes.shape}, meta {meta.dtype} {meta.shape}")
+        if scales.dtype != np.float32 or scales.shape != codes.shape[:2] or not np.isfinite(scales).all():
+            raise ValueError(f"scales {scales.dtype} {scales.shape} (finite float32 (B, T) expected)")
+        bits, dim = int(meta[0]), int(meta[1])
+        if codes.shape[2] != (dim if bits == 8 else (dim + 1) // 2):
+            raise ValueError(f"{codes.shape[2]} code columns for {bits}-bit values of dimension {dim}")
+        h = dequantize_activations(QuantizedActivations.from_arrays(arrays))
+    except (KeyError, ValueError, IndexError, TypeError) as exc:
         raise MessageError(f"{source}: quantized activations cannot be decoded ({exc})") from exc
+    if not torch.isfinite(h).all():
+        raise MessageError(f"{source}: quantized activations decode to non-finite values")
+    return h
 
 
 def _step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None) -> Message:
@@ -110,6 +127,12 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
     strategy = make_strategy(cfg, MESSAGE_TYPE)
     first = 1
     resumed = rec.load_checkpoint()
+    if resumed is not None and cfg.dp.enabled:
+        raise ConfigError(
+            f"{rec.checkpoint_path} cannot be resumed with dp.enabled: each client's DP accountant lives in "
+            "its own state, which a new run does not have, so its epsilon would restart at 0; start over with "
+            "--set output.resume=false or another --out"
+        )
     if resumed is not None:
         done, state = resumed
         global_bottom = state["global_bottom"]
@@ -159,6 +182,7 @@ def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.o
     config = ConfigRecord({"step": 0, "steps": steps})
     messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
     if not messages:  # the strategy refused the round (logged): the global model stays as it is
+        rec.event("refused", round=round_, reason="the strategy configured no round (see the log)")
         return [], None
     rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=steps)
     rec.ledger.client_rounds += len(messages)
