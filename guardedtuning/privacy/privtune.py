@@ -297,7 +297,8 @@ def build_privtune(
     key = ("shift", digest, f"k{knn_k}", f"h{hops}", f"s{pgd_steps}", f"u{utility_weight!r}", f"r{rho_e!r}")
     shift_e = cached(key, folder, lambda: optimized_mean_shift(
         embeddings, knn, centres, rho=rho_e, steps=pgd_steps, utility_weight=utility_weight))
-    shift = _project(shift_e * scale, rho)
+    # in cut units; one table per process for all clients (it is public and 47 MB for MiniLM)
+    shift = cached((*key, f"cut{scale!r}", f"rho{rho!r}"), None, lambda: _project(shift_e * scale, rho))
     seconds["pgd"] = time.perf_counter() - t0
     return PrivTuneTables(etas, shift, imp, seconds)
 
