@@ -205,3 +205,17 @@ def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(p.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def run_to_completion(cfg: RunConfig, *, timeout: float = 3600) -> dict:
+    """Run ``cfg`` on the simulation engine, wait, stop everything, return its results record."""
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = FlowerRun(cfg, out)
+    try:
+        run.start()
+        assert run.flwr is not None
+        run.flwr.wait(timeout=timeout)
+    finally:
+        run.stop()
+    return json.loads((out / "results.json").read_text())

@@ -14,26 +14,16 @@ size of the update.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from guardedtuning.config import build_config
-from guardedtuning.launcher import FlowerRun
+from guardedtuning.launcher import run_to_completion
 
 
 def run_once(flat: dict, out: Path) -> dict:
-    cfg = build_config({**flat, "output.dir": str(out)})
-    out.mkdir(parents=True, exist_ok=True)
-    run = FlowerRun(cfg, out)
-    try:
-        run.start()
-        assert run.flwr is not None
-        run.flwr.wait(timeout=3600)
-    finally:
-        run.stop()
-    return json.loads((out / "results.json").read_text())
+    return run_to_completion(build_config({**flat, "output.dir": str(out)}))
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from guardedtuning.config import build_config
-from guardedtuning.launcher import FlowerRun
+from guardedtuning.launcher import run_to_completion
 
 
 def run_once(model: str, steps: int, clients: int, poll: float, dispatch: float, out: Path) -> dict:
@@ -35,15 +35,7 @@ def run_once(model: str, steps: int, clients: int, poll: float, dispatch: float,
         "federation.rounds": 2, "train.local-steps": steps, "train.batch-size": 16,
         "comm.poll-interval": poll, "sim.dispatch-interval": dispatch, "output.dir": str(out),
     })
-    out.mkdir(parents=True, exist_ok=True)
-    run = FlowerRun(cfg, out)
-    try:
-        run.start()
-        assert run.flwr is not None
-        run.flwr.wait(timeout=1800)
-    finally:
-        run.stop()
-    record = json.loads((out / "results.json").read_text())
+    record = run_to_completion(cfg, timeout=1800)
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
     return {"record": record, "events": events}
 

@@ -37,16 +37,15 @@ from guardedtuning.clients.common import (
     run_config,
     update_content,
 )
-from guardedtuning.clients.steps import forward_activations
+from guardedtuning.clients.steps import backward_from_server, forward_activations
 from guardedtuning.config import DPConfig, PrivacyConfig, RunConfig
 from guardedtuning.data.batches import Batch, batch_indices, collate
 from guardedtuning.data.sources import load_task
-from guardedtuning.errors import MessageError
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import client_bottom
 from guardedtuning.privacy.dchi import clip_tokens
-from guardedtuning.privacy.decorrelation import decorrelation_loss, split_backward
+from guardedtuning.privacy.decorrelation import decorrelation_loss
 from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep, budget_spent, poisson_batch_indices
 from guardedtuning.privacy.mechanisms import TokenMechanism, mechanism_from_config
 from guardedtuning.privacy.privtune import privtune_base, privtune_from_config
@@ -200,16 +199,7 @@ def backward(bottom: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, 
         finally:
             dp.close()
         return
-    if len(batch) == 0:
-        return
-    b = batch.to(device)
-    opt.zero_grad(set_to_none=True)
-    h = transform(bottom(b.input_ids, b.attention_mask))  # (B, T, D): the released forward, recomputed
-    if tuple(grad_h.shape) != tuple(h.shape):
-        raise MessageError(f"activation gradient has shape {tuple(grad_h.shape)} but this client's activations "
-                           f"have shape {tuple(h.shape)}; the server must return one gradient per activation")
-    split_backward(h, grad_h.to(device, h.dtype), extra_loss=extra(h) if extra else None)
-    opt.step()
+    backward_from_server(bottom, opt, batch, grad_h, device, transform=transform, extra_loss=extra)
 
 
 def handle_split_step(msg: Message, context: Context) -> Message:
