@@ -1,6 +1,7 @@
 """The ``guardedtuning`` command.
 
     guardedtuning run [--recipe NAME] [--set key=value ...] [--out DIR] [--verbose]
+    guardedtuning bench clients [--recipe NAME] [--points 10:10,1000:100] [--set ...]
     guardedtuning keys                 # every run-config key, its default and meaning
     guardedtuning fetch smollm2-135m   # convert the embedded decoder once
 
@@ -27,7 +28,7 @@ from rich.table import Table
 from guardedtuning.config import RECIPES, RunConfig, config_from_recipe, config_help, default_flat_config, parse_set
 from guardedtuning.errors import GuardedTuningError
 
-DEFAULT_RECIPE = "split"
+DEFAULT_RECIPE = "guarded"
 console = Console(stderr=False)
 err = Console(stderr=True)
 
@@ -41,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a run-config key (repeatable); `guardedtuning keys` lists them")
     run.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    bench = sub.add_parser("bench", help="benchmarks; `bench clients` sweeps client counts")
+    bench.add_argument("what", choices=["clients"], help="clients: wall time, overhead, memory and bytes "
+                       "against total and per-round clients")
+    bench.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe to sweep; default {DEFAULT_RECIPE}")
+    bench.add_argument("--points", default=None, help="comma-separated TOTAL:PER_ROUND client counts; default "
+                       "10:10,100:10,1000:10,1000:100")
+    bench.add_argument("--rounds", type=int, default=3, help="rounds per point (default 3; round 1 is left out "
+                       "of the per-round time)")
+    bench.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a run-config key for every point (default: a tiny model on CPU)")
+    bench.add_argument("--out", default="runs/bench-clients", help="output folder (default runs/bench-clients)")
     sub.add_parser("keys", help="list run-config keys with defaults")
     fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")
     fetch.add_argument("model", choices=["smollm2-135m", "minilm-l6"])
@@ -54,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return _keys()
         if args.command == "fetch":
             return _fetch(args.model)
+        if args.command == "bench":
+            return _bench(args)
         return _run(args)
     except GuardedTuningError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -94,6 +108,32 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.recipe == "central-ft":
         return _run_in_process(cfg, events, offset)
     return _run_flower(cfg, out, events, offset, verbose=args.verbose)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from guardedtuning.bench import DEFAULT_POINTS, Sweep, markdown, parse_points
+    from guardedtuning.preflight import preflight
+
+    if args.recipe == "central-ft":
+        raise GuardedTuningError("`bench clients` sweeps federated recipes; central-ft has no clients")
+    if args.rounds < 1:
+        raise GuardedTuningError(f"--rounds must be >= 1 but is {args.rounds}")
+    sweep = Sweep(args.recipe, parse_points(args.points or DEFAULT_POINTS), args.rounds, parse_set(args.sets),
+                  Path(args.out).resolve())
+    configs = sweep.configs()  # every point's config is checked before the first one runs
+    for cfg in configs:
+        preflight(cfg)
+
+    def runner(cfg: RunConfig) -> int:
+        out = Path(cfg.output.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return _run_flower(cfg, out, out / "events.jsonl", 0, verbose=False)
+
+    rows = sweep.run(runner, say=lambda m: console.print(f"[bold]bench clients[/] {m}", highlight=False))
+    console.print(markdown(rows), highlight=False, soft_wrap=True)
+    console.print(f"table: {sweep.out / 'bench-clients.csv'} (.md)  plot: {sweep.out / 'bench-clients.png'}",
+                  highlight=False, soft_wrap=True)
+    return 0
 
 
 def _banner(cfg: RunConfig, facts: dict[str, Any]) -> None:

@@ -128,6 +128,10 @@ class FlowerRun:
         fed = (f"num-supernodes={self.cfg.federation.num_clients} "
                f"client-resources-num-cpus={self.cfg.sim.num_cpus} "
                f"client-resources-num-gpus={self.cfg.sim.num_gpus}")
+        if self.cfg.sim.ray_num_cpus > 0:
+            fed += f" init-args-num-cpus={self.cfg.sim.ray_num_cpus}"
+        if self.cfg.sim.ray_num_gpus >= 0:
+            fed += f" init-args-num-gpus={self.cfg.sim.ray_num_gpus}"
         if run_config is None:
             run_config = str(write_run_config(self.cfg, self.out / "run-config.toml"))
         cmd = [_script("flwr"), "run", str(app_dir(self.out)), "guardedtuning", "--stream",

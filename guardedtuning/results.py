@@ -39,6 +39,13 @@ def config_digest(cfg: RunConfig) -> str:
 @dataclass
 class CostLedger:
     """Bytes and seconds, summed as they are measured."""
+def gpu_peak_mb() -> float | None:
+    """Peak GPU memory torch allocated in this process (None when it used no GPU)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
+
+
 
     bytes_up: int = 0
     bytes_down: int = 0
@@ -55,6 +62,7 @@ class CostLedger:
         return dict(self.__dict__)
 
     @classmethod
+    client_gpu_peak_mem_mb: float = 0.0
     def from_json(cls, data: dict[str, Any]) -> CostLedger:
         return cls(**data)
 
@@ -145,6 +153,9 @@ class Recorder:
         fed = self.cfg.federation
         record = {
             "schema": SCHEMA,
+            "client_gpu_peak_mem_mb": led.client_gpu_peak_mem_mb or None,
+            "server_peak_mem_mb": round(peak_rss_mb(), 1),
+            "server_gpu_peak_mem_mb": gpu_peak_mb(),
             "recipe": self.cfg.recipe,
             "config": self.cfg.flat(),
             "model": self.model,

@@ -8,6 +8,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # A small, fast configuration shared by the tests (tiny randomly initialised BERT).
 TINY = {
+    # the plain split recipe: the guarded defaults (PrivTune, DP-SGD, secure aggregation) off
+    "recipe": "split",
+    "privacy.mechanism": "none",
+    "dp.enabled": False,
+    "aggregation.secure": False,
     "model.name": "tiny-bert",
     "model.max-length": 32,
     "data.train-size": 240,

@@ -26,8 +26,18 @@ def test_pyproject_has_a_default_for_every_key():
 
 def test_defaults_build_and_round_trip():
     cfg = build_config({})
-    assert cfg.recipe == "split"
     assert build_config(cfg.flat()) == cfg
+
+
+def test_the_defaults_are_the_guarded_recipe():
+    """No arguments runs GuardedTuning's design point: PrivTune + DP-SGD + secure sparse aggregation."""
+    cfg = build_config({})
+    assert cfg == config_from_recipe("guarded")
+    assert (cfg.recipe, cfg.privacy.mechanism, cfg.dp.enabled, cfg.aggregation.secure) == (
+        "guarded", "privtune", True, True)
+    for baseline in ("split", "fedlora", "central-ft"):
+        base = config_from_recipe(baseline)
+        assert (base.privacy.mechanism, base.dp.enabled, base.aggregation.secure) == ("none", False, False)
 
 
 def test_every_recipe_file_builds():

@@ -16,7 +16,8 @@ from tests.test_drivers import check_contract
 
 pytestmark = pytest.mark.e2e
 
-TINY_CFG = {"model.name": "tiny-bert", "model.max-length": 32, "data.train-size": 240, "data.test-size": 60,
+TINY_CFG = {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
+            "model.name": "tiny-bert", "model.max-length": 32, "data.train-size": 240, "data.test-size": 60,
             "federation.num-clients": 3, "federation.clients-per-round": 3, "federation.rounds": 2,
             "train.local-steps": 8, "train.batch-size": 8, "train.lr": 5e-3, "train.server-lr": 5e-3}
 TINY = [f"{k}={v}" for k, v in TINY_CFG.items()]

@@ -150,3 +150,21 @@ def test_local_folder_loads_like_the_embedded_model(tmp_path):
 def test_num_layers_truncates_real_models():
     bb = load_backbone("minilm-l6", num_layers=2)
     assert bb.num_layers == 2
+
+
+def test_random_prefix_builds_the_architecture_without_weights(tmp_path):
+    """`random:<folder>` needs only config.json and the tokenizer (timing runs on machines without weights)."""
+    from guardedtuning.errors import ModelLoadError
+    from guardedtuning.models.loading import _tiny_config, load_backbone, load_tokenizer
+
+    _tiny_config("tiny-bert").save_pretrained(tmp_path)
+    load_tokenizer("tiny-bert").save_pretrained(tmp_path)
+    assert not any(tmp_path.glob("*.safetensors"))
+    a = load_backbone(f"random:{tmp_path}", seed=3)
+    b = load_backbone(f"random:{tmp_path}", seed=3)
+    c = load_backbone(f"random:{tmp_path}", seed=4)
+    assert a.kind == "encoder" and a.num_layers == 4
+    wa, wb, wc = (m.body.embeddings.word_embeddings.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    with pytest.raises(ModelLoadError, match="random:"):
+        load_backbone("random:", seed=0)

@@ -167,10 +167,26 @@ def test_malformed_quantized_activations_drop_the_client_not_the_run(tiny_flat):
     assert all(np.isfinite(r["train_loss"]) for r in record["history"])
 
 
-def test_a_dp_run_refuses_to_resume_with_fresh_accountants(tiny_flat):
-    from guardedtuning.errors import ConfigError
+def test_a_resumed_dp_run_charges_the_rounds_before_the_crash(tiny_flat, tmp_path):
+    """Fresh accountants after a restart count every earlier round: epsilon continues, never restarts."""
+    flat = {**tiny_flat, "dp.enabled": True, "federation.rounds": 2}
+    whole, _ = _run({**flat, "output.dir": str(tmp_path / "whole")})
+    cfg = build_config(flat)
+    grid = LocalGrid(client_app, 3, cfg.flat())
+    original, pushes = grid.push_messages, {"n": 0}
 
-    flat = {**tiny_flat, "dp.enabled": True, "federation.rounds": 1}
-    _run(flat)
-    with pytest.raises(ConfigError, match="cannot be resumed with dp.enabled"):
-        _run(flat)
+    def crashing_push(messages):
+        pushes["n"] += 1
+        if pushes["n"] == cfg.train.local_steps + 1 + 2:  # inside round 2
+            raise RuntimeError("simulated crash")
+        return original(messages)
+
+    grid.push_messages = crashing_push
+    with pytest.raises(RuntimeError):
+        execute(cfg, grid)
+    resumed = execute(cfg, LocalGrid(client_app, 3, cfg.flat()))
+    eps = [r["epsilon"] for r in resumed["history"]]
+    assert eps[1] > eps[0] > 0
+    assert eps == pytest.approx([r["epsilon"] for r in whole["history"]], rel=1e-9)
+
+

@@ -23,7 +23,7 @@ from guardedtuning.data.batches import Batch, Example, batch_indices, collate, t
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import load_task
 from guardedtuning.models.loading import kind_of, load_tokenizer
-from guardedtuning.results import peak_rss_mb
+from guardedtuning.results import gpu_peak_mb, peak_rss_mb
 from guardedtuning.strategies.messages import get_record, record_to_tensors, tensors_to_record
 
 
@@ -108,5 +108,7 @@ def update_content(update: dict[str, torch.Tensor], *, num_examples: float,
 
 def metrics_record(t0: float, started: float, **extra: float) -> MetricRecord:
     """Compute time and wall-clock interval of a handler (for the overhead figure), and more."""
+    gpu = gpu_peak_mb()
     return MetricRecord({"compute_s": time.perf_counter() - t0, "t_start": started, "t_end": time.time(),
-                         "peak_mem_mb": peak_rss_mb(), **extra})
+                         "peak_mem_mb": peak_rss_mb(), **({"gpu_peak_mem_mb": gpu} if gpu is not None else {}),
+                         **extra})

@@ -123,7 +123,15 @@ def _plan(dp: DPConfig, num_examples: int, batch_size: int, rounds: int, local_s
                               local_steps=local_steps)
 
 
-def privacy_of(context: Context, cfg: RunConfig) -> Privacy:
+def privacy_of(context: Context, cfg: RunConfig, *, round_: int = 1, resumed_after: int = 0) -> Privacy:
+    """This client's privacy setup; ``resumed_after`` > 0 says the run restarted after that round.
+
+    The accountant persists in ``context.state``, which a restarted run does not have. A
+    client without one in a resumed run charges itself, before anything else, the steps
+    of every round it could have taken part in before the restart (``min(resumed_after,
+    round - 1) x local steps`` at its planned noise and rate): an upper bound on what it
+    spent, and the same schedule the noise was planned for, so the target still holds.
+    """
     pid, n = partition_of(context, cfg)
     examples = client_examples(context, cfg)
     plan = accountant = None
@@ -132,6 +140,13 @@ def privacy_of(context: Context, cfg: RunConfig) -> Privacy:
         accountant = DPAccountant(kind=cfg.dp.accountant)
         if ACCOUNTANT_KEY in context.state:
             accountant.load_state_dict({k: v.numpy() for k, v in context.state[ACCOUNTANT_KEY].items()})
+        elif resumed_after > 0:
+            earlier = min(resumed_after, round_ - 1) * cfg.train.local_steps
+            if earlier > 0:
+                accountant.record(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                  steps=earlier)
+                context.state[ACCOUNTANT_KEY] = ArrayRecord(
+                    {k: Array(v) for k, v in accountant.state_dict().items()})
     mechanism = _mechanism(cfg, pid, n)
     needs_seed = cfg.privacy.mechanism != "none" or plan is not None
     return Privacy(private_client_seed(context, cfg, pid) if needs_seed else 0, mechanism, plan, accountant)
@@ -214,7 +229,10 @@ def handle_split_step(msg: Message, context: Context) -> Message:
     pid, _ = partition_of(context, cfg)
     device = client_device(cfg)
     bottom = client_bottom(cfg.model, cfg.split.layer, cfg.lora, str(device), cfg.seed)
-    priv = privacy_of(context, cfg)
+    resumed_after = config_value(conf, "resumed-after", int, source=source) if "resumed-after" in conf else 0
+    if resumed_after < 0:
+        raise ValueError(f"{source}: `resumed-after` must be >= 0 but is {resumed_after}")
+    priv = privacy_of(context, cfg, round_=round_, resumed_after=resumed_after)
     state = context.state
     base = (round_ - 1) * steps
     if step == 0:

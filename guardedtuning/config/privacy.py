@@ -55,7 +55,7 @@ def check_delta(delta: float, key: str = "privacy.delta") -> None:
 @dataclass(frozen=True)
 class PrivacyConfig:
     mechanism: str = _opt(
-        "none",
+        "privtune",
         "noise on every released token vector: `none`, `dchi` (metric DP), `privtune` "
         "(d_chi with optimized mean and importance-scaled noise), `gaussian` or `laplace` (baselines)",
     )
@@ -119,7 +119,7 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    enabled: bool = _opt(False, "DP-SGD on the client's trainable bottom parameters (Opacus)")
+    enabled: bool = _opt(True, "DP-SGD on the client's trainable bottom parameters (Opacus)")
     target_epsilon: float = _opt(8.0, "each client's total epsilon over the planned rounds")
     delta: float = _opt(1e-5, "DP-SGD delta; keep it below 1 / (examples per client)")
     max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C")

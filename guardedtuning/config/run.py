@@ -79,7 +79,7 @@ SECTIONS: dict[str, type] = {
 class RunConfig:
     """Everything a run needs, validated. Build it with :func:`build_config`."""
 
-    recipe: str = _opt("split", f"one of {', '.join(RECIPES)}")
+    recipe: str = _opt("guarded", f"one of {', '.join(RECIPES)}")
     seed: int = _opt(0, "seed for sampling, partitioning, initialisation and batches")
     model: ModelConfig = field(default_factory=ModelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -115,7 +115,8 @@ class RunConfig:
                                                  or self.privacy.nopeek_weight > 0 or self.privacy.quantize_bits):
             raise ConfigError(
                 f"`recipe` is {self.recipe!r}, which releases no activations, but privacy.* or dp.* knobs are "
-                f"set; they act on split learning: use --recipe {' or '.join(SPLIT_RECIPES)}"
+                f"set; they act on split learning: use --recipe {' or '.join(SPLIT_RECIPES)}, or turn them off with "
+                "privacy.mechanism=\"none\" dp.enabled=false (guardedtuning run --recipe NAME does)"
             )
 
     def flat(self) -> dict[str, Scalar]:

@@ -149,7 +149,15 @@ class CentralConfig:
 class SimConfig:
     num_cpus: int = _opt(1, "CPUs reserved per simulated client (Ray); sets how many run at once")
     num_gpus: float = _opt(0.0, "GPUs per client; fractions let several clients share one")
-    server_device: str = _opt("auto", "`auto`, `cpu`, `cuda` or `cuda:N` for the server's compute")
+    server_device: str = _opt(
+        "auto", "`auto`, `cpu`, `cuda` or `cuda:N` for the server's compute; auto = the first GPU not given to "
+        "Ray (see sim.ray-num-gpus), else cuda:0, else the CPU"
+    )
+    ray_num_cpus: int = _opt(0, "CPUs the simulation's Ray runtime may use; 0 = all of this machine's")
+    ray_num_gpus: int = _opt(
+        -1, "GPUs the simulation's Ray runtime gives to clients (the first N); -1 = all. Fewer than the "
+        "machine has leaves the rest to the server's top compute"
+    )
     dispatch_interval: float = _opt(
         0.002, "seconds the simulation engine's dispatcher sleeps between sweeps (Flower: 0.1); 0 keeps Flower's"
     )
@@ -159,6 +167,13 @@ class SimConfig:
             raise _fail("sim.num-cpus", self.num_cpus, "a positive integer")
         if self.num_gpus < 0:
             raise _fail("sim.num-gpus", self.num_gpus, "a number >= 0")
+        if self.ray_num_cpus < 0:
+            raise _fail("sim.ray-num-cpus", self.ray_num_cpus, "an integer >= 0 (0 = all CPUs)")
+        if self.ray_num_gpus < -1:
+            raise _fail("sim.ray-num-gpus", self.ray_num_gpus, "an integer >= 0, or -1 for all GPUs")
+        if self.num_gpus > 0 and self.ray_num_gpus == 0:
+            raise _fail("sim.ray-num-gpus", self.ray_num_gpus,
+                        "at least 1 (or -1) when sim.num-gpus > 0, or set sim.num-gpus=0 for CPU clients")
         if self.dispatch_interval < 0:
             raise _fail("sim.dispatch-interval", self.dispatch_interval, "a number >= 0")
         dev = self.server_device
@@ -181,7 +196,7 @@ class CommConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     secure: bool = _opt(
-        False, "sum sparse, quantized adapter updates under secure aggregation (SecAgg+); false = plain FedAvg"
+        True, "sum sparse, quantized adapter updates under secure aggregation (SecAgg+); false = plain FedAvg"
     )
     density: float = _opt(0.05, "secure: fraction of the adapter's coordinates sent each round")
     bits: int = _opt(8, "secure: bits per sent value")

@@ -11,7 +11,10 @@ Names:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, converted once from its GGUF (:mod:`.smollm`);
 - ``tiny-bert`` / ``tiny-llama``: randomly initialised 4-block models for tests, using the
   MiniLM tokenizer (seeded by ``seed``);
-- a local folder with ``config.json`` and weights; or a Hugging Face hub id.
+- a local folder with ``config.json`` and weights; or a Hugging Face hub id;
+- ``random:<any of the above>``: that model's architecture and tokenizer with randomly
+  initialised weights (seeded): for timing runs on machines that lack the weights (a
+  folder needs only ``config.json`` and the tokenizer files). Its utility means nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ Kind = Literal["encoder", "decoder"]
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 TINY = ("tiny-bert", "tiny-llama")
+RANDOM = "random:"
 
 
 @dataclass
@@ -72,6 +76,10 @@ def minilm_dir() -> Path:
 
 def resolve_model_source(name: str) -> str:
     """A folder path or hub id for ``name`` (embedded names resolve to their folders)."""
+    if name.startswith(RANDOM):
+        if not name[len(RANDOM):]:
+            raise ModelLoadError("`model.name` is `random:` without a model; pass e.g. random:/path/to/folder")
+        return resolve_model_source(name[len(RANDOM):])
     if name == "minilm-l6" or name in TINY:
         return str(minilm_dir())
     if name == "smollm2-135m":
@@ -205,6 +213,11 @@ def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0) -> Backbone:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 full = BertModel(config, add_pooling_layer=False) if kind == "encoder" else LlamaForCausalLM(config)
+        elif name.startswith(RANDOM):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                full = (AutoModel.from_config(config, add_pooling_layer=False) if kind == "encoder"
+                        else AutoModelForCausalLM.from_config(config, dtype=torch.float32))
         else:
             with _quiet_transformers():  # its load report lists the pooler we leave out on purpose
                 if kind == "encoder":

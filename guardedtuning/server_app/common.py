@@ -57,9 +57,18 @@ def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
 
 
 def server_device(cfg: RunConfig) -> torch.device:
+    """Where the server's top runs: ``sim.server-device``, or the first GPU Ray does not use."""
     dev = cfg.sim.server_device
     if dev == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        given = cfg.sim.ray_num_gpus  # Ray hands clients the first `given` GPUs
+        return torch.device(f"cuda:{given}" if 0 <= given < torch.cuda.device_count() else "cuda:0")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"`sim.server-device` is {dev!r} but this machine has no CUDA GPU; use auto or cpu")
+    if dev.startswith("cuda:") and int(dev[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"`sim.server-device` is {dev!r} but this machine has {torch.cuda.device_count()} "
+                          "GPU(s); use auto or a smaller index")
     return torch.device(dev)
 
 
@@ -129,6 +138,9 @@ class ServerRun:
                 source = f"reply of node {node}"
                 led.client_compute_s += metric_value(rec, "compute_s", source=source)
                 led.client_peak_mem_mb = max(led.client_peak_mem_mb, metric_value(rec, "peak_mem_mb", source=source))
+                if "gpu_peak_mem_mb" in rec:
+                    led.client_gpu_peak_mem_mb = max(led.client_gpu_peak_mem_mb,
+                                                     metric_value(rec, "gpu_peak_mem_mb", source=source))
                 intervals.append((metric_value(rec, "t_start", source=source), metric_value(rec, "t_end", source=source)))
             except MessageError:
                 continue  # a malformed reply is rejected where its payload is checked

@@ -99,8 +99,10 @@ def dequantize(record: ArrayRecord, *, source: str) -> torch.Tensor:
     return h
 
 
-def _step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None) -> Message:
-    content = RecordDict({"config": ConfigRecord({"server-round": round_, "step": step, "steps": steps})})
+def _step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None,
+                  resumed_after: int = 0) -> Message:
+    content = RecordDict({"config": ConfigRecord({"server-round": round_, "step": step, "steps": steps,
+                                                  "resumed-after": resumed_after})})
     if grad is not None:
         content["grad"] = tensors_to_record({"h": grad})
     return Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
@@ -127,26 +129,24 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
     strategy = make_strategy(cfg, MESSAGE_TYPE)
     first = 1
     resumed = rec.load_checkpoint()
-    if resumed is not None and cfg.dp.enabled:
-        raise ConfigError(
-            f"{rec.checkpoint_path} cannot be resumed with dp.enabled: each client's DP accountant lives in "
-            "its own state, which a new run does not have, so its epsilon would restart at 0; start over with "
-            "--set output.resume=false or another --out"
-        )
+    # After a restart the clients' accountants are gone with their state; the config tells
+    # them the run resumed after round ``resumed_after`` and each charges itself as if it had
+    # taken part in every one of those rounds (an upper bound; see split_client.privacy_of).
+    resumed_after = 0
     if resumed is not None:
         done, state = resumed
         global_bottom = state["global_bottom"]
         load_trainable(model.top, state["top"], source="checkpoint")
         if top_opt is not None:
             top_opt.load_state_dict(state["top_opt"])
-        first = done + 1
+        first, resumed_after = done + 1, done
         log.info("resuming after round %d from %s", done, rec.checkpoint_path)
     run.wait_for_nodes(grid)
     metrics: dict[str, float] = {}
     for round_ in range(first, cfg.federation.rounds + 1):
         run.seed_round(round_)
         up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
-        losses, final = _train_round(grid, run, model, top_opt, strategy, global_bottom, round_)
+        losses, final = _train_round(grid, run, model, top_opt, strategy, global_bottom, round_, resumed_after)
         epsilon = run.note_privacy(final.ok()) if final is not None else None
         avg = run.aggregate(strategy, round_, final) if final is not None else None
         if avg is not None:
@@ -166,7 +166,7 @@ def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
 
 def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.optim.Optimizer | None,
                  strategy: Strategy, global_bottom: dict[str, torch.Tensor], round_: int,
-                 ) -> tuple[list[float], Exchange | None]:
+                 resumed_after: int = 0) -> tuple[list[float], Exchange | None]:
     """The S + 1 exchanges of one round; returns the step losses and the final exchange.
 
     The final exchange (the clients' updates) is None when every client dropped out
@@ -179,7 +179,7 @@ def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.o
     # Poisson batches (DP-SGD) vary around batch-size; allow a generous bound
     max_batch = cfg.train.batch_size if not cfg.dp.enabled else 4 * cfg.train.batch_size + 64
     budget_out: list[int] = []
-    config = ConfigRecord({"step": 0, "steps": steps})
+    config = ConfigRecord({"step": 0, "steps": steps, "resumed-after": resumed_after})
     messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
     if not messages:  # the strategy refused the round (logged): the global model stays as it is
         rec.event("refused", round=round_, reason="the strategy configured no round (see the log)")
@@ -223,7 +223,7 @@ def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.o
             losses.append(statistics.fmean(client_losses))
         rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1] if losses else None, clients=len(acts),
                   exchange_s=ex.wall_s, overhead_s=rec.ledger.step_overhead_s[-1])
-        ex = exchange(grid, [_step_message(n, round_, step, steps, grads[n]) for n in acts],
+        ex = exchange(grid, [_step_message(n, round_, step, steps, grads[n], resumed_after) for n in acts],
                       timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
     run.account(ex)
     return losses, ex
