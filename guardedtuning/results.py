@@ -23,11 +23,27 @@ import torch
 from guardedtuning.config import RunConfig
 
 SCHEMA = "guardedtuning.results/v1"
+DP_SCOPES = {  # what DP-SGD's (epsilon, delta) covers, by recipe
+    "split": "the bottom-LoRA updates of each client (add/remove one of its examples), with amplification by "
+             "Poisson sampling; the released activations and labels are covered only by the token mechanism",
+    "gradfree": "the output-adapter-and-head updates of each client (add/remove one of its examples), with "
+                "amplification by Poisson sampling over rows the server cannot tell apart (every row is released "
+                "each round); labels never leave; the released activations are covered only by the token mechanism",
+    "offsite": "the adapter updates of each client (add/remove one of its examples), with amplification by "
+               "Poisson sampling; nothing else leaves the client",
+}
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def gpu_peak_mb() -> float | None:
+    """Peak GPU memory torch allocated in this process (None when it used no GPU)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
 
 
 def config_digest(cfg: RunConfig) -> str:
@@ -39,13 +55,6 @@ def config_digest(cfg: RunConfig) -> str:
 @dataclass
 class CostLedger:
     """Bytes and seconds, summed as they are measured."""
-def gpu_peak_mb() -> float | None:
-    """Peak GPU memory torch allocated in this process (None when it used no GPU)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return None
-    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
-
-
 
     bytes_up: int = 0
     bytes_down: int = 0
@@ -53,6 +62,7 @@ def gpu_peak_mb() -> float | None:
     client_rounds: int = 0  # (client, round) pairs that took part
     client_compute_s: float = 0.0
     client_peak_mem_mb: float = 0.0
+    client_gpu_peak_mem_mb: float = 0.0
     server_s: float = 0.0
     step_overhead_s: list[float] = field(default_factory=list)
     step_wall_s: list[float] = field(default_factory=list)
@@ -62,7 +72,6 @@ def gpu_peak_mb() -> float | None:
         return dict(self.__dict__)
 
     @classmethod
-    client_gpu_peak_mem_mb: float = 0.0
     def from_json(cls, data: dict[str, Any]) -> CostLedger:
         return cls(**data)
 
@@ -83,6 +92,8 @@ class Recorder:
         self.majority_rate: float | None = None  # utility of always answering the top class
         self.dispatch: str | None = None  # how the simulation engine dispatched messages
         self.privacy_reports: dict[str, Any] = {}  # merged privacy descriptions from the clients
+        self.extra: dict[str, Any] = {}  # recipe-specific blocks of the record (e.g. ``offsite``)
+        self.utility_extra: dict[str, Any] = {}  # recipe-specific utility figures (e.g. offsite's plug-in gap)
 
     # -- events ---------------------------------------------------------------------
     def event(self, kind: str, **data: Any) -> None:
@@ -142,6 +153,9 @@ class Recorder:
             "bytes_down_per_client_round": led.bytes_down / per if led.client_rounds else None,
             "dense_bytes_per_client_round": led.dense_bytes / per if led.client_rounds else None,
             "client_peak_mem_mb": led.client_peak_mem_mb or None,
+            "client_gpu_peak_mem_mb": led.client_gpu_peak_mem_mb or None,
+            "server_peak_mem_mb": round(peak_rss_mb(), 1),
+            "server_gpu_peak_mem_mb": gpu_peak_mb(),
             "client_train_s": led.client_compute_s / per if led.client_rounds else None,
             "server_s": round(led.server_s, 3),
             "wall_s": round(self.wall_s, 3),
@@ -149,13 +163,11 @@ class Recorder:
             "step_wall_s_median": statistics.median(led.step_wall_s) if led.step_wall_s else None,
             "rejected_replies": led.rejected,
             "dispatch": self.dispatch,
+            **self.client_cost(),
         }
         fed = self.cfg.federation
         record = {
             "schema": SCHEMA,
-            "client_gpu_peak_mem_mb": led.client_gpu_peak_mem_mb or None,
-            "server_peak_mem_mb": round(peak_rss_mb(), 1),
-            "server_gpu_peak_mem_mb": gpu_peak_mb(),
             "recipe": self.cfg.recipe,
             "config": self.cfg.flat(),
             "model": self.model,
@@ -164,15 +176,35 @@ class Recorder:
             "clients_per_round": fed.clients_per_round if self.cfg.recipe != "central-ft" else None,
             "rounds": fed.rounds,
             "history": self.history,
-            "utility": {"metric": metric, "value": utility, "majority_rate": self.majority_rate},
+            "utility": {"metric": metric, "value": utility, "majority_rate": self.majority_rate, **self.utility_extra},
             "privacy": privacy or self.privacy_record(),
             "cost": cost,
+            **self.extra,
             **(extra or {}),
         }
         (self.out / "results.json").write_text(json.dumps(record, indent=2))
         self.plot(metric)
         self.event("done", utility=utility, metric=metric)
         return record
+
+    def client_cost(self) -> dict[str, Any]:
+        """What a recipe costs a client and exposes of the model, comparable across recipes.
+
+        ``model_ip_exposure``: the fraction of the provider's weights a client holds
+        (:mod:`guardedtuning.models.exposure`); ``client_s_per_step``: a client's compute for
+        a round's training messages (not the secure-aggregation stages) per local step;
+        ``bytes_per_round``: everything that crossed the network in a round, up and down, all
+        clients together.
+        """
+        from guardedtuning.models.exposure import model_ip_exposure
+
+        led, rounds = self.ledger, len(self.history)
+        steps = led.client_rounds * self.cfg.train.local_steps
+        return {
+            "model_ip_exposure": model_ip_exposure(self.cfg),
+            "client_s_per_step": led.client_compute_s / steps if steps else None,
+            "bytes_per_round": (led.bytes_up + led.bytes_down) / rounds if rounds and led.client_rounds else None,
+        }
 
     def privacy_record(self) -> dict[str, Any]:
         """The record's privacy block, from the config and what clients reported.
@@ -190,11 +222,12 @@ class Recorder:
             "eta": p.eta if p.mechanism in ("dchi", "privtune") else None,
             "mechanism": {"name": p.mechanism,
                           **{k: v for k, v in rep.items() if not k.startswith("dp_") and k != "mechanism"},
-                          "scope": "per released token vector, per release; an example is released once each "
-                                   "time a step samples it"} if p.mechanism != "none" else {"name": "none"},
-            "dp": ({"enabled": True, "scope": "the bottom-LoRA updates of each client (add/remove one of its "
-                    "examples), with amplification by Poisson sampling; the released activations and labels "
-                    "are covered only by the token mechanism", "target_epsilon": dp.target_epsilon, "delta": dp.delta,
+                          "scope": "per released token vector, per release; " + (
+                              "every row is released once per round" if self.cfg.recipe == "gradfree" else
+                              "an example is released once each time a step samples it")}
+            if p.mechanism != "none" else {"name": "none"},
+            "dp": ({"enabled": True, "scope": DP_SCOPES.get(self.cfg.recipe, DP_SCOPES["split"]),
+                    "target_epsilon": dp.target_epsilon, "delta": dp.delta,
                     "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant,
                     **{k[3:]: v for k, v in rep.items() if k.startswith("dp_")}} if dp.enabled else {"enabled": False}),
             "attacks": {},

@@ -33,8 +33,10 @@ from guardedtuning.config.sections import (
     DataConfig,
     EvalConfig,
     FederationConfig,
+    GradfreeConfig,
     LoraConfig,
     ModelConfig,
+    OffsiteConfig,
     OutputConfig,
     SimConfig,
     SplitConfig,
@@ -42,8 +44,10 @@ from guardedtuning.config.sections import (
 )
 from guardedtuning.errors import ConfigError
 
-RECIPES = ("split", "privtune", "guarded", "fedlora", "central-ft")
+RECIPES = ("split", "privtune", "guarded", "fedlora", "central-ft", "gradfree", "offsite")
 SPLIT_RECIPES = ("split", "privtune", "guarded")  # recipes driven by split learning (privacy knobs apply)
+RELEASE_RECIPES = (*SPLIT_RECIPES, "gradfree")  # clients release activations: token mechanisms, quantization
+DP_RECIPES = (*SPLIT_RECIPES, "gradfree", "offsite")  # clients train under DP-SGD (dp.*)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the guardedtuning package
 
 
@@ -71,6 +75,8 @@ SECTIONS: dict[str, type] = {
     "aggregation": AggregationConfig,
     "privacy": PrivacyConfig,
     "dp": DPConfig,
+    "gradfree": GradfreeConfig,
+    "offsite": OffsiteConfig,
     "output": OutputConfig,
 }
 
@@ -94,6 +100,8 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    gradfree: GradfreeConfig = field(default_factory=GradfreeConfig)
+    offsite: OffsiteConfig = field(default_factory=OffsiteConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
@@ -111,7 +119,9 @@ class RunConfig:
                 f"{self.federation.clients_per_round}; one client has no one to hide among: sample at least 2 "
                 "clients per round or set --set aggregation.secure=false"
             )
-        if self.recipe not in SPLIT_RECIPES and (self.privacy.mechanism != "none" or self.dp.enabled
+        if self.recipe in ("gradfree", "offsite"):  # each takes its own subset of the knobs
+            _check_design_knobs(self.recipe, self.privacy)
+        elif self.recipe not in SPLIT_RECIPES and (self.privacy.mechanism != "none" or self.dp.enabled
                                                  or self.privacy.nopeek_weight > 0 or self.privacy.quantize_bits):
             raise ConfigError(
                 f"`recipe` is {self.recipe!r}, which releases no activations, but privacy.* or dp.* knobs are "
@@ -127,6 +137,23 @@ class RunConfig:
             for f in dataclasses.fields(sub):
                 out[f"{section}.{_key(f.name)}"] = getattr(sub, f.name)
         return out
+
+
+def _check_design_knobs(recipe: str, privacy: PrivacyConfig) -> None:
+    """``gradfree`` releases activations but trains no bottom; ``offsite`` releases none (dp.* applies to both)."""
+    if recipe == "gradfree" and privacy.nopeek_weight > 0:
+        raise ConfigError(
+            f"`privacy.nopeek-weight` is {privacy.nopeek_weight} but recipe 'gradfree' keeps the client's bottom "
+            "frozen (no gradient crosses the cut to train it), so a decorrelation term has nothing to shape; set "
+            "--set privacy.nopeek-weight=0"
+        )
+    if recipe == "offsite" and (privacy.mechanism != "none" or privacy.quantize_bits or privacy.nopeek_weight > 0):
+        raise ConfigError(
+            "recipe 'offsite' releases no activations (clients fine-tune on the emulator, locally), but "
+            f"privacy.mechanism={privacy.mechanism!r} / quantize-bits={privacy.quantize_bits} / nopeek-weight="
+            f"{privacy.nopeek_weight} act on released activations; set --set privacy.mechanism=none "
+            "privacy.quantize-bits=0 privacy.nopeek-weight=0 (dp.* DP-SGD does apply to offsite)"
+        )
 
 
 def _key(name: str) -> str:

@@ -239,3 +239,50 @@ class AggregationConfig:
 class OutputConfig:
     dir: str = _opt("runs/latest", "folder for results.json, plots, events and checkpoints")
     resume: bool = _opt(True, "resume from <dir>/checkpoint.pt when it exists")
+
+
+@dataclass(frozen=True)
+class GradfreeConfig:
+    adapter_dim: int = _opt(
+        64, "gradfree: width of the client's output adapter (a residual bottleneck on the hidden states the "
+            "server returns, before the head); 0 = head only"
+    )
+
+    def __post_init__(self) -> None:
+        if self.adapter_dim < 0:
+            raise _fail("gradfree.adapter-dim", self.adapter_dim, "an integer >= 0 (0 trains the head only)")
+
+
+OFFSITE_ADAPTERS = ("lora", "full")
+
+
+@dataclass(frozen=True)
+class OffsiteConfig:
+    adapter_layers: int = _opt(1, "offsite: a, the blocks at each end the client adapts (first a and last a)")
+    emulator_layers: int = _opt(
+        2, "offsite: L', the middle blocks the emulator keeps by uniform layer drop (of the L - 2a middle blocks)"
+    )
+    adapter: str = _opt("lora", "offsite: `lora` (LoRA on the first and last a blocks) or `full` (those blocks train)")
+    distill_steps: int = _opt(
+        0, "offsite: steps distilling the emulator against the full middle on public synthetic text; 0 = layer drop only"
+    )
+    distill_lr: float = _opt(1e-4, "offsite: learning rate of the emulator's distillation (AdamW)")
+    distill_rows: int = _opt(256, "offsite: rows of public synthetic text the distillation draws its batches from")
+    reference: bool = _opt(
+        True, "offsite: also train the same adapters on the full model (pooled data, server process) for the "
+              "full fine-tuning utility the plug-in is measured against"
+    )
+
+    def __post_init__(self) -> None:
+        if self.adapter_layers < 1:
+            raise _fail("offsite.adapter-layers", self.adapter_layers, "a positive integer")
+        if self.emulator_layers < 0:
+            raise _fail("offsite.emulator-layers", self.emulator_layers, "an integer >= 0 (0 drops the whole middle)")
+        if self.adapter not in OFFSITE_ADAPTERS:
+            raise _fail("offsite.adapter", self.adapter, "`lora` or `full`")
+        if self.distill_steps < 0:
+            raise _fail("offsite.distill-steps", self.distill_steps, "an integer >= 0 (0 turns distillation off)")
+        if not self.distill_lr > 0:
+            raise _fail("offsite.distill-lr", self.distill_lr, "a positive number")
+        if self.distill_rows < 1:
+            raise _fail("offsite.distill-rows", self.distill_rows, "a positive integer")

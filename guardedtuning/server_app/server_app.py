@@ -18,6 +18,8 @@ from guardedtuning.server_app.central import run_central
 from guardedtuning.server_app.common import ServerRun, log
 from guardedtuning.server_app.dispatch import install as install_dispatch
 from guardedtuning.server_app.fedlora_driver import run_fedlora
+from guardedtuning.server_app.gradfree_driver import run_gradfree
+from guardedtuning.server_app.offsite_driver import run_offsite
 from guardedtuning.server_app.split_driver import run_split
 
 app = ServerApp()
@@ -40,6 +42,10 @@ def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -
             metrics = run_split(grid, run)
         elif cfg.recipe == "fedlora":
             metrics = run_fedlora(grid, run)
+        elif cfg.recipe == "gradfree":
+            metrics = run_gradfree(grid, run)
+        elif cfg.recipe == "offsite":
+            metrics = run_offsite(grid, run)
         else:  # a recipe listed in RECIPES without a driver is a bug, not bad input
             raise RuntimeError(f"no driver for recipe {cfg.recipe!r}")
         if not metrics and rec.history:  # resumed after the last round: nothing left to run
