@@ -26,6 +26,13 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
             f"{mcfg.num_hidden_layers} blocks; pass 0 or a number <= {mcfg.num_hidden_layers}"
         )
     check_split_layer(cfg.split.layer, depth, cfg.model.name)
+    if cfg.recipe == "offsite":  # the emulator's layer counts against the model's depth
+        from guardedtuning.models.emulator import check_offsite_layers
+
+        check_offsite_layers(cfg.offsite, depth, cfg.model.name)
+    if cfg.recipe == "gradfree" and kind == "decoder" and cfg.gradfree.adapter_dim == 0:
+        raise ConfigError(f"`gradfree.adapter-dim` is 0 but {cfg.model.name!r} is a decoder, whose head is the "
+                          "frozen LM head: nothing would train; pass --set gradfree.adapter-dim=64")
     positions = getattr(mcfg, "max_position_embeddings", None)
     if positions is not None and cfg.model.max_length + cfg.eval.max_new_tokens > int(positions):
         raise ModelLoadError(
