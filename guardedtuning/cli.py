@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a run-config key for every point (default: a tiny model on CPU)")
     bench.add_argument("--out", default="runs/bench-clients", help="output folder (default runs/bench-clients)")
+    deploy = sub.add_parser("deploy", help="Flower's deployment engine (docs/deployment.md)")
+    deploy.add_argument("what", choices=["certs", "keys", "supernode", "local"],
+                        help="certs: a CA and a SuperLink certificate; keys: SuperNode key pairs; supernode: "
+                             "flower-supernode with prompt polling and a warm ClientApp; local: a SuperLink and "
+                             "N SuperNodes here, running a recipe (`guardedtuning deploy WHAT --help`)")
+    deploy.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("keys", help="list run-config keys with defaults")
     fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")
     fetch.add_argument("model", choices=["smollm2-135m", "minilm-l6"])
@@ -68,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             return _fetch(args.model)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "deploy":
+            from guardedtuning.deploy import main as deploy_main
+
+            return deploy_main([args.what, *args.args])
         return _run(args)
     except GuardedTuningError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

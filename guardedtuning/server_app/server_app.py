@@ -19,6 +19,7 @@ from guardedtuning.server_app.common import ServerRun, log
 from guardedtuning.server_app.dispatch import install as install_dispatch
 from guardedtuning.server_app.fedlora_driver import run_fedlora
 from guardedtuning.server_app.gradfree_driver import run_gradfree
+from guardedtuning.server_app.object_pulls import install as install_object_pulls
 from guardedtuning.server_app.offsite_driver import run_offsite
 from guardedtuning.server_app.split_driver import run_split
 
@@ -70,6 +71,7 @@ def main(grid: Grid, context: Context) -> None:
         log.propagate = False
     cfg = build_config(context.run_config)
     dispatch = install_dispatch(cfg.sim.dispatch_interval)
+    log.info("deployment engine object pulls: %s", install_object_pulls(cfg.comm.poll_interval))
     log.info("recipe %s, output %s, simulation dispatch: %s", cfg.recipe, Path(cfg.output.dir).resolve(), dispatch)
     record = execute(cfg, grid, dispatch=dispatch)
     log.info("%s = %s; results in %s", record["utility"]["metric"], record["utility"]["value"],

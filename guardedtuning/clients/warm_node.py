@@ -1,0 +1,394 @@
+"""A SuperNode that keeps split learning fast on Flower's deployment engine.
+
+A split-learning step is one message to each sampled client and one reply. On Flower's
+deployment engine (flwr 1.41/1.42) three things make each such message cost seconds,
+however fast the ServerApp pulls (:mod:`guardedtuning.server_app.exchange` already pulls
+every ``comm.poll-interval``):
+
+1. the SuperNode polls the SuperLink for messages, and after an empty poll it sleeps a
+   fixed 3 s (``start_client_internal``); while its ClientApp computes, it checks for the
+   reply every 0.5 s;
+2. its SuperExec polls for tasks every second (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``);
+3. every message is a task that SuperExec starts as a new ``flwr-clientapp`` process, which
+   imports torch, transformers and the app, then builds the model and the client's data
+   before it computes anything: 10 to 15 s per message for the tiny test model on a
+   2-core CPU.
+
+:func:`supernode_main` starts Flower's own ``flower-supernode`` (same arguments) with
+``--isolation process`` and two changes:
+
+- its fixed sleeps become a :class:`Backoff`: after a message arrives, the next polls
+  follow quickly (``poll_min``, growing by ``growth`` per empty poll up to Flower's 3 s),
+  so an idle SuperNode still polls as rarely as Flower's, and a busy one answers within
+  milliseconds; the wait for the ClientApp's reply polls every ``poll_min``;
+- instead of SuperExec, one long-lived process (:func:`runner_main`) acquires the tasks
+  from the SuperNode's Runtime API and runs each ClientApp message in that same process,
+  one at a time, with Flower's own steps (pull the task's message and context, install the
+  FAB, load the ClientApp, call it, push the reply and the context back). Imports, base
+  weights and tokenised data stay warm across messages, as in a simulation's Ray actor.
+  Client state still lives in ``context.state``, which travels with every task as in
+  Flower's own runner.
+
+The patch is made only for the Flower versions it was written against; on any other, the
+SuperNode runs with Flower's sleeps and says so in its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from importlib import import_module
+from importlib.metadata import version
+from typing import Any
+
+from guardedtuning.server_app.object_pulls import prompt_pull_objects
+
+SUPPORTED = ("1.41.", "1.42.")
+log = logging.getLogger("guardedtuning.node")
+
+
+class Backoff:
+    """Waits that start short after activity and grow while nothing happens.
+
+    ``next()`` returns the wait before the next poll: ``start``, then ``start * growth``,
+    and so on up to ``limit``; ``reset()`` starts over (a message arrived). Something
+    that arrives ``t`` seconds into a run of empty polls is picked up less than
+    ``(growth - 1) * t + start`` late (a tenth of the wait, with the default 1.1), and an
+    idle poller reaches ``limit`` within a few dozen polls.
+    """
+
+    def __init__(self, *, start: float, limit: float, growth: float = 1.1) -> None:
+        if not 0 < start <= limit:
+            raise ValueError(f"poll start {start} must be > 0 and <= the limit {limit}")
+        if growth < 1:
+            raise ValueError(f"poll growth {growth} must be >= 1")
+        self.start, self.limit, self.growth = start, limit, growth
+        self.current = start
+
+    def next(self) -> float:
+        wait = self.current
+        self.current = min(self.current * self.growth, self.limit)
+        return wait
+
+    def reset(self) -> None:
+        self.current = self.start
+
+
+class _SupernodeClock:
+    """Stands in for the ``time`` module inside ``flwr.supernode.start_client_internal``.
+
+    That module sleeps 3 s after an empty poll of the SuperLink and 0.5 s between checks
+    for the ClientApp's reply; those are the only sleeps it makes. Long sleeps (>= 1 s)
+    become the backoff's waits, short ones at most ``reply_poll``.
+    """
+
+    def __init__(self, backoff: Backoff, reply_poll: float) -> None:
+        self.backoff, self.reply_poll = backoff, reply_poll
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= 1.0:
+            time.sleep(min(seconds, self.backoff.next()))
+        else:
+            time.sleep(min(seconds, self.reply_poll))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: int | None = None) -> str:
+    """Install the backoff in Flower's SuperNode loop; return what happened.
+
+    ``wakeup_fd`` (the write end of a pipe) gets a byte whenever a message was pulled and
+    stored, so that the runner acquires its task at once instead of at its next poll.
+    """
+    flwr_version = version("flwr")
+    if not flwr_version.startswith(SUPPORTED):
+        return f"flower (not patched for flwr {flwr_version})"
+    sci = import_module("flwr.supernode.start_client_internal")
+    pull = getattr(sci, "_pull_and_store_message", None)
+    if pull is None or getattr(sci, "time", None) is not time:
+        return "flower (the SuperNode loop is not the one this patch knows)"
+    if getattr(pull, "guardedtuning_backoff", None) is not None:
+        return "fast (already installed)"
+
+    def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            backoff.reset()
+            log.debug("message stored at %.3f", time.time())
+            if wakeup_fd is not None:
+                try:
+                    os.write(wakeup_fd, b"m")
+                except (BlockingIOError, BrokenPipeError):
+                    pass  # a wakeup is already pending, or the runner is gone
+        return run_id
+
+    pull_and_reset.guardedtuning_backoff = backoff  # type: ignore[attr-defined]
+    sci._pull_and_store_message = pull_and_reset
+    sci.time = _SupernodeClock(backoff, reply_poll)
+    # a message's content is uploaded after the message: retry its pull promptly, not after 1 s
+    sci.pull_objects = prompt_pull_objects(sci.pull_objects, backoff.start)
+    return f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s)"
+
+
+# ---------------------------------------------------------------------------------------
+# The warm ClientApp runner (stands in for SuperExec + one flwr-clientapp per message)
+
+
+class TaskRunner:
+    """Runs ClientApp tasks of one SuperNode in this process, one at a time."""
+
+    def __init__(self, address: str, *, insecure: bool, root_certificates: bytes | None) -> None:
+        self.address, self.insecure, self.root_certificates = address, insecure, root_certificates
+        self.fab_hash: str | None = None
+        self.app_dir: str | None = None
+        self.app: Any = None
+
+    def _client(self, token: str | None) -> Any:
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(
+            component_name="flwr-clientapp" if token else "SuperExec")]
+        if token:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=self.insecure, root_certificates=self.root_certificates,
+            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+    def acquire(self, client: Any) -> str | None:
+        """A task's token, or None when the SuperNode has no task for a ClientApp."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+        from flwr.supercore.constant import TaskType
+
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        return res.token if res.HasField("task") and res.token else None
+
+    def _app(self, run: Any, fab: Any) -> Any:
+        """The ClientApp of ``fab``, loaded once per FAB with Flower's loader.
+
+        Like Flower's own runner, the app's code comes from the installed FAB (its folder
+        goes first on ``sys.path``). Modules of the app's top-level package that came from
+        elsewhere (this runner's own package on start, or an earlier FAB) are forgotten
+        first, so a new FAB never runs with stale code; its per-process caches go with them.
+        """
+        from flwr.cli.install import install_from_fab
+        from flwr.clientapp.utils import get_load_client_app_fn
+        from flwr.common.config import get_project_config, get_project_dir
+
+        if fab.hash_str == self.fab_hash:
+            return self.app
+        install_from_fab(fab.content, skip_prompt=True)
+        app_dir = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
+        ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
+        forget_package(ref.split(":")[0].split(".")[0], keep_under=str(app_dir))
+        if self.app_dir is not None and self.app_dir in sys.path:
+            sys.path.remove(self.app_dir)
+        load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+        self.app = load(run.fab_id, run.fab_version, fab.hash_str)
+        self.fab_hash, self.app_dir = fab.hash_str, str(app_dir)
+        log.info("loaded ClientApp %s from %s", ref, app_dir)
+        return self.app
+
+    def run_task(self, token: str) -> str:
+        """Run one ClientApp message; return its sub-status (Flower's ``SubStatus``)."""
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = self._client(token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        message = reply = context = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            heartbeat.start()
+            t0 = time.time()
+            message, context, run, fab = pull_task_input(client)
+            t1 = time.time()
+            reply = self._app(run, fab)(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+            log.debug("message created %.3f, task acquired %.3f, input pulled %.3f, handled %.3f",
+                      message.metadata.created_at, t0, t1, time.time())
+        except Exception as exc:  # noqa: BLE001 - the error goes back to the ServerApp, as Flower's does
+            log.exception("ClientApp raised an exception")
+            details = f"{type(exc)}:<'{exc}'>"
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            except Exception:  # noqa: BLE001
+                log.exception("failed to push the reply")
+                status = SubStatus.FAILED
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            log.debug("reply and context pushed %.3f", time.time())
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+        return status
+
+    def serve(self, backoff: Backoff, stop: threading.Event, wakeup_fd: int | None = None) -> None:
+        """Acquire and run tasks until ``stop`` is set.
+
+        Between empty polls it waits for the backoff's time, or less when ``wakeup_fd``
+        (the read end of the SuperNode's pipe) says a message arrived.
+        """
+        client = self._client(None)
+        try:
+            while not stop.is_set():
+                token = self.acquire(client)
+                if token is not None:
+                    self.run_task(token)
+                    backoff.reset()
+                    continue
+                if wakeup_fd is None:
+                    stop.wait(backoff.next())
+                # the SuperNode says when a message (and its content) is stored: acquiring
+                # earlier would find the task but not yet its content, whose pull Flower
+                # retries only after a second; the timeout is a fallback for lost wakeups
+                elif select.select([wakeup_fd], [], [], backoff.limit)[0]:
+                    os.read(wakeup_fd, 4096)  # drain: one acquire serves every pending wakeup
+        finally:
+            client.close()
+
+
+def forget_package(top: str, *, keep_under: str) -> list[str]:
+    """Drop ``top`` and its submodules from ``sys.modules`` unless loaded from ``keep_under``."""
+    gone = []
+    for name, module in list(sys.modules.items()):
+        if name != top and not name.startswith(top + "."):
+            continue
+        origin = getattr(module, "__file__", None) or ""
+        if not origin.startswith(keep_under.rstrip("/") + "/"):
+            del sys.modules[name]
+            gone.append(name)
+    return gone
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    """End the runner when its SuperNode is gone (its parent PID changes)."""
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        stop.wait(1.0)
+
+
+def _log_to_stderr() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("guardedtuning-node: %(message)s"))
+        log.addHandler(handler)
+        # GUARDEDTUNING_NODE_DEBUG=1 logs each message's timeline (created, acquired, handled, pushed)
+        log.setLevel(logging.DEBUG if os.environ.get("GUARDEDTUNING_NODE_DEBUG") == "1" else logging.INFO)
+        log.propagate = False
+
+
+def runner_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="guardedtuning-node-runner",
+                                description="Run a SuperNode's ClientApp tasks in one warm process")
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
+    p.add_argument("--root-certificates", default=None, help="CA of the Runtime API's TLS certificate")
+    p.add_argument("--preload", default="torch,transformers,peft",
+                   help="comma-separated modules to import before the first task (the ClientApp's heavy "
+                        "dependencies; the app itself comes from the run's FAB)")
+    p.add_argument("--poll-min", type=float, default=0.002)
+    p.add_argument("--poll-max", type=float, default=1.0)
+    p.add_argument("--parent-pid", type=int, default=None)
+    p.add_argument("--wakeup-fd", type=int, default=None, help="read end of the SuperNode's wakeup pipe")
+    args = p.parse_args(argv)
+    _log_to_stderr()
+    for name in filter(None, args.preload.split(",")):
+        import_module(name.strip())
+    # a task acquired by the fallback poll may still be storing its content: retry promptly
+    utils = import_module("flwr.supercore.inflatable.inflatable_utils")
+    utils.pull_objects = prompt_pull_objects(utils.pull_objects, args.poll_min)
+    certs = open(args.root_certificates, "rb").read() if args.root_certificates else None  # noqa: SIM115
+    runner = TaskRunner(args.runtime_api_address, insecure=certs is None, root_certificates=certs)
+    stop = threading.Event()
+    if args.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
+    log.info("running ClientApp tasks of %s in process %d", args.runtime_api_address, os.getpid())
+    try:
+        runner.serve(Backoff(start=args.poll_min, limit=args.poll_max), stop, args.wakeup_fd)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def supernode_main(argv: list[str] | None = None) -> int:
+    """``flower-supernode`` with fast polling and the warm runner (same arguments)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9094)
+    p.add_argument("--isolation", default=None)
+    p.add_argument("--ssl-ca-certfile", default=None)
+    p.add_argument("--poll-min", type=float, default=0.005,
+                   help="first wait after a message before polling the SuperLink again (s)")
+    p.add_argument("--poll-max", type=float, default=3.0, help="longest wait between polls when idle (s)")
+    p.add_argument("--poll-growth", type=float, default=1.1, help="factor by which the wait grows per empty poll")
+    p.add_argument("--reply-poll", type=float, default=0.002,
+                   help="wait between checks for the ClientApp's reply (s)")
+    ours, rest = p.parse_known_args(argv)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    if "-h" in rest or "--help" in rest:
+        print("guardedtuning deploy supernode: flower-supernode with prompt polling and a warm ClientApp process\n"
+              "(always --isolation process). Its own options: --poll-min S (first wait after a message, default "
+              "0.005), --poll-growth F (default 1.1), --poll-max S (default 3), --reply-poll S (default 0.002).\n"
+              "Every other option is flower-supernode's:\n")
+        sys.argv = ["flower-supernode", "--help"]
+        flower_supernode()
+        return 0
+    if ours.isolation not in (None, "process"):
+        print(f"error: `--isolation {ours.isolation}`: this SuperNode runs its ClientApp in its own warm "
+              "process; drop --isolation", file=sys.stderr)
+        return 2
+    _log_to_stderr()
+    try:
+        backoff = Backoff(start=ours.poll_min, limit=ours.poll_max, growth=ours.poll_growth)
+    except ValueError as exc:
+        print(f"error: {exc}; pass --poll-min S and --poll-max S with 0 < S_min <= S_max, --poll-growth >= 1",
+              file=sys.stderr)
+        return 2
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    status = patch_supernode_polling(backoff, reply_poll=ours.reply_poll, wakeup_fd=wake_w)
+    log.info("SuperNode polling: %s", status)
+    host = f"[{ours.host}]" if ":" in ours.host else ours.host
+    runner_cmd = [sys.executable, "-m", "guardedtuning.clients.warm_node", "runner",
+                  "--runtime-api-address", f"{host}:{ours.port}", "--parent-pid", str(os.getpid()),
+                  "--wakeup-fd", str(wake_r)]
+    if ours.ssl_ca_certfile:
+        runner_cmd += ["--root-certificates", ours.ssl_ca_certfile]
+    runner = subprocess.Popen(runner_cmd, pass_fds=(wake_r,))  # noqa: S603 - our module, this interpreter
+    os.close(wake_r)
+    flwr_args = [*rest, "--host", ours.host, "--port", str(ours.port), "--isolation", "process"]
+    if ours.ssl_ca_certfile:
+        flwr_args += ["--ssl-ca-certfile", ours.ssl_ca_certfile]
+    sys.argv = ["flower-supernode", *flwr_args]
+    try:
+        flower_supernode()
+    finally:
+        runner.terminate()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("supernode", "runner"):
+        print("usage: python -m guardedtuning.clients.warm_node {supernode,runner} [args]", file=sys.stderr)
+        return 2
+    return supernode_main(argv[1:]) if argv[0] == "supernode" else runner_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
