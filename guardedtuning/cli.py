@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
                              "flower-supernode with prompt polling and a warm ClientApp; local: a SuperLink and "
                              "N SuperNodes here, running a recipe (`guardedtuning deploy WHAT --help`)")
     deploy.add_argument("args", nargs=argparse.REMAINDER)
+    tri = sub.add_parser("trilemma", help="sweep recipes and knobs, attack each run, tabulate and plot")
+    tri.add_argument("--point", dest="points", action="append", default=[], metavar="RECIPE[:KEY=VALUE,...]",
+                     help="a design point (repeatable); default: the built-in sweep (guardedtuning/trilemma.py)")
+    tri.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a run-config key for every point (e.g. federation.rounds=3)")
+    tri.add_argument("--out", default="runs/trilemma", help="output folder (default runs/trilemma); reruns resume")
     sub.add_parser("keys", help="list run-config keys with defaults")
     fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")
     fetch.add_argument("model", choices=["smollm2-135m", "minilm-l6"])
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             return _keys()
         if args.command == "fetch":
             return _fetch(args.model)
+        if args.command == "trilemma":
+            from guardedtuning.trilemma import main_cli
+
+            return main_cli(args, console)
         if args.command == "bench":
             return _bench(args)
         if args.command == "deploy":
