@@ -29,7 +29,8 @@ from guardedtuning.launcher import run_to_completion
 
 
 def run_once(model: str, steps: int, clients: int, poll: float, dispatch: float, out: Path) -> dict:
-    cfg = build_config({
+    cfg = build_config({  # plain split: the step's transport, without the guarded knobs' compute
+        "recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
         "model.name": model, "model.max-length": 64, "data.train-size": 400, "data.test-size": 50,
         "federation.num-clients": max(2, clients), "federation.clients-per-round": clients,
         "federation.rounds": 2, "train.local-steps": steps, "train.batch-size": 16,
