@@ -28,7 +28,6 @@ from guardedtuning.privacy.attacks.metrics import (
 from guardedtuning.privacy.attacks.update_inversion import GradientMatching, Part, SpanAttack, lora_gradient
 from tests.conftest import TINY
 
-
 # ----------------------------------------------------------------------------- metrics by hand
 
 def test_metrics_on_hand_made_examples():

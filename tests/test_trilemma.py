@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
-from tests.conftest import TINY
-from tests.local_grid import LocalGrid
-
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.privacy.attacks.harness import AttackOptions
 from guardedtuning.server_app.server_app import execute
 from guardedtuning.trilemma import Point, pareto, parse_point, sweep
+from tests.conftest import TINY
+from tests.local_grid import LocalGrid
 
 BASE = {k: v for k, v in TINY.items() if k != "recipe" and not k.startswith(("privacy.", "dp.", "aggregation."))}
 BASE.update({"federation.rounds": 1, "train.local-steps": 3, "data.train-size": 120, "data.test-size": 40})

@@ -27,7 +27,7 @@ from guardedtuning.privacy.attacks.eia_learned import LearnedInversion
 from guardedtuning.privacy.attacks.eia_nn import NearestNeighbourEIA
 from guardedtuning.privacy.attacks.eia_opt import OptimizationEIA
 from guardedtuning.privacy.attacks.metrics import content_tokens, rouge_n, token_report, token_set_f1
-from guardedtuning.privacy.attacks.update_inversion import SpanAttack, lora_gradient
+from guardedtuning.privacy.attacks.update_inversion import SpanAttack
 
 ATTACKS = ("eia_nn", "eia_mlp", "eia_transformer", "eia_opt", "aia", "update", "update_secure")
 
