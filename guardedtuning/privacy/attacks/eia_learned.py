@@ -121,7 +121,7 @@ class LearnedInversion:
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if max_seconds and time.perf_counter() - t0 > max_seconds:
                     break
             self.history.append(sum(losses) / max(1, len(losses)))
