@@ -11,6 +11,8 @@ path as ``guardedtuning run``) with ``federation.num-clients = TOTAL`` and
   time during which no client handler ran) and wall time of a split step;
 - ``server_peak_mb``: peak RSS of the ServerApp process (the driver);
 - ``client_peak_mb``: the largest peak RSS any client process (Ray actor) reported;
+- ``client_state_kb``: the largest ``context.state`` a client held when it sent its
+  update (what the simulation keeps per client between its messages and rounds);
 - ``bytes_per_round``: bytes up + down per round, all clients together;
 - on GPU machines, ``gpu_peak_mb`` (largest memory.used of any GPU) and ``gpu_util``
   (mean utilization over the run's GPUs and samples), sampled with ``nvidia-smi``.
@@ -46,7 +48,7 @@ CPU_DEFAULTS: dict[str, Any] = {
 }
 ROWS_PER_CLIENT = 16  # data.train-size is raised to TOTAL x this when smaller
 COLUMNS = ("total", "per_round", "rounds", "round_s", "step_overhead_ms", "step_wall_ms", "server_peak_mb",
-           "client_peak_mb", "bytes_per_round", "gpu_peak_mb", "gpu_util", "utility", "wall_s")
+           "client_peak_mb", "client_state_kb", "bytes_per_round", "gpu_peak_mb", "gpu_util", "utility", "wall_s")
 
 
 def parse_points(text: str) -> list[tuple[int, int]]:
@@ -135,6 +137,8 @@ def summarize(out: Path, gpu: Mapping[str, Any] | None = None) -> dict[str, Any]
         "step_wall_ms": ms(cost.get("step_wall_s_median")),
         "server_peak_mb": cost.get("server_peak_mem_mb"),
         "client_peak_mb": cost.get("client_peak_mem_mb"),
+        "client_state_kb": None if cost.get("client_state_bytes_max") is None
+        else round(cost["client_state_bytes_max"] / 1024, 1),
         "bytes_per_round": round(statistics.fmean(r["bytes_up"] + r["bytes_down"] for r in hist)) if hist else None,
         "utility": record["utility"]["value"], "wall_s": cost.get("wall_s"),
         "server_gpu_peak_mb": cost.get("server_gpu_peak_mem_mb"),

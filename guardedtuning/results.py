@@ -63,6 +63,7 @@ class CostLedger:
     client_compute_s: float = 0.0
     client_peak_mem_mb: float = 0.0
     client_gpu_peak_mem_mb: float = 0.0
+    client_state_bytes: float = -1.0  # largest context.state a client reported (-1: none reported)
     server_s: float = 0.0
     step_overhead_s: list[float] = field(default_factory=list)
     step_wall_s: list[float] = field(default_factory=list)
@@ -154,6 +155,7 @@ class Recorder:
             "dense_bytes_per_client_round": led.dense_bytes / per if led.client_rounds else None,
             "client_peak_mem_mb": led.client_peak_mem_mb or None,
             "client_gpu_peak_mem_mb": led.client_gpu_peak_mem_mb or None,
+            "client_state_bytes_max": int(led.client_state_bytes) if led.client_state_bytes >= 0 else None,
             "server_peak_mem_mb": round(peak_rss_mb(), 1),
             "server_gpu_peak_mem_mb": gpu_peak_mb(),
             "client_train_s": led.client_compute_s / per if led.client_rounds else None,

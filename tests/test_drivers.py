@@ -60,6 +60,10 @@ def test_split_sends_one_message_per_step_and_global_adapter_moves(tiny_flat):
     ckpt = torch.load(Path(tiny_flat["output.dir"]) / "checkpoint.pt", weights_only=False)
     moved = [float(v.abs().sum()) for k, v in ckpt["state"]["global_bottom"].items() if "lora_B" in k]
     assert moved and all(m > 0 for m in moved)  # lora_B starts at zero
+    # what a client keeps between messages is reported, and it is about the adapter's size, not the data's
+    adapter_bytes = 4 * sum(v.numel() for v in ckpt["state"]["global_bottom"].values())
+    state = record["cost"]["client_state_bytes_max"]
+    assert state is not None and 0 <= state <= 4 * adapter_bytes + 4096
 
 
 def _corrupt_acts(target_node, at_call):

@@ -32,6 +32,9 @@ def test_secure_rounds_update_the_global_adapter(tiny_flat, recipe):
     state = torch.load(Path(tiny_flat["output.dir"]) / "checkpoint.pt", weights_only=False)["state"]
     adapter = state["global_bottom"] if recipe == "split" else state["global"]
     assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    # each client keeps its error-feedback residual and round keys: about an adapter, not its data
+    adapter_bytes = 4 * sum(v.numel() for v in adapter.values())
+    assert adapter_bytes < record["cost"]["client_state_bytes_max"] <= 4 * adapter_bytes + 64 * 1024
     types = {m.metadata.message_type for m in grid.sent}
     assert "train.secagg" in types
     # no client ever sent its update, or its example count, in the clear

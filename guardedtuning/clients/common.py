@@ -106,8 +106,24 @@ def update_content(update: dict[str, torch.Tensor], *, num_examples: float,
     return RecordDict({"update": tensors_to_record(update)}), {"num-examples": num_examples}
 
 
-def metrics_record(t0: float, started: float, **extra: float) -> MetricRecord:
-    """Compute time and wall-clock interval of a handler (for the overhead figure), and more."""
+def state_nbytes(state: RecordDict) -> int:
+    """Bytes a client keeps in ``context.state`` (arrays, plus the configs' values as text)."""
+    total = 0
+    for record in state.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(record[k].data) for k in record.keys())
+        else:
+            total += sum(len(str(k)) + len(str(v)) for k, v in record.items())
+    return total
+
+
+def metrics_record(t0: float, started: float, *, state: RecordDict | None = None, **extra: float) -> MetricRecord:
+    """Compute time and wall-clock interval of a handler (for the overhead figure), and more.
+
+    ``state``: the client's ``context.state``, whose size is reported as ``state_bytes``.
+    """
+    if state is not None:
+        extra["state_bytes"] = float(state_nbytes(state))
     gpu = gpu_peak_mb()
     return MetricRecord({"compute_s": time.perf_counter() - t0, "t_start": started, "t_end": time.time(),
                          "peak_mem_mb": peak_rss_mb(), **({"gpu_peak_mem_mb": gpu} if gpu is not None else {}),

@@ -46,5 +46,6 @@ def handle_fedlora_train(msg: Message, context: Context) -> Message:
     now = trainable_state(model)
     examples = float(steps * min(cfg.train.batch_size, len(client_examples(context, cfg))))
     content, extra = update_content({k: now[k] - start[k] for k in now}, num_examples=examples, context=context)
-    content["metrics"] = metrics_record(t0, started, train_loss=sum(losses) / len(losses), **extra)
+    content["metrics"] = metrics_record(t0, started, state=context.state, train_loss=sum(losses) / len(losses),
+                                        **extra)
     return Message(content, reply_to=msg)

@@ -276,7 +276,7 @@ def handle_split_step(msg: Message, context: Context) -> Message:
     content, extra = update_content(trainable_state(bottom), num_examples=examples, context=context)
     if priv.plan is not None and priv.accountant is not None:
         extra["epsilon"] = priv.accountant.epsilon(delta=priv.plan.delta)
-    content["metrics"] = metrics_record(t0, started, **extra)
+    content["metrics"] = metrics_record(t0, started, state=context.state, **extra)
     content["privacy"] = ConfigRecord({k: v for k, v in priv.describe().items() if isinstance(v, (int, float, str))})
     return Message(content, reply_to=msg)
 

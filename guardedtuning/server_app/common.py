@@ -138,6 +138,8 @@ class ServerRun:
                 source = f"reply of node {node}"
                 led.client_compute_s += metric_value(rec, "compute_s", source=source)
                 led.client_peak_mem_mb = max(led.client_peak_mem_mb, metric_value(rec, "peak_mem_mb", source=source))
+                if "state_bytes" in rec:
+                    led.client_state_bytes = max(led.client_state_bytes, metric_value(rec, "state_bytes", source=source))
                 if "gpu_peak_mem_mb" in rec:
                     led.client_gpu_peak_mem_mb = max(led.client_gpu_peak_mem_mb,
                                                      metric_value(rec, "gpu_peak_mem_mb", source=source))
