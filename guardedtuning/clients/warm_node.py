@@ -50,6 +50,7 @@ from typing import Any
 from guardedtuning.server_app.object_pulls import prompt_pull_objects
 
 SUPPORTED = ("1.41.", "1.42.")
+FALLBACK_POLL_S = 10.0  # the runner's poll when the SuperNode wakes it up on every message
 log = logging.getLogger("guardedtuning.node")
 
 
@@ -253,9 +254,10 @@ class TaskRunner:
                 if wakeup_fd is None:
                     stop.wait(backoff.next())
                 # the SuperNode says when a message (and its content) is stored: acquiring
-                # earlier would find the task but not yet its content, whose pull Flower
-                # retries only after a second; the timeout is a fallback for lost wakeups
-                elif select.select([wakeup_fd], [], [], backoff.limit)[0]:
+                # earlier would find the task but not yet its content (the SuperNode creates
+                # the task before it pulls the content), so polls wait for the wakeup; the
+                # timeout is only a fallback
+                elif select.select([wakeup_fd], [], [], FALLBACK_POLL_S)[0]:
                     os.read(wakeup_fd, 4096)  # drain: one acquire serves every pending wakeup
         finally:
             client.close()

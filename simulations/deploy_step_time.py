@@ -1,0 +1,109 @@
+"""Per-step time of split learning on Flower's deployment engine, against the simulation engine.
+
+Runs the same split recipe (tiny model, every client in every round) several ways, one
+after the other, in one invocation:
+
+- ``simulation``: Flower's simulation engine (``guardedtuning run``'s path);
+- ``deployment, warm SuperNodes``: a SuperLink and one SuperNode per client as processes
+  on this machine (``guardedtuning.deploy.LocalFederation``), TLS and SuperNode
+  authentication on, SuperNodes started as ``guardedtuning deploy supernode``;
+- ``deployment, Flower's SuperNodes``: the same with Flower's stock ``flower-supernode``
+  (it sleeps 3 s after an empty poll and starts a process per message), unless
+  ``--skip-stock``.
+
+A step's wall time is the exchange of one split step (push to every sampled client, pull
+every reply); its overhead is the part of it during which no client handler computed
+(``Exchange.overhead_s``). It prints the medians over round 2 (round 1 carries the
+processes' start and the model loads) and the load average, since the figures depend on
+what else the machine runs; the rows are saved to ``<out>/deploy_step_time.json``.
+
+    python simulations/deploy_step_time.py [--model tiny-bert] [--clients 2] [--steps 8] [--skip-stock]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from guardedtuning.config import build_config
+from guardedtuning.deploy import LocalFederation
+from guardedtuning.launcher import app_dir, run_to_completion, write_run_config
+
+
+def flat_config(model: str, clients: int, steps: int, out: Path, poll: float) -> dict:
+    return {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
+            "model.name": model, "model.max-length": 64, "data.train-size": 400, "data.test-size": 50,
+            "federation.num-clients": clients, "federation.clients-per-round": clients, "federation.rounds": 2,
+            "train.local-steps": steps, "train.batch-size": 16, "comm.poll-interval": poll, "output.dir": str(out)}
+
+
+def round2_medians(out: Path) -> tuple[float, float, int]:
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step" and e["round"] == 2]
+    if not steps:
+        raise RuntimeError(f"no round-2 steps in {out / 'events.jsonl'}")
+    return statistics.median(e["exchange_s"] for e in steps), statistics.median(e["overhead_s"] for e in steps), len(steps)
+
+
+def run_simulation(flat: dict) -> None:
+    run_to_completion(build_config(flat), timeout=3600)
+
+
+def run_deployment(flat: dict, root: Path, *, warm: bool, tls: bool) -> None:
+    cfg = build_config(flat)
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with LocalFederation(root, cfg.federation.num_clients, tls=tls, auth=tls, warm=warm) as fed:
+        fed.start()
+        rc = fed.run(app_dir(out), str(write_run_config(cfg, out / "run-config.toml")), timeout=3600)
+    if rc != 0 or not (out / "results.json").exists():
+        raise RuntimeError(f"deployment run failed (flwr exit code {rc}); see {root / 'logs'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny-bert")
+    p.add_argument("--clients", type=int, default=2, help="SuperNodes = clients per round")
+    p.add_argument("--steps", type=int, default=8, help="local steps per round")
+    p.add_argument("--poll", type=float, default=0.002, help="comm.poll-interval of the ServerApp")
+    p.add_argument("--insecure", action="store_true", help="deployments without TLS and SuperNode authentication")
+    p.add_argument("--skip-stock", action="store_true", help="leave out Flower's stock SuperNode (~20 s a step)")
+    p.add_argument("--out", type=Path, default=Path("runs/deploy-step-time"))
+    args = p.parse_args()
+    out = args.out.resolve()
+    tls = not args.insecure
+    variants = [("simulation", lambda f, d: run_simulation(f)),
+                (f"deployment, warm SuperNodes{'' if tls else ' (insecure)'}",
+                 lambda f, d: run_deployment(f, d / "federation", warm=True, tls=tls))]
+    if not args.skip_stock:
+        variants.append((f"deployment, Flower's SuperNodes{'' if tls else ' (insecure)'}",
+                         lambda f, d: run_deployment(f, d / "federation", warm=False, tls=tls)))
+    rows = []
+    for i, (label, run) in enumerate(variants):
+        d = out / f"v{i}"
+        flat = flat_config(args.model, args.clients, args.steps, d / "run", args.poll)
+        load0, t0 = os.getloadavg()[0], time.monotonic()
+        run(flat, d)
+        wall, overhead, n = round2_medians(d / "run")
+        rows.append({"variant": label, "step_wall_s": wall, "step_overhead_s": overhead, "steps": n,
+                     "run_s": time.monotonic() - t0, "load_before": load0, "load_after": os.getloadavg()[0]})
+        print(f"{label}: step {wall * 1000:.0f} ms, overhead {overhead * 1000:.0f} ms (round 2, {n} steps)",
+              flush=True)
+    (out / "deploy_step_time.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                           "rows": rows}, indent=1))
+    print(f"\nsplit step on {args.model}: {args.clients} clients per round, {args.steps} steps per round, batch 16, "
+          f"medians of round 2; {os.cpu_count()} CPUs")
+    print(f"{'variant':40s} {'step (median)':>14s} {'overhead (median)':>18s} {'run':>8s} {'load avg':>12s}")
+    for r in rows:
+        print(f"{r['variant']:40s} {r['step_wall_s'] * 1000:11.0f} ms {r['step_overhead_s'] * 1000:15.0f} ms "
+              f"{r['run_s']:6.0f} s {r['load_before']:5.1f}-{r['load_after']:<5.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
