@@ -81,6 +81,8 @@ def test_gradfree_learns_and_sends_no_gradient_and_no_label(tiny_flat):
     assert not np.allclose(w1, w2)
     cost = record["cost"]
     assert 0 < cost["model_ip_exposure"] < 1 and cost["client_s_per_step"] > 0 and cost["bytes_per_round"] > 0
+    # between its two messages a client keeps only the round's starting adapter, never the activations
+    assert 0 < cost["client_state_bytes_max"] < 64 * 1024
     assert record["privacy"]["mechanism"]["name"] == "dchi"
 
 

@@ -168,7 +168,7 @@ def handle_gradfree(msg: Message, context: Context) -> Message:
         state[START_KEY] = ArrayRecord({"flat": Array(flat_trainable(head).numpy())})
         acts = release_rows(bottom, batch, priv, cfg, device, pid=pid, round_=round_)
         content = RecordDict({"acts": tensors_to_record_mixed(acts),
-                              "metrics": metrics_record(t0, started, rows=float(len(batch)))})
+                              "metrics": metrics_record(t0, started, state=state, rows=float(len(batch)))})
         return Message(content, reply_to=msg)
     if START_KEY not in state:
         raise MessageError(f"{source}: stage {TRAIN!r} of round {round_} arrived without stage {RELEASE!r}")
@@ -194,6 +194,6 @@ def handle_gradfree(msg: Message, context: Context) -> Message:
         extra["train_loss"] = statistics.fmean(losses)
     if priv.plan is not None and priv.accountant is not None:
         extra["epsilon"] = priv.accountant.epsilon(delta=priv.plan.delta)
-    content["metrics"] = metrics_record(t0, started, **extra)
+    content["metrics"] = metrics_record(t0, started, state=state, **extra)
     content["privacy"] = ConfigRecord({k: v for k, v in priv.describe().items() if isinstance(v, (int, float, str))})
     return Message(content, reply_to=msg)

@@ -110,6 +110,6 @@ def handle_offsite_train(msg: Message, context: Context) -> Message:
         extra["train_loss"] = statistics.fmean(losses)
     if priv.plan is not None and priv.accountant is not None:
         extra["epsilon"] = priv.accountant.epsilon(delta=priv.plan.delta)
-    content["metrics"] = metrics_record(t0, started, **extra)
+    content["metrics"] = metrics_record(t0, started, state=context.state, **extra)
     content["privacy"] = ConfigRecord({k: v for k, v in priv.describe().items() if isinstance(v, (int, float, str))})
     return Message(content, reply_to=msg)
