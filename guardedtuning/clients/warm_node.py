@@ -39,6 +39,7 @@ import argparse
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -151,7 +152,8 @@ class TaskRunner:
         self.app_dir: str | None = None
         self.app: Any = None
 
-    def _client(self, token: str | None) -> Any:
+    def _client(self, token: str | None) -> tuple[Any, Any]:
+        """A Runtime API client (with the task's token, if given) and its retry invoker."""
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -160,9 +162,11 @@ class TaskRunner:
             component_name="flwr-clientapp" if token else "SuperExec")]
         if token:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
-        return RuntimeHttpClient.from_server_address(
+        retry = make_simple_http_retry_invoker()
+        client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=self.insecure, root_certificates=self.root_certificates,
-            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+            interceptors=interceptors, retry_invoker=retry)
+        return client, retry
 
     def acquire(self, client: Any) -> str | None:
         """A task's token, or None when the SuperNode has no task for a ClientApp."""
@@ -205,7 +209,7 @@ class TaskRunner:
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-        client = self._client(token)
+        client, retry = self._client(token)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         message = reply = context = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
@@ -230,11 +234,16 @@ class TaskRunner:
             except Exception:  # noqa: BLE001
                 log.exception("failed to push the reply")
                 status = SubStatus.FAILED
-            push_task_output(client=client, context=context, sub_status=status, details=details)
-            log.debug("reply and context pushed %.3f", time.time())
+            # the heartbeat stops while the task is still claimed: a heartbeat after the
+            # task's output would find no claim and make Flower's sender raise SIGINT
             if heartbeat.is_running:
                 heartbeat.stop()
-            client.close()
+            retry.max_tries = 1  # as Flower's runner does on exit: no retries for a finished task
+            try:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            finally:
+                client.close()
+            log.debug("reply and context pushed %.3f", time.time())
         return status
 
     def serve(self, backoff: Backoff, stop: threading.Event, wakeup_fd: int | None = None) -> None:
@@ -243,7 +252,7 @@ class TaskRunner:
         Between empty polls it waits for the backoff's time, or less when ``wakeup_fd``
         (the read end of the SuperNode's pipe) says a message arrived.
         """
-        client = self._client(None)
+        client, _ = self._client(None)
         try:
             while not stop.is_set():
                 token = self.acquire(client)
@@ -318,11 +327,12 @@ def runner_main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     if args.parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
+    # Flower's task heartbeat raises SIGINT when it finds its task's claim gone, to end a
+    # one-message process; here that would end every later message too. The runner stops
+    # with its SuperNode (SIGTERM, or the parent check above), so SIGINT is only logged.
+    signal.signal(signal.SIGINT, lambda *_: log.warning("SIGINT ignored: the runner stops with its SuperNode"))
     log.info("running ClientApp tasks of %s in process %d", args.runtime_api_address, os.getpid())
-    try:
-        runner.serve(Backoff(start=args.poll_min, limit=args.poll_max), stop, args.wakeup_fd)
-    except KeyboardInterrupt:
-        pass
+    runner.serve(Backoff(start=args.poll_min, limit=args.poll_max), stop, args.wakeup_fd)
     return 0
 
 
@@ -371,8 +381,7 @@ def supernode_main(argv: list[str] | None = None) -> int:
                   "--wakeup-fd", str(wake_r)]
     if ours.ssl_ca_certfile:
         runner_cmd += ["--root-certificates", ours.ssl_ca_certfile]
-    runner = subprocess.Popen(runner_cmd, pass_fds=(wake_r,))  # noqa: S603 - our module, this interpreter
-    os.close(wake_r)
+    runner = _Runner(runner_cmd, wake_r)
     flwr_args = [*rest, "--host", ours.host, "--port", str(ours.port), "--isolation", "process"]
     if ours.ssl_ca_certfile:
         flwr_args += ["--ssl-ca-certfile", ours.ssl_ca_certfile]
@@ -380,8 +389,33 @@ def supernode_main(argv: list[str] | None = None) -> int:
     try:
         flower_supernode()
     finally:
-        runner.terminate()
+        runner.stop()
     return 0
+
+
+class _Runner:
+    """The warm ClientApp process of a SuperNode, restarted if it ever exits on its own."""
+
+    def __init__(self, cmd: list[str], wake_r: int) -> None:
+        self.cmd, self.wake_r = cmd, wake_r
+        self.stopping = threading.Event()
+        self.proc = self._start()
+        threading.Thread(target=self._watch, daemon=True, name="guardedtuning-runner-watch").start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.cmd, pass_fds=(self.wake_r,))  # noqa: S603 - our module, this interpreter
+
+    def _watch(self) -> None:
+        while True:
+            code = self.proc.wait()
+            if self.stopping.wait(1.0):
+                return
+            log.error("the ClientApp process exited (code %s); starting a new one", code)
+            self.proc = self._start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.proc.terminate()
 
 
 def main(argv: list[str] | None = None) -> int:
