@@ -159,9 +159,16 @@ def _bench(args: argparse.Namespace) -> int:
 def _banner(cfg: RunConfig, facts: dict[str, Any]) -> None:
     fed = cfg.federation
     who = "1 process" if cfg.recipe == "central-ft" else f"{fed.num_clients} clients, {fed.clients_per_round} per round"
+    if cfg.recipe in ("fedlora", "central-ft"):
+        shape = ""
+    elif cfg.recipe == "offsite":
+        shape = (f", emulator: {cfg.offsite.adapter_layers}+{cfg.offsite.emulator_layers}+"
+                 f"{cfg.offsite.adapter_layers} blocks")
+    else:
+        shape = f", cut after {cfg.split.layer}"
     console.print(
-        f"[bold]guardedtuning[/] {cfg.recipe}: {cfg.model.name} ({facts['kind']}, {facts['layers']} blocks, "
-        f"cut after {cfg.split.layer}) on {cfg.data.name} ({facts['train_rows']} train / {facts['test_rows']} test rows, "
+        f"[bold]guardedtuning[/] {cfg.recipe}: {cfg.model.name} ({facts['kind']}, {facts['layers']} blocks"
+        f"{shape}) on {cfg.data.name} ({facts['train_rows']} train / {facts['test_rows']} test rows, "
         f"majority class {facts['majority_rate']:.3f}); {who}, {fed.rounds} rounds -> {cfg.output.dir}",
         highlight=False, soft_wrap=True,
     )
