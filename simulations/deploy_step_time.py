@@ -14,10 +14,11 @@ after the other, in one invocation:
 A step's wall time is the exchange of one split step (push to every sampled client, pull
 every reply); its overhead is the part of it during which no client handler computed
 (``Exchange.overhead_s``). It prints the medians over round 2 (round 1 carries the
-processes' start and the model loads) and the load average, since the figures depend on
-what else the machine runs; the rows are saved to ``<out>/deploy_step_time.json``.
+processes' start and the model loads), and with ``--repeats R`` the median and range over
+R interleaved runs, with the load average, since the figures depend on what else the
+machine runs; the rows are saved to ``<out>/deploy_step_time.json``.
 
-    python simulations/deploy_step_time.py [--model tiny-bert] [--clients 2] [--steps 8] [--skip-stock]
+    python simulations/deploy_step_time.py [--model tiny-bert] [--clients 2] [--steps 8] [--repeats 3] [--skip-stock]
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="local steps per round")
     p.add_argument("--poll", type=float, default=0.002, help="comm.poll-interval of the ServerApp")
     p.add_argument("--insecure", action="store_true", help="deployments without TLS and SuperNode authentication")
-    p.add_argument("--skip-stock", action="store_true", help="leave out Flower's stock SuperNode (~20 s a step)")
+    p.add_argument("--skip-stock", action="store_true", help="leave out Flower's stock SuperNode (20 to 40 s a step on 2 cores)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of the simulation and the warm deployment, interleaved (the stock one runs once)")
     p.add_argument("--out", type=Path, default=Path("runs/deploy-step-time"))
     args = p.parse_args()
     out = args.out.resolve()
@@ -83,25 +86,38 @@ def main() -> int:
     if not args.skip_stock:
         variants.append((f"deployment, Flower's SuperNodes{'' if tls else ' (insecure)'}",
                          lambda f, d: run_deployment(f, d / "federation", warm=False, tls=tls)))
+    runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
+    for rep in range(args.repeats):  # interleaved, so that each variant sees the machine's ups and downs
+        for i, (label, run) in enumerate(variants):
+            if rep > 0 and label.startswith("deployment, Flower's"):
+                continue  # one run of the stock SuperNodes is enough to see seconds per step
+            d = out / f"r{rep}-v{i}"
+            flat = flat_config(args.model, args.clients, args.steps, d / "run", args.poll)
+            load0, t0 = os.getloadavg()[0], time.monotonic()
+            run(flat, d)
+            wall, overhead, n = round2_medians(d / "run")
+            runs[label].append({"step_wall_s": wall, "step_overhead_s": overhead, "steps": n,
+                                "run_s": time.monotonic() - t0, "load_before": load0,
+                                "load_after": os.getloadavg()[0]})
+            print(f"{label} (run {rep + 1}): step {wall * 1000:.0f} ms, overhead {overhead * 1000:.0f} ms "
+                  f"(round 2, {n} steps), load {load0:.1f}-{os.getloadavg()[0]:.1f}", flush=True)
     rows = []
-    for i, (label, run) in enumerate(variants):
-        d = out / f"v{i}"
-        flat = flat_config(args.model, args.clients, args.steps, d / "run", args.poll)
-        load0, t0 = os.getloadavg()[0], time.monotonic()
-        run(flat, d)
-        wall, overhead, n = round2_medians(d / "run")
-        rows.append({"variant": label, "step_wall_s": wall, "step_overhead_s": overhead, "steps": n,
-                     "run_s": time.monotonic() - t0, "load_before": load0, "load_after": os.getloadavg()[0]})
-        print(f"{label}: step {wall * 1000:.0f} ms, overhead {overhead * 1000:.0f} ms (round 2, {n} steps)",
-              flush=True)
+    for label, rs in runs.items():
+        walls, overheads = [r["step_wall_s"] for r in rs], [r["step_overhead_s"] for r in rs]
+        loads = [r["load_before"] for r in rs] + [r["load_after"] for r in rs]
+        rows.append({"variant": label, "runs": rs, "step_wall_s": statistics.median(walls),
+                     "step_wall_s_range": [min(walls), max(walls)], "step_overhead_s": statistics.median(overheads),
+                     "load_range": [min(loads), max(loads)]})
     (out / "deploy_step_time.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                            "rows": rows}, indent=1))
-    print(f"\nsplit step on {args.model}: {args.clients} clients per round, {args.steps} steps per round, batch 16, "
-          f"medians of round 2; {os.cpu_count()} CPUs")
-    print(f"{'variant':40s} {'step (median)':>14s} {'overhead (median)':>18s} {'run':>8s} {'load avg':>12s}")
+    print(f"\nsplit step on {args.model}: {args.clients} clients per round, {args.steps} steps per round, batch 16; "
+          f"medians of round 2, then the median over runs; {os.cpu_count()} CPUs")
+    print(f"{'variant':40s} {'runs':>4s} {'step (median)':>14s} {'range':>16s} {'overhead (median)':>18s} {'load avg':>11s}")
     for r in rows:
-        print(f"{r['variant']:40s} {r['step_wall_s'] * 1000:11.0f} ms {r['step_overhead_s'] * 1000:15.0f} ms "
-              f"{r['run_s']:6.0f} s {r['load_before']:5.1f}-{r['load_after']:<5.1f}")
+        lo, hi = r["step_wall_s_range"]
+        print(f"{r['variant']:40s} {len(r['runs']):4d} {r['step_wall_s'] * 1000:11.0f} ms "
+              f"{lo * 1000:6.0f}-{hi * 1000:<6.0f} ms {r['step_overhead_s'] * 1000:15.0f} ms "
+              f"{r['load_range'][0]:5.1f}-{r['load_range'][1]:<5.1f}")
     return 0
 
 
