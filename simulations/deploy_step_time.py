@@ -73,7 +73,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8, help="local steps per round")
     p.add_argument("--poll", type=float, default=0.002, help="comm.poll-interval of the ServerApp")
     p.add_argument("--insecure", action="store_true", help="deployments without TLS and SuperNode authentication")
-    p.add_argument("--skip-stock", action="store_true", help="leave out Flower's stock SuperNode (20 to 40 s a step on 2 cores)")
+    p.add_argument("--skip-stock", action="store_true", help="leave out Flower's stock SuperNode (13 to 41 s a step on 2 cores)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of the simulation and the warm deployment, interleaved (the stock one runs once)")
     p.add_argument("--out", type=Path, default=Path("runs/deploy-step-time"))

@@ -6,7 +6,7 @@ insecure and runs the split recipe through `guardedtuning deploy local`; the oth
 and SuperNode authentication (an unregistered SuperNode is turned away) and runs the
 guarded recipe (PrivTune, DP-SGD, secure aggregation) through :class:`LocalFederation`.
 Both check that a split step costs far less than on Flower's own SuperNode, which waits
-3 s after every empty poll and starts a process per message (20 to 40 s a step here).
+3 s after every empty poll and starts a process per message (13 to 41 s a step here).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ TINY_SPLIT = {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": Fals
               "federation.rounds": 2, "train.local-steps": 8, "train.batch-size": 8, "train.lr": 5e-3,
               "train.server-lr": 5e-3}
 # Flower's stock SuperNode waits 3 s after every empty poll and starts a process per message:
-# 20 to 40 s a step on a 2-core machine; ours took 1 to 2 s there with other jobs running
+# 13 to 41 s a step on the 2-core development machine; ours took 0.6 s there when idle and
+# up to 2 s with other jobs running
 MAX_STEP_S = 5.0
 
 

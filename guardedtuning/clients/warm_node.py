@@ -10,9 +10,11 @@ every ``comm.poll-interval``):
    reply every 0.5 s;
 2. its SuperExec polls for tasks every second (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``);
 3. every message is a task that SuperExec starts as a new ``flwr-clientapp`` process, which
-   imports torch, transformers and the app, then builds the model and the client's data
-   before it computes anything: 10 to 15 s per message for the tiny test model on a
-   2-core CPU.
+   imports torch, transformers and the app (2.5 s on an idle 2-core CPU), then builds the
+   model and the client's data before it computes anything.
+
+Together a split step took 13 s with 2 clients of the tiny test model on an idle 2-core
+CPU (``simulations/deploy_step_time.py``).
 
 :func:`supernode_main` starts Flower's own ``flower-supernode`` (same arguments) with
 ``--isolation process`` and two changes:
