@@ -122,19 +122,22 @@ class GpuSampler:
                 "gpu_util": statistics.fmean(per_gpu), "gpu_util_per_gpu": [round(u, 1) for u in per_gpu]}
 
 
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 2)
+
+
 def summarize(out: Path, gpu: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The figures of one finished run folder (see the module docstring)."""
     record = json.loads((out / "results.json").read_text())
     cost, hist = record["cost"], record["history"]
     walls = [r["wall_s"] for r in hist]
-    per_round = [b - a for a, b in zip([0.0, *walls], walls)]
+    per_round = [b - a for a, b in zip([0.0, *walls], walls, strict=False)]
     steady = per_round[1:] if len(per_round) > 1 else per_round
-    ms = (lambda v: None if v is None else round(v * 1000, 2))
     row = {
         "total": record["num_clients"], "per_round": record["clients_per_round"], "rounds": len(hist),
         "round_s": round(statistics.median(steady), 3) if steady else None,
-        "step_overhead_ms": ms(cost.get("step_overhead_s_median")),
-        "step_wall_ms": ms(cost.get("step_wall_s_median")),
+        "step_overhead_ms": _ms(cost.get("step_overhead_s_median")),
+        "step_wall_ms": _ms(cost.get("step_wall_s_median")),
         "server_peak_mb": cost.get("server_peak_mem_mb"),
         "client_peak_mb": cost.get("client_peak_mem_mb"),
         "client_state_kb": None if cost.get("client_state_bytes_max") is None

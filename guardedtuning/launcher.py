@@ -99,6 +99,10 @@ class FlowerRun:
         env = dict(os.environ)
         env.update(FLWR_ENV)
         env["FLWR_HOME"] = str(self.out / ".flwr")
+        # the SuperLink starts flower-superexec by name: this environment's scripts must be on PATH
+        scripts = str(Path(sys.executable).parent)
+        if scripts not in env.get("PATH", "").split(os.pathsep):
+            env["PATH"] = scripts + os.pathsep + env.get("PATH", "")
         return env
 
     def start(self, run_config: str | None = None) -> None:

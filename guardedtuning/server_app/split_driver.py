@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from guardedtuning.errors import ClientsFailed, ConfigError, MessageError
+from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import SplitModel, split_model
 from guardedtuning.models.split import IGNORE
