@@ -344,6 +344,10 @@ class LocalFederation:
         self.stop()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
     try:
         os.killpg(p.pid, sig)
@@ -409,6 +413,9 @@ def _local(args: argparse.Namespace) -> int:
     root = args.dir.resolve()
     fed = LocalFederation(root, args.nodes, tls=not args.insecure, auth=not (args.insecure or args.no_auth),
                           warm=not args.stock)
+    # a closed terminal or `kill` must still stop the federation (see `finally`)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     cfg = None
     if not args.serve:
         # every SuperNode is a client, and every client takes part in every round unless told otherwise
