@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guardedtuning.errors import GuardedTuningError
-from guardedtuning.launcher import FLWR_ENV, free_port, processes_with_env
+from guardedtuning.launcher import FLWR_ENV, _signal_group, free_port, stop_processes
 
 MARKER = "GUARDEDTUNING_DEPLOYMENT"  # set on every process a LocalFederation starts
 
@@ -307,35 +307,9 @@ class LocalFederation:
 
     def stop(self) -> list[int]:
         """End every process this federation started; return the PIDs that had to be killed."""
-        for p in reversed(self.procs):
-            _signal_group(p, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        killed = []
-        for p in self.procs:
-            if p.poll() is None:
-                killed.append(p.pid)
-            _signal_group(p, signal.SIGKILL)
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         # Flower's SuperExec and app processes start sessions of their own; they still
         # carry our marker in their environment, which no other federation shares
-        deadline = time.monotonic() + 15
-        while (left := processes_with_env(MARKER, str(self.root))) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            time.sleep(0.2)
-        return killed
+        return stop_processes(self.procs, MARKER, str(self.root))
 
     def __enter__(self) -> LocalFederation:
         return self
@@ -346,13 +320,6 @@ class LocalFederation:
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # ---------------------------------------------------------------------------------------

@@ -163,31 +163,9 @@ class FlowerRun:
 
     def stop(self) -> None:
         """SIGTERM each process group we started, then SIGKILL what is left."""
-        for p in reversed(self.procs):
-            _signal_group(p, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.procs:
-            _signal_group(p, signal.SIGKILL)
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         # Ray starts some of its processes in sessions of their own; they still carry
         # our FLWR_HOME, which no other run shares
-        home = str(self.out / ".flwr")
-        deadline = time.monotonic() + 15
-        while (left := processes_with_env("FLWR_HOME", home)) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            time.sleep(0.2)
+        stop_processes(self.procs, "FLWR_HOME", str(self.out / ".flwr"))
 
 
 def processes_with_env(key: str, value: str) -> list[int]:
@@ -213,6 +191,42 @@ def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(p.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], env_key: str, env_value: str) -> list[int]:
+    """End processes we started, and every process whose environment has ``env_key=env_value``.
+
+    SIGTERM to each started process group (last started first), up to 10 s, then SIGKILL to
+    the groups; then, for up to 15 s, SIGKILL to any process still carrying the marker
+    (those started in sessions of their own). Returns the PIDs that had to be killed.
+    """
+    for p in reversed(procs):
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    killed = []
+    for p in procs:
+        if p.poll() is None:
+            killed.append(p.pid)
+        _signal_group(p, signal.SIGKILL)
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 15
+    while (left := processes_with_env(env_key, env_value)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.2)
+    return killed
 
 
 def run_to_completion(cfg: RunConfig, *, timeout: float = 3600) -> dict:

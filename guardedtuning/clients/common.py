@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from guardedtuning.clients.secagg_handlers import (
     begin_round,
@@ -22,9 +22,10 @@ from guardedtuning.config import DataConfig, RunConfig, build_config
 from guardedtuning.data.batches import Batch, Example, batch_indices, collate, tokenize_rows
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import load_task
+from guardedtuning.errors import MessageError
 from guardedtuning.models.loading import kind_of, load_tokenizer
 from guardedtuning.results import gpu_peak_mb, peak_rss_mb
-from guardedtuning.strategies.messages import get_record, record_to_tensors, tensors_to_record
+from guardedtuning.strategies.messages import config_value, get_record, record_to_tensors, tensors_to_record
 
 
 @functools.lru_cache(maxsize=4)
@@ -104,6 +105,16 @@ def update_content(update: dict[str, torch.Tensor], *, num_examples: float,
                              state=context.state, node_id=context.node_id)
         return sealed, {}
     return RecordDict({"update": tensors_to_record(update)}), {"num-examples": num_examples}
+
+
+def resumed_after_of(conf: ConfigRecord, source: str) -> int:
+    """The round a restarted run resumed after (``resumed-after``; 0 for a fresh run)."""
+    if "resumed-after" not in conf:
+        return 0
+    value = config_value(conf, "resumed-after", int, source=source)
+    if value < 0:
+        raise MessageError(f"{source}: `resumed-after` must be >= 0 but is {value}")
+    return value
 
 
 def state_nbytes(state: RecordDict) -> int:

@@ -37,6 +37,7 @@ from guardedtuning.clients.common import (
     client_examples,
     metrics_record,
     partition_of,
+    resumed_after_of,
     round_start_adapter,
     run_config,
     update_content,
@@ -147,7 +148,7 @@ def handle_gradfree(msg: Message, context: Context) -> Message:
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
     round_ = config_value(conf, "server-round", int, source=source)
     stage = config_value(conf, "stage", str, source=source)
-    resumed_after = config_value(conf, "resumed-after", int, source=source) if "resumed-after" in conf else 0
+    resumed_after = resumed_after_of(conf, source)
     if stage not in (RELEASE, TRAIN):
         raise MessageError(f"{source}: stage is {stage!r}, expected {RELEASE!r} or {TRAIN!r}")
     pid, _ = partition_of(context, cfg)

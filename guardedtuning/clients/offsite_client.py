@@ -27,6 +27,7 @@ from guardedtuning.clients.common import (
     client_examples,
     metrics_record,
     partition_of,
+    resumed_after_of,
     round_start_adapter,
     run_config,
     update_content,
@@ -73,7 +74,7 @@ def handle_offsite_train(msg: Message, context: Context) -> Message:
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
     round_ = config_value(conf, "server-round", int, source=source)
     digest = config_value(conf, "digest", str, source=source)
-    resumed_after = config_value(conf, "resumed-after", int, source=source) if "resumed-after" in conf else 0
+    resumed_after = resumed_after_of(conf, source)
     receive_package(msg, digest, source=source)
     pid, _ = partition_of(context, cfg)
     device = client_device(cfg)

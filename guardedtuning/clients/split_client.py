@@ -33,6 +33,7 @@ from guardedtuning.clients.common import (
     examples_of,
     metrics_record,
     partition_of,
+    resumed_after_of,
     round_start_adapter,
     run_config,
     update_content,
@@ -229,9 +230,7 @@ def handle_split_step(msg: Message, context: Context) -> Message:
     pid, _ = partition_of(context, cfg)
     device = client_device(cfg)
     bottom = client_bottom(cfg.model, cfg.split.layer, cfg.lora, str(device), cfg.seed)
-    resumed_after = config_value(conf, "resumed-after", int, source=source) if "resumed-after" in conf else 0
-    if resumed_after < 0:
-        raise ValueError(f"{source}: `resumed-after` must be >= 0 but is {resumed_after}")
+    resumed_after = resumed_after_of(conf, source)
     priv = privacy_of(context, cfg, round_=round_, resumed_after=resumed_after)
     state = context.state
     base = (round_ - 1) * steps
