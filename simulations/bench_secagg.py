@@ -33,16 +33,16 @@ from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from guardedtuning import codecs as C  # noqa: E402
 from guardedtuning.clients.secagg_handlers import begin_round, handle_stage_message, seal_update  # noqa: E402
-from guardedtuning.server_app.exchange import exchange  # noqa: E402
-from guardedtuning.strategies import codecs as C  # noqa: E402
-from guardedtuning.strategies.messages import message_nbytes  # noqa: E402
 from guardedtuning.strategies.secagg import ClientSecAgg, RoundParams, ServerSecAgg  # noqa: E402
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree  # noqa: E402
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight, pack_masked  # noqa: E402
 from guardedtuning.strategies.secagg.prg import expand  # noqa: E402
 from guardedtuning.strategies.secagg.wire import COLLECT_MASKED, MaskedReply, to_content  # noqa: E402
 from guardedtuning.strategies.secure import SecureSparseFedAvg  # noqa: E402
+from guardedtuning.wire.exchange import exchange  # noqa: E402
+from guardedtuning.wire.records import message_nbytes  # noqa: E402
 from tests.local_grid import LocalGrid  # noqa: E402
 
 

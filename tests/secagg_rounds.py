@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from guardedtuning.strategies.codecs import rand_k_support
+from guardedtuning.codecs import rand_k_support
 from guardedtuning.strategies.secagg import ClientSecAgg, RoundParams, SecureSum, ServerSecAgg
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
 from guardedtuning.strategies.secagg.masking import fold_weight

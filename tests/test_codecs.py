@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardedtuning.strategies import codecs as C
+from guardedtuning import codecs as C
 
 SEED = bytes(range(32))
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardedtuning import codecs as C
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies import codecs as C
 from guardedtuning.strategies.secagg import ClientSecAgg, RoundRefused, ServerSecAgg
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight, unpack_masked
 from guardedtuning.strategies.secagg.wire import (

@@ -9,11 +9,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
+from guardedtuning import codecs as C
 from guardedtuning.clients.secagg_handlers import begin_round, handle_stage_message, seal_update, unpack_global
-from guardedtuning.server_app.exchange import exchange
-from guardedtuning.strategies import codecs as C
-from guardedtuning.strategies.messages import message_nbytes
 from guardedtuning.strategies.secure import STAGE_MESSAGE_TYPE, SecureSparseFedAvg
+from guardedtuning.wire.exchange import exchange
+from guardedtuning.wire.records import message_nbytes
 from tests.local_grid import LocalGrid
 
 SHAPES = {"layer.0.lora_A": (4, 24), "layer.0.lora_B": (24, 4), "layer.1.lora_A": (4, 24), "layer.1.lora_B": (24, 4)}

@@ -9,7 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.strategies.fedavg import AdapterFedAvg
-from guardedtuning.strategies.messages import message_nbytes, record_to_tensors, tensors_to_record
+from guardedtuning.wire.records import message_nbytes, record_to_tensors, tensors_to_record
 from tests.local_grid import LocalGrid
 
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1

@@ -25,7 +25,7 @@ from guardedtuning.data.sources import load_task
 from guardedtuning.errors import MessageError
 from guardedtuning.models.loading import kind_of, load_tokenizer
 from guardedtuning.results import gpu_peak_mb, peak_rss_mb
-from guardedtuning.strategies.messages import config_value, get_record, record_to_tensors, tensors_to_record
+from guardedtuning.wire.records import config_value, get_record, record_to_tensors, tensors_to_record
 
 
 @functools.lru_cache(maxsize=4)

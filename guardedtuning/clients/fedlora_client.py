@@ -20,8 +20,8 @@ from guardedtuning.clients.common import (
 from guardedtuning.data.sources import load_task
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import client_full_model
-from guardedtuning.strategies.messages import config_value, get_record
 from guardedtuning.training import local_train, make_optimizer
+from guardedtuning.wire.records import config_value, get_record
 
 
 def handle_fedlora_train(msg: Message, context: Context) -> Message:

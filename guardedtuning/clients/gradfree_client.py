@@ -54,8 +54,8 @@ from guardedtuning.models.split import Bottom, check_split_layer
 from guardedtuning.privacy.dpsgd import budget_spent, poisson_batch_indices
 from guardedtuning.privacy.local_dpsgd import LossBatch, dp_local_train
 from guardedtuning.privacy.randomness import STREAM_DP_NOISE, make_generator
-from guardedtuning.strategies.messages import config_value, get_record, record_to_tensors
 from guardedtuning.training import flat_trainable, load_flat_trainable, make_optimizer
+from guardedtuning.wire.records import config_value, get_record, record_to_tensors
 
 MESSAGE_TYPE = "train.gradfree"
 START_KEY = "gradfree.start"

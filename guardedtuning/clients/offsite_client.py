@@ -41,8 +41,8 @@ from guardedtuning.models.smollm import cache_root
 from guardedtuning.privacy.dpsgd import budget_spent
 from guardedtuning.privacy.local_dpsgd import LossBatch, dp_local_train
 from guardedtuning.privacy.randomness import STREAM_DP_NOISE, make_generator
-from guardedtuning.strategies.messages import config_value, get_record, record_to_tensors
 from guardedtuning.training import local_train, make_optimizer
+from guardedtuning.wire.records import config_value, get_record, record_to_tensors
 
 MESSAGE_TYPE = "train.offsite"
 EMULATOR_KEY = "emulator"

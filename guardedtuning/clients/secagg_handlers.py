@@ -31,9 +31,8 @@ from typing import TypeVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from guardedtuning.codecs import compress_update, decode_downlink, flatten
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.codecs import compress_update, decode_downlink, flatten
-from guardedtuning.strategies.messages import get_record
 from guardedtuning.strategies.secagg.client import ClientSecAgg
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight
 from guardedtuning.strategies.secagg.params import CONFIG_KEY, SETUP_KEY, RoundParams
@@ -49,6 +48,7 @@ from guardedtuning.strategies.secagg.wire import (
     stage_of,
     to_content,
 )
+from guardedtuning.wire.records import get_record
 
 STATE_SETUP, STATE_SETUP_ARRAYS = "secagg.setup", "secagg.setup-arrays"
 STATE_CLIENT, STATE_CLIENT_ARRAYS = "secagg.client", "secagg.client-arrays"

@@ -58,7 +58,6 @@ from guardedtuning.privacy.randomness import (
     make_generator,
     private_seed,
 )
-from guardedtuning.strategies.messages import config_value, get_record, record_to_tensors, tensors_to_record
 from guardedtuning.training import (
     flat_trainable,
     load_flat_trainable,
@@ -66,6 +65,7 @@ from guardedtuning.training import (
     make_optimizer,
     optimizer_state,
 )
+from guardedtuning.wire.records import config_value, get_record, record_to_tensors, tensors_to_record
 
 ROUND_KEYS = ("split.lora", "split.start", "split.optim")
 SEED_KEY = "privacy.seed"

@@ -2,7 +2,7 @@
 
 A split-learning step is one message to each sampled client and one reply. On Flower's
 deployment engine (flwr 1.41/1.42) three things make each such message cost seconds,
-however fast the ServerApp pulls (:mod:`guardedtuning.server_app.exchange` already pulls
+however fast the ServerApp pulls (:mod:`guardedtuning.wire.exchange` already pulls
 every ``comm.poll-interval``):
 
 1. the SuperNode polls the SuperLink for messages, and after an empty poll it sleeps a

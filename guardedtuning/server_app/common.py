@@ -18,10 +18,10 @@ from guardedtuning.evaluation import evaluate
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import SplitModel
 from guardedtuning.results import Recorder
-from guardedtuning.server_app.exchange import Exchange
 from guardedtuning.strategies.fedavg import AdapterFedAvg
-from guardedtuning.strategies.messages import dense_nbytes, metric_value
 from guardedtuning.strategies.secure import SecureSparseFedAvg
+from guardedtuning.wire.exchange import Exchange
+from guardedtuning.wire.records import dense_nbytes, metric_value
 
 log = logging.getLogger("guardedtuning")
 

@@ -16,8 +16,8 @@ from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import split_model
 from guardedtuning.server_app.common import ServerRun, log, make_strategy
-from guardedtuning.server_app.exchange import exchange
-from guardedtuning.strategies.messages import metric_value, record_to_tensors, tensors_to_record
+from guardedtuning.wire.exchange import exchange
+from guardedtuning.wire.records import metric_value, record_to_tensors, tensors_to_record
 
 
 def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:

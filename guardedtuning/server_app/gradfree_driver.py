@@ -33,9 +33,9 @@ from guardedtuning.models.output_adapter import GradfreeModel, build_gradfree_he
 from guardedtuning.models.parts import split_model
 from guardedtuning.models.split import Top
 from guardedtuning.server_app.common import ServerRun, log, make_strategy
-from guardedtuning.server_app.exchange import Exchange, exchange
 from guardedtuning.server_app.split_driver import dequantize
-from guardedtuning.strategies.messages import get_record, metric_value, record_to_tensors, tensors_to_record
+from guardedtuning.wire.exchange import Exchange, exchange
+from guardedtuning.wire.records import get_record, metric_value, record_to_tensors, tensors_to_record
 
 RELEASED = {"h", "mask"}
 RELEASED_QUANTIZED = {"codes", "scales", "meta", "mask"}

@@ -60,9 +60,9 @@ from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, poisson_batch_indi
 from guardedtuning.privacy.local_dpsgd import LossBatch, dp_local_train
 from guardedtuning.privacy.randomness import STREAM_DP_NOISE, make_generator
 from guardedtuning.server_app.common import ServerRun, log, make_strategy
-from guardedtuning.server_app.exchange import exchange
-from guardedtuning.strategies.messages import message_nbytes, metric_value, record_to_tensors, tensors_to_record
 from guardedtuning.training import local_train, make_optimizer
+from guardedtuning.wire.exchange import exchange
+from guardedtuning.wire.records import message_nbytes, metric_value, record_to_tensors, tensors_to_record
 
 DISTILL_SEED = 104_729  # public distillation text: synthetic rows from another seed than any task's
 

@@ -33,9 +33,9 @@ from guardedtuning.models.parts import SplitModel, split_model
 from guardedtuning.models.split import IGNORE
 from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations
 from guardedtuning.server_app.common import ServerRun, log, make_strategy
-from guardedtuning.server_app.exchange import Exchange, exchange
-from guardedtuning.strategies.messages import get_record, record_to_tensors, tensors_to_record
 from guardedtuning.training import ClientActs, make_optimizer, top_step
+from guardedtuning.wire.exchange import Exchange, exchange
+from guardedtuning.wire.records import get_record, record_to_tensors, tensors_to_record
 
 MESSAGE_TYPE = "train.split"
 

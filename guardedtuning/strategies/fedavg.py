@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.messages import get_record, metric_value
+from guardedtuning.wire.records import get_record, metric_value
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Same seam as :class:`~guardedtuning.strategies.fedavg.AdapterFedAvg`:
 - ``aggregate_train(server_round, replies)`` takes those final replies and runs the three
   remaining stages itself (``share-keys``, ``collect-masked``, ``unmask``; message type
   ``train.secagg``) through the grid it got in ``configure_train``, with
-  :func:`guardedtuning.server_app.exchange.exchange`. It returns the weighted mean
+  :func:`guardedtuning.wire.exchange.exchange`. It returns the weighted mean
   update (dense, zero off the support) as an ArrayRecord, or ``None`` when the round is
   refused (fewer than ``threshold`` clients or shares left; masks that did not cancel),
   in which case the global model must stay unchanged.
@@ -37,9 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from guardedtuning.errors import MessageError
-from guardedtuning.server_app.exchange import exchange
-from guardedtuning.strategies.codecs import (
+from guardedtuning.codecs import (
     dequantize_mean,
     encode_downlink,
     max_level,
@@ -49,6 +47,7 @@ from guardedtuning.strategies.codecs import (
     top_k_support,
     unflatten,
 )
+from guardedtuning.errors import MessageError
 from guardedtuning.strategies.fedavg import seeded_sample
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
@@ -66,6 +65,7 @@ from guardedtuning.strategies.secagg.wire import (
     from_content,
     to_content,
 )
+from guardedtuning.wire.exchange import exchange
 
 log = logging.getLogger(__name__)
 

@@ -208,8 +208,8 @@ def _update_attack(cfg: RunConfig, model: Any, victim: list[Any], tok: Any, spec
 
     from guardedtuning.clients.common import examples_of
     from guardedtuning.clients.steps import backward_from_server
+    from guardedtuning.codecs import compress_update, rand_k_support
     from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep
-    from guardedtuning.strategies.codecs import compress_update, rand_k_support
 
     bottom = model.bottom
     params = [p for p in bottom.parameters() if p.requires_grad]

@@ -10,7 +10,7 @@ itself in the last slot. The server unmasks only the sum, ``sum_i w_i q_i`` and
 for ``n`` participants: 8-bit levels (2h = 254) with unit weights give m = 11 for
 n = 5 and m = 18 for n = 1000; ``max_weight = 1024`` adds 10 bits. Masked values are
 uniform in Z_{2**m}, so they go as the smallest word holding ``m`` bits
-(:func:`guardedtuning.strategies.codecs.pack_words`) or bit-packed.
+(:func:`guardedtuning.codecs.pack_words`) or bit-packed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from guardedtuning.strategies.codecs import max_level, pack_bits, pack_words, unpack_bits, word_dtype
+from guardedtuning.codecs import max_level, pack_bits, pack_words, unpack_bits, word_dtype
 from guardedtuning.strategies.secagg.prg import expand
 
 PACKINGS = ("word", "bits")

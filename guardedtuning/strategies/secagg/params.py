@@ -19,11 +19,11 @@ from functools import cached_property
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from guardedtuning.codecs import max_level, rand_k_support, support_digest, support_size, word_dtype
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.codecs import max_level, rand_k_support, support_digest, support_size, word_dtype
-from guardedtuning.strategies.messages import config_value
 from guardedtuning.strategies.secagg.graph import effective_degree, neighbour_graph
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
+from guardedtuning.wire.records import config_value
 
 SUPPORTS = ("rand", "topk")
 CONFIG_KEY = "secagg"
@@ -53,7 +53,7 @@ class RoundParams:
     support : numpy.ndarray
         Sorted int64 indices of the sent coordinates.
     bits, clip : int, float
-        Quantization of the sent values (see :func:`guardedtuning.strategies.codecs.quantize`).
+        Quantization of the sent values (see :func:`guardedtuning.codecs.quantize`).
     norm_clip : float
         L2 clip of each client's sent values before quantization (0: off).
     max_weight : int

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from guardedtuning.codecs import max_level
 from guardedtuning.errors import GuardedTuningError
-from guardedtuning.strategies.codecs import max_level
 from guardedtuning.strategies.secagg.keys import agree, commitment, new_keypair, pair_seeds, public_key_of
 from guardedtuning.strategies.secagg.masking import pair_sign, reduce, unpack_masked
 from guardedtuning.strategies.secagg.params import RoundParams

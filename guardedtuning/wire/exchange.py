@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from guardedtuning.strategies.messages import message_nbytes
+from guardedtuning.wire.records import message_nbytes
 
 
 @dataclass
