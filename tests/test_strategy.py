@@ -103,3 +103,51 @@ def test_message_bytes_grow_with_the_payload():
     big = Message(RecordDict({"a": tensors_to_record({"x": torch.randn(10_000)})}), dst_node_id=5, message_type="train")
     # 4 bytes a float32 more, plus a few bytes of metadata (shape, dtype)
     assert 4 * 9_990 <= message_nbytes(big) - message_nbytes(small) <= 4 * 9_990 + 200
+
+
+def _plus(step: float, reply_key: str):
+    """A plain Flower ClientApp (no GuardedTuning code) that adds ``step`` to every weight."""
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):  # type: ignore[no-untyped-def]
+        got = msg.content["arrays"]
+        new = {k: got[k].numpy() + np.float32(step) for k in got.keys()}
+        out = new if reply_key == "arrays" else {k: new[k] - got[k].numpy() for k in new}
+        return Message(RecordDict({reply_key: ArrayRecord({k: Array(v) for k, v in out.items()}),
+                                   "metrics": MetricRecord({"num-examples": 3})}), reply_to=msg)
+
+    return app
+
+
+def test_start_installs_the_new_global_not_the_update():
+    """Flower's own Strategy.start(): three rounds of +0.01 end at 0.03 (not 0.01), both reply kinds."""
+    for key in ("update", "arrays"):
+        grid = LocalGrid(_plus(0.01, key), 3, {})
+        init = ArrayRecord({k_: Array(np.zeros(s, dtype=np.float32)) for k_, s in SHAPES.items()})
+        result = AdapterFedAvg(clients_per_round=3, seed=0).start(grid, init, num_rounds=3, timeout=5)
+        for k in SHAPES:
+            np.testing.assert_allclose(result.arrays[k].numpy(), 0.03, rtol=1e-5)
+
+
+def test_aggregate_adds_the_mean_update_to_the_sent_global():
+    grid = LocalGrid(client_app, 4, {})
+    strat = AdapterFedAvg(clients_per_round=2, seed=0)
+    glob = {k: np.full(s, 0.5, dtype=np.float32) for k, s in SHAPES.items()}
+    msgs = list(strat.configure_train(1, ArrayRecord({k: Array(v) for k, v in glob.items()}), ConfigRecord({}), grid))
+    for m in msgs:
+        m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+    a, b = msgs
+    ups = {k: np.full(s, 0.25) for k, s in SHAPES.items()}
+    new_b = {k: glob[k] + 1.0 for k in SHAPES}  # node b replies its new weights: update +1
+    rb = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new_b.items()}),
+                             "metrics": MetricRecord({"num-examples": 3.0})}), reply_to=b)
+    rb.metadata.__dict__["_src_node_id"] = b.metadata.dst_node_id
+    avg, _ = strat.aggregate_train(1, [_reply(a.metadata.dst_node_id, ups, 1, a), rb])
+    for k in SHAPES:
+        np.testing.assert_allclose(avg[k].numpy(), 0.5 + (0.25 * 1 + 1.0 * 3) / 4, rtol=1e-6)
+    neither = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1.0})}), reply_to=a)
+    assert strat.aggregate_train(1, [neither]) == (None, None)
+    assert "carries neither 'update'" in strat.rejections[-1]

@@ -27,12 +27,11 @@ aggregate into its full model and evaluates three models on the held-out split:
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from guardedtuning.clients.offsite_client import EMULATOR_KEY, MESSAGE_TYPE
@@ -41,7 +40,6 @@ from guardedtuning.data.batches import Example, batch_indices, collate, tokenize
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import load_task
 from guardedtuning.data.synthetic import synthetic_rows
-from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.models.emulator import (
     SandwichModel,
     add_adapters,
@@ -59,10 +57,10 @@ from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, poisson_batch_indices
 from guardedtuning.privacy.local_dpsgd import LossBatch, dp_local_train
 from guardedtuning.privacy.randomness import STREAM_DP_NOISE, make_generator
-from guardedtuning.server_app.common import ServerRun, log, make_strategy
+from guardedtuning.server_app.common import ServerRun
+from guardedtuning.server_app.engine import Design, Outcome, Round, run_rounds, train_losses
 from guardedtuning.training import local_train, make_optimizer
-from guardedtuning.wire.exchange import exchange
-from guardedtuning.wire.records import message_nbytes, metric_value, record_to_tensors, tensors_to_record
+from guardedtuning.wire.records import message_nbytes, tensors_to_record
 
 DISTILL_SEED = 104_729  # public distillation text: synthetic rows from another seed than any task's
 
@@ -187,64 +185,61 @@ def build_models(run: ServerRun) -> tuple[SandwichModel, SandwichModel, dict[str
     return full, emu, package, info
 
 
+class OffsiteDesign(Design):
+    """Offsite tuning's server side: the emulator goes out once, the adapters are aggregated and plugged in."""
+
+    message_type = MESSAGE_TYPE
+
+    def __init__(self, run: ServerRun) -> None:
+        super().__init__(run)
+        self.full, self.emu, self.info = _prepare(run)
+        self.package = self.info.pop("_package")
+        self.state = trainable_state(self.full)
+        self.reference = (FullReference(run.cfg, run.task.num_labels, run.device, self.state)
+                          if run.cfg.offsite.reference else None)
+        self.have: set[int] = set()  # nodes that received the emulator (a restarted server sends it again)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def set_global(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def round_config(self, rnd: Round) -> dict[str, Any]:
+        return {"digest": self.info["digest"], "resumed-after": rnd.resumed_after,
+                "local-steps": self.run.cfg.train.local_steps}
+
+    def outgoing(self, rnd: Round, messages: list[Message]) -> list[Message]:
+        out = [m if m.metadata.dst_node_id in self.have else with_package(m, self.package) for m in messages]
+        self.info["emulator_sends"] += sum(1 for m in out if EMULATOR_KEY in m.content)
+        return out
+
+    def train(self, rnd: Round, messages: list[Message]) -> Outcome:
+        ex = rnd.exchange(messages)
+        self.have |= {n for n in ex.replies if n not in ex.failures()}
+        ok, failures, spent = rnd.screen(ex, final=True)
+        rnd.give_up_if_nobody(len(ok), failures, spent)
+        losses = train_losses(ok)
+        rnd.step_event(1, 1, losses, ex, len(ok))
+        return Outcome(losses, ex)
+
+    def evaluate(self, rnd: Round) -> tuple[dict[str, float], dict[str, Any]]:
+        return _evaluate(self.run, self.full, self.emu, self.reference, self.state, rnd.number)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"global": self.state, "reference": self.reference.state if self.reference is not None else None}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.state = state["global"]
+        if self.reference is not None and state.get("reference") is not None:
+            self.reference.state = state["reference"]
+
+    def finish(self) -> None:
+        _report(self.run, self.info, self.reference)
+
+
 def run_offsite(grid: Grid, run: ServerRun) -> dict[str, float]:
-    cfg, rec, task = run.cfg, run.rec, run.task
-    full, emu, info = _prepare(run)
-    package = info.pop("_package")
-    digest = info["digest"]
-    global_state = trainable_state(full)
-    reference = FullReference(cfg, task.num_labels, run.device, global_state) if cfg.offsite.reference else None
-    strategy = make_strategy(cfg, MESSAGE_TYPE)
-    first, resumed_after = 1, 0
-    resumed = rec.load_checkpoint()
-    if resumed is not None:
-        done, state = resumed
-        global_state, first, resumed_after = state["global"], done + 1, done
-        if reference is not None and state.get("reference") is not None:
-            reference.state = state["reference"]
-        log.info("resuming after round %d from %s", done, rec.checkpoint_path)
-    run.wait_for_nodes(grid)
-    have: set[int] = set()  # nodes that received the emulator (a restarted server sends it again)
-    metrics: dict[str, float] = {}
-    for round_ in range(first, cfg.federation.rounds + 1):
-        run.seed_round(round_)
-        up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
-        config = ConfigRecord({"digest": digest, "resumed-after": resumed_after,
-                               "local-steps": cfg.train.local_steps})
-        messages = list(strategy.configure_train(round_, tensors_to_record(global_state), config, grid))
-        if not messages:
-            rec.event("refused", round=round_, reason="the strategy configured no round (see the log)")
-        messages = [m if m.metadata.dst_node_id in have else with_package(m, package) for m in messages]
-        info["emulator_sends"] += sum(1 for m in messages if EMULATOR_KEY in m.content)
-        rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=1)
-        rec.ledger.client_rounds += len(messages)
-        ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
-        rec.ledger.step_overhead_s.append(run.account(ex))
-        rec.ledger.step_wall_s.append(ex.wall_s)
-        have |= {n for n in ex.replies if n not in ex.failures()}
-        final = _check_replies(run, ex, round_, messages)
-        losses = []
-        for node, msg in final.items():
-            try:
-                losses.append(metric_value(msg.content["metrics"], "train_loss", source=f"reply of node {node}"))
-            except (KeyError, MessageError):
-                pass  # the strategy rejects a malformed reply with its reason
-        epsilon = run.note_privacy(final)
-        avg = run.aggregate(strategy, round_, ex) if messages else None
-        if avg is not None:
-            delta = record_to_tensors(avg, source="aggregate")
-            global_state = {k: global_state[k] + delta[k] for k in global_state}
-        else:
-            log.warning("round %d: no valid update; the global adapters are unchanged", round_)
-        rec.event("step", round=round_, step=1, steps=1, loss=statistics.fmean(losses) if losses else None)
-        metrics, extra = _evaluate(run, full, emu, reference, global_state, round_)
-        rec.add_round(round_, utility=metrics["utility"], train_loss=statistics.fmean(losses) if losses else None,
-                      epsilon=epsilon, bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
-                      extra=extra)
-        rec.save_checkpoint(round_, {"global": global_state,
-                                     "reference": reference.state if reference is not None else None})
-    _report(run, info, reference)
-    return metrics
+    return run_rounds(grid, run, OffsiteDesign(run))
 
 
 def _prepare(run: ServerRun) -> tuple[SandwichModel, SandwichModel, dict[str, Any]]:
@@ -260,29 +255,6 @@ def _prepare(run: ServerRun) -> tuple[SandwichModel, SandwichModel, dict[str, An
     info["build_s"] = round(time.perf_counter() - t0, 3)
     run.rec.ledger.server_s += time.perf_counter() - t0
     return full, emu, info
-
-
-def _check_replies(run: ServerRun, ex, round_: int, messages: list[Message]) -> dict[int, Message]:  # type: ignore[no-untyped-def]
-    """The replies that can be aggregated; budget-spent clients and failures are dropped (logged)."""
-    cfg = run.cfg
-    if messages and not ex.ok() and ex.failures():
-        raise ClientsFailed(f"round {round_}: no client could take part; "
-                            f"first reason: {next(iter(ex.failures().values()))}")
-    out = {}
-    spent = []
-    for node, msg in ex.ok().items():
-        if "budget-spent" in msg.content.get("metrics", {}):
-            spent.append(node)
-            eps = msg.content["metrics"].get("epsilon", float("nan"))
-            run.drop(node, f"privacy budget spent (epsilon {eps:.3f} of dp.target-epsilon {cfg.dp.target_epsilon}); "
-                           "it stops contributing", round_)
-            ex.replies.pop(node)
-            continue
-        out[node] = msg
-    if messages and spent and not out and not ex.failures():
-        raise ClientsFailed(f"round {round_}: every sampled client has spent its privacy budget "
-                            f"(dp.target-epsilon {cfg.dp.target_epsilon}); plan fewer rounds or raise it")
-    return out
 
 
 def _evaluate(run: ServerRun, full: SandwichModel, emu: SandwichModel, reference: FullReference | None,

@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from guardedtuning.errors import ClientsFailed, MessageError
+from guardedtuning.errors import MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
-from guardedtuning.models.parts import SplitModel, split_model
+from guardedtuning.models.parts import split_model
 from guardedtuning.models.split import IGNORE
 from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations
-from guardedtuning.server_app.common import ServerRun, log, make_strategy
+from guardedtuning.server_app.common import ServerRun
+from guardedtuning.server_app.engine import Design, Outcome, Round, run_rounds
 from guardedtuning.training import ClientActs, make_optimizer, top_step
-from guardedtuning.wire.exchange import Exchange, exchange
 from guardedtuning.wire.records import get_record, record_to_tensors, tensors_to_record
 
 MESSAGE_TYPE = "train.split"
@@ -99,7 +99,7 @@ def dequantize(record: ArrayRecord, *, source: str) -> torch.Tensor:
     return h
 
 
-def _step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None,
+def step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None,
                   resumed_after: int = 0) -> Message:
     content = RecordDict({"config": ConfigRecord({"server-round": round_, "step": step, "steps": steps,
                                                   "resumed-after": resumed_after})})
@@ -120,110 +120,85 @@ def top_step_nonempty(top: torch.nn.Module, opt: torch.optim.Optimizer | None, a
     return grads, losses
 
 
-def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
-    cfg, rec, task = run.cfg, run.rec, run.task
-    model = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, str(run.device), cfg.seed,
-                        lora_top=cfg.lora.top)
-    top_opt = make_optimizer(model.top, lr=cfg.train.server_lr, weight_decay=cfg.train.weight_decay)
-    global_bottom = trainable_state(model.bottom)
-    strategy = make_strategy(cfg, MESSAGE_TYPE)
-    first = 1
-    resumed = rec.load_checkpoint()
-    # After a restart the clients' accountants are gone with their state; the config tells
-    # them the run resumed after round ``resumed_after`` and each charges itself as if it had
-    # taken part in every one of those rounds (an upper bound; see split_client.privacy_of).
-    resumed_after = 0
-    if resumed is not None:
-        done, state = resumed
-        global_bottom = state["global_bottom"]
-        load_trainable(model.top, state["top"], source="checkpoint")
-        if top_opt is not None:
-            top_opt.load_state_dict(state["top_opt"])
-        first, resumed_after = done + 1, done
-        log.info("resuming after round %d from %s", done, rec.checkpoint_path)
-    run.wait_for_nodes(grid)
-    metrics: dict[str, float] = {}
-    for round_ in range(first, cfg.federation.rounds + 1):
-        run.seed_round(round_)
-        up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
-        losses, final = _train_round(grid, run, model, top_opt, strategy, global_bottom, round_, resumed_after)
-        epsilon = run.note_privacy(final.ok()) if final is not None else None
-        avg = run.aggregate(strategy, round_, final) if final is not None else None
-        if avg is not None:
-            delta = record_to_tensors(avg, source="aggregate")
-            global_bottom = {k: global_bottom[k] + delta[k] for k in global_bottom}
-        else:
-            log.warning("round %d: no valid update; the global bottom adapter is unchanged", round_)
-        load_trainable(model.bottom, global_bottom, source="global adapter")
-        metrics = run.evaluate(model)
-        rec.add_round(round_, utility=metrics["utility"], train_loss=statistics.fmean(losses) if losses else None,
-                      epsilon=epsilon, bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0,
-                      extra={k: v for k, v in metrics.items() if k != "utility"})
-        rec.save_checkpoint(round_, {"global_bottom": global_bottom, "top": trainable_state(model.top),
-                                     "top_opt": top_opt.state_dict() if top_opt is not None else None})
-    return metrics
+class SplitDesign(Design):
+    """Split learning's server side: the top and head train here, the bottom LoRA is aggregated."""
 
+    message_type = MESSAGE_TYPE
+    what = "global bottom adapter"
 
-def _train_round(grid: Grid, run: ServerRun, model: SplitModel, top_opt: torch.optim.Optimizer | None,
-                 strategy: Strategy, global_bottom: dict[str, torch.Tensor], round_: int,
-                 resumed_after: int = 0) -> tuple[list[float], Exchange | None]:
-    """The S + 1 exchanges of one round; returns the step losses and the final exchange.
+    def __init__(self, run: ServerRun) -> None:
+        super().__init__(run)
+        cfg, task = run.cfg, run.task
+        self.model = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, str(run.device), cfg.seed,
+                                 lora_top=cfg.lora.top)
+        self.top_opt = make_optimizer(self.model.top, lr=cfg.train.server_lr, weight_decay=cfg.train.weight_decay)
+        self.bottom = trainable_state(self.model.bottom)
+        self.hidden = int(self.model.bottom.word_embeddings().shape[1])
+        self.num_labels = task.num_labels if self.model.kind == "encoder" else int(self.model.top.head.weight.shape[0])
+        # Poisson batches (DP-SGD) vary around batch-size; allow a generous bound
+        b = cfg.train.batch_size
+        self.max_batch = b if not cfg.dp.enabled else 4 * b + 64
 
-    The final exchange (the clients' updates) is None when every client dropped out
-    before the last step.
-    """
-    cfg, rec, task = run.cfg, run.rec, run.task
-    steps = cfg.train.local_steps
-    hidden = int(model.bottom.word_embeddings().shape[1])
-    num_labels = task.num_labels if model.kind == "encoder" else int(model.top.head.weight.shape[0])
-    # Poisson batches (DP-SGD) vary around batch-size; allow a generous bound
-    max_batch = cfg.train.batch_size if not cfg.dp.enabled else 4 * cfg.train.batch_size + 64
-    budget_out: list[int] = []
-    config = ConfigRecord({"step": 0, "steps": steps, "resumed-after": resumed_after})
-    messages = list(strategy.configure_train(round_, tensors_to_record(global_bottom), config, grid))
-    if not messages:  # the strategy refused the round (logged): the global model stays as it is
-        rec.event("refused", round=round_, reason="the strategy configured no round (see the log)")
-        return [], None
-    rec.event("round_start", round=round_, clients=[m.metadata.dst_node_id for m in messages], steps=steps)
-    rec.ledger.client_rounds += len(messages)
-    ex = exchange(grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
-    losses: list[float] = []
-    for step in range(1, steps + 1):
-        rec.ledger.step_overhead_s.append(run.account(ex))
-        rec.ledger.step_wall_s.append(ex.wall_s)
-        failures = ex.failures()
-        for node, reason in failures.items():
-            run.drop(node, reason, round_)
+    @property
+    def steps(self) -> int:
+        return self.run.cfg.train.local_steps
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.bottom
+
+    def set_global(self, state: dict[str, torch.Tensor]) -> None:
+        self.bottom = state
+        load_trainable(self.model.bottom, state, source="global adapter")
+
+    def round_config(self, rnd: Round) -> dict[str, Any]:
+        return {"step": 0, "steps": self.steps, "resumed-after": rnd.resumed_after}
+
+    def evaluated_model(self) -> torch.nn.Module:
+        return self.model
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"global_bottom": self.bottom, "top": trainable_state(self.model.top),
+                "top_opt": self.top_opt.state_dict() if self.top_opt is not None else None}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.bottom = state["global_bottom"]
+        load_trainable(self.model.top, state["top"], source="checkpoint")
+        if self.top_opt is not None:
+            self.top_opt.load_state_dict(state["top_opt"])
+
+    def train(self, rnd: Round, messages: list[Message]) -> Outcome:
+        """The S + 1 exchanges of a round: each reply's activations through the top, gradients back."""
+        steps, run = self.steps, self.run
+        ex = rnd.exchange(messages)
+        losses: list[float] = []
+        for step in range(1, steps + 1):
+            ok, failures, spent = rnd.screen(ex, final=False)
+            acts = self._unpack(rnd, ok, failures)
+            if not acts:
+                if step == 1:
+                    rnd.give_up_if_nobody(0, failures, spent)
+                return Outcome(losses, None)
+            t0 = time.perf_counter()
+            grads, client_losses = top_step_nonempty(self.model.top, self.top_opt, acts, run.device)
+            run.rec.ledger.server_s += time.perf_counter() - t0
+            if client_losses:
+                losses.append(statistics.fmean(client_losses))
+            rnd.step_event(step, steps, losses[-1:], ex, len(acts))
+            ex = rnd.exchange([step_message(n, rnd.number, step, steps, grads[n], rnd.resumed_after) for n in acts],
+                              step=step < steps)
+        return Outcome(losses, ex)
+
+    def _unpack(self, rnd: Round, ok: dict[int, Message], failures: dict[int, str]) -> dict[int, ClientActs]:
         acts: dict[int, ClientActs] = {}
-        for node, msg in ex.ok().items():
+        for node, msg in ok.items():
             try:
-                if "budget-spent" in msg.content.get("metrics", {}):
-                    eps = msg.content["metrics"].get("epsilon", float("nan"))
-                    budget_out.append(node)
-                    run.drop(node, f"privacy budget spent (epsilon {eps:.3f} of dp.target-epsilon "
-                                   f"{cfg.dp.target_epsilon}); it stops contributing", round_)
-                    continue
-                acts[node] = unpack_acts(msg, hidden=hidden, max_batch=max_batch,
-                                         num_labels=num_labels, kind=model.kind)
+                acts[node] = unpack_acts(msg, hidden=self.hidden, max_batch=self.max_batch,
+                                         num_labels=self.num_labels, kind=self.model.kind)
             except MessageError as exc:
                 failures[node] = str(exc)
-                run.drop(node, str(exc), round_)
-        if not acts:
-            if step == 1 and budget_out and not failures:
-                raise ClientsFailed(f"round {round_}: every sampled client has spent its privacy budget "
-                                    f"(dp.target-epsilon {cfg.dp.target_epsilon}); plan fewer rounds or raise it")
-            if step == 1 and failures:  # nobody could even start: stop with the reason
-                raise ClientsFailed(f"round {round_}: no client could take part; "
-                                    f"first reason: {next(iter(failures.values()))}")
-            return losses, None
-        t0 = time.perf_counter()
-        grads, client_losses = top_step_nonempty(model.top, top_opt, acts, run.device)
-        rec.ledger.server_s += time.perf_counter() - t0
-        if client_losses:
-            losses.append(statistics.fmean(client_losses))
-        rec.event("step", round=round_, step=step, steps=steps, loss=losses[-1] if losses else None, clients=len(acts),
-                  exchange_s=ex.wall_s, overhead_s=rec.ledger.step_overhead_s[-1])
-        ex = exchange(grid, [_step_message(n, round_, step, steps, grads[n], resumed_after) for n in acts],
-                      timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
-    run.account(ex)
-    return losses, ex
+                rnd.drop(node, str(exc))
+        return acts
+
+
+def run_split(grid: Grid, run: ServerRun) -> dict[str, float]:
+    return run_rounds(grid, run, SplitDesign(run))

@@ -1,11 +1,17 @@
 """Weighted averaging of adapter updates, with every reply checked before it is used.
 
-The seam every federated recipe aggregates through: ``configure_train`` samples the
-round's clients (seeded) and builds their first message; ``aggregate_train`` turns the
-clients' final replies into one averaged adapter *update* (local minus global weights).
-A reply is rejected, with the reason logged and counted, when it is an error, comes
-twice from one node, lacks the ``update`` or ``metrics`` record, or holds a tensor with
-the wrong name, shape or dtype, or a NaN; the rest of the round goes on.
+The seam every federated recipe aggregates through, and a Flower ``Strategy`` in its own
+right (``Strategy.start()`` works): ``configure_train`` samples the round's clients
+(seeded), builds their first message and remembers the global arrays it sent;
+``aggregate_train`` turns the clients' final replies into the *new global arrays*
+(sent arrays plus the example-weighted mean update), as Flower's ``FedAvg`` does.
+
+A reply carries either ``update`` (an adapter delta, local minus global: our handlers)
+or ``arrays`` (the client's new weights: a plain Flower ClientApp; its update is
+``arrays`` minus what was sent), and ``metrics`` with ``num-examples``. A reply is
+rejected, with the reason logged and counted, when it is an error, comes twice from one
+node, carries neither record, lacks ``metrics``, or holds a tensor with the wrong name,
+shape or dtype, or a NaN; the rest of the round goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from guardedtuning.wire.records import get_record, metric_value
 log = logging.getLogger(__name__)
 
 UPDATE_KEY = "update"
+ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 WEIGHT_KEY = "num-examples"
 
@@ -61,6 +68,7 @@ class AdapterFedAvg(Strategy):
         self.message_type = message_type
         self.rejections: list[str] = []
         self._expected: dict[str, tuple[int, ...]] = {}
+        self._current: dict[str, np.ndarray] = {}  # the global arrays sent in configure_train
 
     def summary(self) -> None:
         log.info("AdapterFedAvg: %d clients per round, message type %s", self.clients_per_round, self.message_type)
@@ -71,42 +79,58 @@ class AdapterFedAvg(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._expected = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+        self._current = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
+        self._expected = {k: v.shape for k, v in self._current.items()}
         config["server-round"] = server_round
-        content = RecordDict({"arrays": arrays, "config": config})
+        content = RecordDict({ARRAYS_KEY: arrays, "config": config})
         return [Message(content=content, message_type=self.message_type, dst_node_id=n)
                 for n in self.sample(server_round, grid)]
 
     def check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
-        """The reply's update arrays, weight and metrics, or a MessageError."""
+        """The reply's update (``update``, or ``arrays`` minus the sent global), weight and metrics.
+
+        Raises
+        ------
+        MessageError
+            When the reply is an error or malformed (the reason names what is wrong).
+        """
         node = msg.metadata.src_node_id
         source = f"reply of node {node}"
         if msg.has_error():
             raise MessageError(f"{source}: client error: {msg.error.reason}")
-        update = get_record(msg.content, UPDATE_KEY, ArrayRecord, source=source, sender="ClientApp")
+        if UPDATE_KEY not in msg.content and ARRAYS_KEY not in msg.content:
+            raise MessageError(f"{source}: carries neither {UPDATE_KEY!r} (an adapter update) nor {ARRAYS_KEY!r} "
+                               "(the client's new weights); the ClientApp sends one of them")
+        is_update = UPDATE_KEY in msg.content
+        key = UPDATE_KEY if is_update else ARRAYS_KEY
+        update = get_record(msg.content, key, ArrayRecord, source=source, sender="ClientApp")
         metrics = get_record(msg.content, METRICS_KEY, MetricRecord, source=source, sender="ClientApp")
         weight = metric_value(metrics, WEIGHT_KEY, source=source)
         if weight <= 0:
             raise MessageError(f"{source}: {WEIGHT_KEY} is {weight}, expected > 0")
         keys = set(update.keys())
         if keys != set(self._expected):
-            raise MessageError(f"{source}: update tensors {sorted(keys ^ set(self._expected))[:3]} "
+            raise MessageError(f"{source}: {key} tensors {sorted(keys ^ set(self._expected))[:3]} "
                                "do not match the global adapter")
         arrays: dict[str, np.ndarray] = {}
         for k, shape in self._expected.items():
             arr = update[k].numpy()
             if arr.dtype.kind != "f":
-                raise MessageError(f"{source}: update {k!r} has dtype {arr.dtype}, expected float")
+                raise MessageError(f"{source}: {key} {k!r} has dtype {arr.dtype}, expected float")
             if tuple(arr.shape) != shape:
-                raise MessageError(f"{source}: update {k!r} has shape {arr.shape}, expected {shape}")
+                raise MessageError(f"{source}: {key} {k!r} has shape {arr.shape}, expected {shape}")
             if not np.isfinite(arr).all():
-                raise MessageError(f"{source}: update {k!r} holds NaN or inf")
-            arrays[k] = arr.astype(np.float64)
+                raise MessageError(f"{source}: {key} {k!r} holds NaN or inf")
+            arrays[k] = arr.astype(np.float64) if is_update else arr.astype(np.float64) - self._current[k]
         return arrays, weight, metrics
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global arrays (sent global + weighted mean update) and the round's metrics.
+
+        ``None, None`` when no reply is valid: the global model stays as it is.
+        """
         accepted: list[tuple[dict[str, np.ndarray], float, MetricRecord]] = []
         seen: set[int] = set()
         for msg in replies:
@@ -123,7 +147,7 @@ class AdapterFedAvg(Strategy):
             return None, None
         total = sum(w for _, w, _ in accepted)
         avg = {k: sum(a[k] * (w / total) for a, w, _ in accepted) for k in self._expected}
-        out = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in avg.items()})
+        out = ArrayRecord({k: Array((self._current[k] + v).astype(np.float32)) for k, v in avg.items()})
         metrics = MetricRecord({WEIGHT_KEY: total, "clients": len(accepted)})
         return out, metrics
 

@@ -152,6 +152,7 @@ class SecureSparseFedAvg(Strategy):
         self._grid: Grid | None = None
         self._params: RoundParams | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._current: dict[str, np.ndarray] = {}
         self._score: np.ndarray | None = None  # accumulated public aggregates (top-k support)
 
     def summary(self) -> None:
@@ -194,6 +195,7 @@ class SecureSparseFedAvg(Strategy):
     ) -> Iterable[Message]:
         self._grid = grid
         self._shapes = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+        self._current = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
         size = int(sum(np.prod(s, dtype=np.int64) for s in self._shapes.values()))
         self._params = self.round_params(server_round, self.sample(server_round, grid), size)
         if self._params is None:
@@ -290,7 +292,7 @@ class SecureSparseFedAvg(Strategy):
         if params.support_mode == "topk":
             self._score = dense if self._score is None or self._score.size != dense.size else self._score + dense
         update = unflatten(dense, shapes=self._shapes)
-        out = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in update.items()})
+        out = ArrayRecord({k: Array((self._current[k] + v).astype(np.float32)) for k, v in update.items()})
         metrics = MetricRecord({
             **stats, "refused": 0, "num-examples": float(result.weight), "clients": len(result.survivors),
             "dropped": len(params.nodes) - len(result.survivors), "advertised": len(adverts),
