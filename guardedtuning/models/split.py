@@ -55,9 +55,10 @@ class _Blocks(nn.Module):
                 h = layer(h, mask)
             return h
         pos = position_ids_from_mask(attention_mask)
+        # No KV cache: every call sees the whole sequence. transformers 5.24 renamed the
+        # argument `past_key_values` to `cache` (the old name is removed in 5.40).
         mask = create_causal_mask(
-            config=self.config, inputs_embeds=h, attention_mask=attention_mask,
-            past_key_values=None, position_ids=pos,
+            config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=pos,
         )
         assert self.rotary_emb is not None
         pe = self.rotary_emb(h, position_ids=pos)
