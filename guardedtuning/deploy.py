@@ -35,15 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guardedtuning.errors import GuardedTuningError
-from guardedtuning.launcher import FLWR_ENV, _signal_group, free_port, stop_processes
+from guardedtuning.launcher import FLWR_ENV, free_port, script, signal_group, stop_processes
 
 MARKER = "GUARDEDTUNING_DEPLOYMENT"  # set on every process a LocalFederation starts
-
-
-def _script(name: str) -> str:
-    """A console script of this Python environment (works without an activated venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,7 +226,7 @@ class LocalFederation:
         if self.tls:
             self.certs = make_certificates(self.root / "certificates")
         self.port = free_port()
-        cmd = [_script("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [script("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation"]
         if self.certs is not None:
             cmd += ["--ssl-ca-certfile", str(self.certs.ca), "--ssl-certfile", str(self.certs.server),
@@ -257,7 +251,7 @@ class LocalFederation:
         if self.warm:
             cmd = [sys.executable, "-m", "guardedtuning.clients.warm_node", "supernode"]
         else:
-            cmd = [_script("flower-supernode")]
+            cmd = [script("flower-supernode")]
         cmd += ["--superlink", self.address, "--port", str(free_port()),
                 "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"]
         cmd += ["--root-certificates", str(self.certs.ca)] if self.certs is not None else ["--insecure"]
@@ -283,7 +277,7 @@ class LocalFederation:
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a ``flwr`` CLI command against this federation; raise with its output on failure."""
-        res = subprocess.run([_script("flwr"), *args], env=self.env(self.cli_home), cwd=self.root,  # noqa: S603
+        res = subprocess.run([script("flwr"), *args], env=self.env(self.cli_home), cwd=self.root,  # noqa: S603
                              capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
             raise RuntimeError(f"`flwr {' '.join(args)}` failed ({res.returncode}): {res.stdout[-2000:]}"
@@ -297,12 +291,12 @@ class LocalFederation:
         ``run_config`` is what ``--run-config`` takes: ``'k=v k=v'`` or a TOML file. The
         output (Flower's and the ServerApp's log) goes to ``logs/<log_name>``.
         """
-        proc = self._spawn([_script("flwr"), "run", ".", self.name, "--stream", "--run-config", run_config],
+        proc = self._spawn([script("flwr"), "run", ".", self.name, "--stream", "--run-config", run_config],
                            log_name, self.cli_home, cwd=app)
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGTERM)
+            signal_group(proc, signal.SIGTERM)
             raise
 
     def stop(self) -> list[int]:
@@ -374,8 +368,9 @@ def main(argv: list[str]) -> int:
 
 
 def _local(args: argparse.Namespace) -> int:
-    from guardedtuning.config import config_from_recipe, parse_set
+    from guardedtuning.config import parse_set
     from guardedtuning.launcher import app_dir, write_run_config
+    from guardedtuning.recipes import config_for
 
     root = args.dir.resolve()
     fed = LocalFederation(root, args.nodes, tls=not args.insecure, auth=not (args.insecure or args.no_auth),
@@ -388,7 +383,7 @@ def _local(args: argparse.Namespace) -> int:
         # every SuperNode is a client, and every client takes part in every round unless told otherwise
         sets = {"federation.num-clients": str(args.nodes), "federation.clients-per-round": str(args.nodes),
                 "output.dir": str(root / "run"), **parse_set(args.sets)}
-        cfg = config_from_recipe(args.recipe, sets)
+        cfg = config_for(args.recipe, sets)
         from guardedtuning.preflight import preflight
 
         preflight(cfg)

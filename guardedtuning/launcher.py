@@ -41,7 +41,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _script(name: str) -> str:
+def script(name: str) -> str:
     """A console script of this Python environment (works without an activated venv)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -116,7 +116,7 @@ class FlowerRun:
         port = free_port()
         log = (self.out / "superlink.log").open("ab")
         superlink = subprocess.Popen(
-            [_script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            [script("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port),
              "--control-api-address", f"127.0.0.1:{free_port()}",
              "--fleet-api-address", f"127.0.0.1:{free_port()}",
@@ -138,7 +138,7 @@ class FlowerRun:
             fed += f" init-args-num-gpus={self.cfg.sim.ray_num_gpus}"
         if run_config is None:
             run_config = str(write_run_config(self.cfg, self.out / "run-config.toml"))
-        cmd = [_script("flwr"), "run", str(app_dir(self.out)), "guardedtuning", "--stream",
+        cmd = [script("flwr"), "run", str(app_dir(self.out)), "guardedtuning", "--stream",
                "--run-config", run_config, "--federation-config", fed]
         flog = None if self.verbose else (self.out / "flower.log").open("ab")
         self.flwr = subprocess.Popen(cmd, stdout=flog, stderr=subprocess.STDOUT if flog else None,
@@ -186,7 +186,8 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return pids
 
 
-def _signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
+def signal_group(p: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the process group of ``p`` (started with ``start_new_session``); gone is fine."""
     try:
         os.killpg(p.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -201,7 +202,7 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], env_key: str, env_value
     (those started in sessions of their own). Returns the PIDs that had to be killed.
     """
     for p in reversed(procs):
-        _signal_group(p, signal.SIGTERM)
+        signal_group(p, signal.SIGTERM)
     deadline = time.monotonic() + 10
     for p in procs:
         try:
@@ -212,7 +213,7 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], env_key: str, env_value
     for p in procs:
         if p.poll() is None:
             killed.append(p.pid)
-        _signal_group(p, signal.SIGKILL)
+        signal_group(p, signal.SIGKILL)
         try:
             p.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -28,13 +28,12 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import ndarray_to_bytes
-from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guardedtuning import codecs as C  # noqa: E402
 from guardedtuning.clients.secagg_handlers import begin_round, handle_stage_message, seal_update  # noqa: E402
+from guardedtuning.compat import TaskIdentity, ndarray_to_bytes  # noqa: E402
 from guardedtuning.strategies.secagg import ClientSecAgg, RoundParams, ServerSecAgg  # noqa: E402
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree  # noqa: E402
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight, pack_masked  # noqa: E402

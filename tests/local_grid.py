@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+
+from guardedtuning.compat import TaskIdentity
 
 
 class LocalGrid(Grid):

@@ -3,9 +3,17 @@ from __future__ import annotations
 import queue
 import threading
 
-from flwr.server.superlink.fleet.vce import vce_api
+import pytest
 
-from guardedtuning.server_app.dispatch import install
+from guardedtuning import compat
+from guardedtuning.server_app.dispatch import ENGINE_DISPATCHER, install
+
+vce_api = compat.owner(ENGINE_DISPATCHER)  # Flower's simulation engine module
+
+
+@pytest.fixture(autouse=True)
+def _gate_on(monkeypatch):
+    monkeypatch.delenv(compat.ENV_VAR, raising=False)
 
 
 def test_install_replaces_the_engine_dispatcher_once(monkeypatch):
@@ -83,3 +91,19 @@ def test_only_nodes_with_undelivered_messages_are_swept():
                                   "d": msg(99, "")})
     assert sorted(nodes_with_pending_messages(state, {1: 0, 2: 1, 3: 2})) == [1, 3]
     assert list(nodes_with_pending_messages(NS(), {1: 0, 2: 1})) == [1, 2]  # unknown backend: full sweep
+
+
+def test_gate_off_keeps_flowers_dispatcher(monkeypatch):
+    original = vce_api.add_messages_to_queue
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", original)
+    monkeypatch.setenv(compat.ENV_VAR, "off")
+    assert install(0.002) == f"flower ({compat.ENV_VAR}=off)"
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_unknown_flower_version_keeps_flowers_dispatcher(monkeypatch):
+    original = vce_api.add_messages_to_queue
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", original)
+    monkeypatch.setattr(compat, "flower_version", lambda: "1.99.0")
+    assert install(0.002) == "flower (not patched for flwr 1.99.0)"
+    assert vce_api.add_messages_to_queue is original

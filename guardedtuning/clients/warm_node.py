@@ -31,8 +31,13 @@ CPU (``simulations/deploy_step_time.py``).
   Client state still lives in ``context.state``, which travels with every task as in
   Flower's own runner.
 
-The patch is made only for the Flower versions it was written against; on any other, the
-SuperNode runs with Flower's sleeps and says so in its log.
+Every Flower internal used here is reached through :mod:`guardedtuning.compat`. When its
+gate is off (a Flower version this was not written against, or
+``GUARDEDTUNING_FLOWER_COMPAT=off``), or one of those internals is missing,
+:func:`supernode_main` says so in its log and replaces itself with Flower's stock
+``flower-supernode`` (same arguments, less this module's own ``--poll-*`` options), so the
+node still works, at Flower's speed. A warm runner that keeps failing on start ends the
+SuperNode after a few tries instead of restarting forever.
 """
 
 from __future__ import annotations
@@ -47,13 +52,15 @@ import sys
 import threading
 import time
 from importlib import import_module
-from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
-from guardedtuning.server_app.object_pulls import prompt_pull_objects
+from guardedtuning import compat
+from guardedtuning.compat import private as flower
 
-SUPPORTED = ("1.41.", "1.42.")
 FALLBACK_POLL_S = 10.0  # the runner's poll when the SuperNode wakes it up on every message
+RUNNER_QUICK_EXIT_S = 30.0  # a runner that exits this soon after its start counts as failing to start
+RUNNER_MAX_QUICK_EXITS = 3  # ... and after this many such exits in a row the SuperNode stops
 log = logging.getLogger("guardedtuning.node")
 
 
@@ -111,12 +118,16 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
     ``wakeup_fd`` (the write end of a pipe) gets a byte whenever a message was pulled and
     stored, so that the runner acquires its task at once instead of at its next poll.
     """
-    flwr_version = version("flwr")
-    if not flwr_version.startswith(SUPPORTED):
-        return f"flower (not patched for flwr {flwr_version})"
-    sci = import_module("flwr.supernode.start_client_internal")
-    pull = getattr(sci, "_pull_and_store_message", None)
-    if pull is None or getattr(sci, "time", None) is not time:
+    g = compat.gate()
+    if not g.enabled:
+        return g.stock
+    try:
+        pull = flower("supernode_loop.pull_and_store_message")
+        loop_time = flower("supernode_loop.time")
+        loop_pulls = flower("supernode_loop.pull_objects")
+    except compat.FlowerCompatError:
+        return "flower (the SuperNode loop is not the one this patch knows)"
+    if loop_time is not time:
         return "flower (the SuperNode loop is not the one this patch knows)"
     if getattr(pull, "guardedtuning_backoff", None) is not None:
         return "fast (already installed)"
@@ -134,10 +145,12 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
         return run_id
 
     pull_and_reset.guardedtuning_backoff = backoff  # type: ignore[attr-defined]
-    sci._pull_and_store_message = pull_and_reset
-    sci.time = _SupernodeClock(backoff, reply_poll)
+    compat.replace("supernode_loop.pull_and_store_message", pull_and_reset)
+    compat.replace("supernode_loop.time", _SupernodeClock(backoff, reply_poll))
     # a message's content is uploaded after the message: retry its pull promptly, not after 1 s
-    sci.pull_objects = prompt_pull_objects(sci.pull_objects, backoff.start)
+    compat.replace("supernode_loop.pull_objects",
+                   compat.prompt_pull_objects(getattr(loop_pulls, "guardedtuning_wrapped", loop_pulls),
+                                              backoff.start))
     return f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s)"
 
 
@@ -156,26 +169,20 @@ class TaskRunner:
 
     def _client(self, token: str | None) -> tuple[Any, Any]:
         """A Runtime API client (with the task's token, if given) and its retry invoker."""
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
-
-        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(
+        interceptors: list[Any] = [flower("RuntimeVersionHttpInterceptor")(
             component_name="flwr-clientapp" if token else "SuperExec")]
         if token:
-            interceptors.append(RuntimeTokenHttpInterceptor(token))
-        retry = make_simple_http_retry_invoker()
-        client = RuntimeHttpClient.from_server_address(
+            interceptors.append(flower("RuntimeTokenHttpInterceptor")(token))
+        retry = flower("make_simple_http_retry_invoker")()
+        client = flower("RuntimeHttpClient").from_server_address(
             server_address=self.address, insecure=self.insecure, root_certificates=self.root_certificates,
             interceptors=interceptors, retry_invoker=retry)
         return client, retry
 
     def acquire(self, client: Any) -> str | None:
         """A task's token, or None when the SuperNode has no task for a ClientApp."""
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-        from flwr.supercore.constant import TaskType
-
-        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        request = flower("AcquireTaskRequest")(supported_task_types=[flower("TaskType").CLIENT_APP])
+        res = client.AcquireTask(request)
         return res.token if res.HasField("task") and res.token else None
 
     def _app(self, run: Any, fab: Any) -> Any:
@@ -186,19 +193,15 @@ class TaskRunner:
         elsewhere (this runner's own package on start, or an earlier FAB) are forgotten
         first, so a new FAB never runs with stale code; its per-process caches go with them.
         """
-        from flwr.cli.install import install_from_fab
-        from flwr.clientapp.utils import get_load_client_app_fn
-        from flwr.common.config import get_project_config, get_project_dir
-
         if fab.hash_str == self.fab_hash:
             return self.app
-        install_from_fab(fab.content, skip_prompt=True)
-        app_dir = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
-        ref = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
+        flower("install_from_fab")(fab.content, skip_prompt=True)
+        app_dir = flower("get_project_dir")(run.fab_id, run.fab_version, fab.hash_str)
+        ref = flower("get_project_config")(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
         forget_package(ref.split(":")[0].split(".")[0], keep_under=str(app_dir))
         if self.app_dir is not None and self.app_dir in sys.path:
             sys.path.remove(self.app_dir)
-        load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+        load = flower("get_load_client_app_fn")(default_app_ref="", app_path=None, multi_app=True)
         self.app = load(run.fab_id, run.fab_version, fab.hash_str)
         self.fab_hash, self.app_dir = fab.hash_str, str(app_dir)
         log.info("loaded ClientApp %s from %s", ref, app_dir)
@@ -207,35 +210,35 @@ class TaskRunner:
     def run_task(self, token: str) -> str:
         """Run one ClientApp message; return its sub-status (Flower's ``SubStatus``)."""
         from flwr.app import Error, Message
-        from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+        sub_status, error_code = flower("SubStatus"), flower("ErrorCode")
+        push_message, push_task_output = flower("push_message"), flower("push_task_output")
         client, retry = self._client(token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = flower("HeartbeatSender")(flower("make_task_heartbeat_fn_http")(client))
         message = reply = context = None
-        status, details = SubStatus.FAILED, "ClientApp task failed"
+        status, details = sub_status.FAILED, "ClientApp task failed"
         try:
             heartbeat.start()
             t0 = time.time()
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = flower("pull_task_input")(client)
             t1 = time.time()
             reply = self._app(run, fab)(message=message, context=context)
-            status, details = SubStatus.COMPLETED, ""
+            status, details = sub_status.COMPLETED, ""
             log.debug("message created %.3f, task acquired %.3f, input pulled %.3f, handled %.3f",
                       message.metadata.created_at, t0, t1, time.time())
         except Exception as exc:  # noqa: BLE001 - the error goes back to the ServerApp, as Flower's does
             log.exception("ClientApp raised an exception")
             details = f"{type(exc)}:<'{exc}'>"
             if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+                reply = Message(Error(code=error_code.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                                reply_to=message)
         finally:
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
             except Exception:  # noqa: BLE001
                 log.exception("failed to push the reply")
-                status = SubStatus.FAILED
+                status = sub_status.FAILED
             # the heartbeat stops while the task is still claimed: a heartbeat after the
             # task's output would find no claim and make Flower's sender raise SIGINT
             if heartbeat.is_running:
@@ -322,8 +325,7 @@ def runner_main(argv: list[str] | None = None) -> int:
     for name in filter(None, args.preload.split(",")):
         import_module(name.strip())
     # a task acquired by the fallback poll may still be storing its content: retry promptly
-    utils = import_module("flwr.supercore.inflatable.inflatable_utils")
-    utils.pull_objects = prompt_pull_objects(utils.pull_objects, args.poll_min)
+    log.info("runner object pulls: %s", compat.install_prompt_pulls("inflatable.pull_objects", args.poll_min))
     certs = open(args.root_certificates, "rb").read() if args.root_certificates else None  # noqa: SIM115
     runner = TaskRunner(args.runtime_api_address, insecure=certs is None, root_certificates=certs)
     stop = threading.Event()
@@ -338,8 +340,59 @@ def runner_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+OWN_OPTIONS = ("--poll-min", "--poll-max", "--poll-growth", "--reply-poll")  # not flower-supernode's
+
+
+def stock_reason() -> str | None:
+    """Why this SuperNode must be Flower's stock ``flower-supernode``; None when the warm one can run."""
+    g = compat.gate()
+    if not g.enabled:
+        return g.reason
+    gone = compat.missing(compat.WARM_NODE_SYMBOLS)
+    if gone:
+        return f"flwr {g.flwr_version} lacks {', '.join(sorted(gone))}"
+    return None
+
+
+def stock_supernode_command(argv: list[str]) -> list[str]:
+    """Flower's ``flower-supernode`` with ``argv``, less this module's own options and ``--isolation process``.
+
+    ``--isolation process`` goes because no warm runner will connect to run the ClientApp:
+    Flower's default (a ClientApp process per message, started by the SuperNode) runs it.
+    """
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for option in OWN_OPTIONS:
+        p.add_argument(option)
+    p.add_argument("--isolation", default=None)
+    ours, rest = p.parse_known_args(argv)
+    if ours.isolation not in (None, "process"):
+        rest += ["--isolation", ours.isolation]
+    candidate = Path(sys.executable).parent / "flower-supernode"
+    return [str(candidate) if candidate.exists() else "flower-supernode", *rest]
+
+
+def _exec(cmd: list[str]) -> None:
+    """Replace this process by ``cmd`` (same PID: whoever started this SuperNode still tracks it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(cmd[0], cmd)  # noqa: S606 - Flower's own console script, this environment's
+
+
 def supernode_main(argv: list[str] | None = None) -> int:
-    """``flower-supernode`` with fast polling and the warm runner (same arguments)."""
+    """``flower-supernode`` with fast polling and the warm runner (same arguments).
+
+    Falls back to Flower's stock ``flower-supernode`` (this process is replaced by it) when
+    :func:`stock_reason` gives a reason.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _log_to_stderr()
+    reason = stock_reason()
+    if reason is not None:
+        cmd = stock_supernode_command(argv)
+        log.warning("SuperNode: flower (%s): running Flower's stock flower-supernode (its 3 s polls and a "
+                    "process per message; options %s are ignored)", reason, "/".join(OWN_OPTIONS))
+        _exec(cmd)
+        return 0  # only reached when _exec is replaced (tests)
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9094)
@@ -352,12 +405,13 @@ def supernode_main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply-poll", type=float, default=0.002,
                    help="wait between checks for the ClientApp's reply (s)")
     ours, rest = p.parse_known_args(argv)
-    from flwr.supernode.cli.flower_supernode import flower_supernode
+    flower_supernode = flower("flower_supernode")
 
     if "-h" in rest or "--help" in rest:
         print("guardedtuning deploy supernode: flower-supernode with prompt polling and a warm ClientApp process\n"
               "(always --isolation process). Its own options: --poll-min S (first wait after a message, default "
               "0.005), --poll-growth F (default 1.1), --poll-max S (default 3), --reply-poll S (default 0.002).\n"
+              f"With {compat.ENV_VAR}=off (or an untested Flower) it is Flower's stock flower-supernode.\n"
               "Every other option is flower-supernode's:\n")
         sys.argv = ["flower-supernode", "--help"]
         flower_supernode()
@@ -366,7 +420,6 @@ def supernode_main(argv: list[str] | None = None) -> int:
         print(f"error: `--isolation {ours.isolation}`: this SuperNode runs its ClientApp in its own warm "
               "process; drop --isolation", file=sys.stderr)
         return 2
-    _log_to_stderr()
     try:
         backoff = Backoff(start=ours.poll_min, limit=ours.poll_max, growth=ours.poll_growth)
     except ValueError as exc:
@@ -395,22 +448,45 @@ def supernode_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _Runner:
-    """The warm ClientApp process of a SuperNode, restarted if it ever exits on its own."""
+def _stop_this_supernode() -> None:
+    """SIGTERM to this process: Flower's SuperNode handles it and exits."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
-    def __init__(self, cmd: list[str], wake_r: int) -> None:
-        self.cmd, self.wake_r = cmd, wake_r
+
+class _Runner:
+    """The warm ClientApp process of a SuperNode, restarted if it exits on its own.
+
+    A runner that exits within ``RUNNER_QUICK_EXIT_S`` of its start
+    ``RUNNER_MAX_QUICK_EXITS`` times in a row cannot start (an import error, say):
+    ``give_up`` is called (by default the SuperNode stops) instead of restarting forever.
+    """
+
+    def __init__(self, cmd: list[str], wake_r: int, *, give_up: Any = _stop_this_supernode,
+                 settle_s: float = 1.0) -> None:
+        self.cmd, self.wake_r, self.give_up, self.settle_s = cmd, wake_r, give_up, settle_s
         self.stopping = threading.Event()
+        self.starts = 0
         self.proc = self._start()
         threading.Thread(target=self._watch, daemon=True, name="guardedtuning-runner-watch").start()
 
     def _start(self) -> subprocess.Popen[bytes]:
+        self.started, self.starts = time.monotonic(), self.starts + 1
         return subprocess.Popen(self.cmd, pass_fds=(self.wake_r,))  # noqa: S603 - our module, this interpreter
 
     def _watch(self) -> None:
+        quick_exits = 0
         while True:
             code = self.proc.wait()
-            if self.stopping.wait(1.0):
+            lived = time.monotonic() - self.started
+            if self.stopping.wait(self.settle_s):
+                return
+            quick_exits = quick_exits + 1 if lived < RUNNER_QUICK_EXIT_S else 0
+            if quick_exits >= RUNNER_MAX_QUICK_EXITS:
+                log.error("the ClientApp process exited %d times within %g s of its start (last code %s); "
+                          "stopping the SuperNode. See the errors above; Flower's stock SuperNode runs with "
+                          "%s=off (or `guardedtuning deploy local --stock`)",
+                          quick_exits, RUNNER_QUICK_EXIT_S, code, compat.ENV_VAR)
+                self.give_up()
                 return
             log.error("the ClientApp process exited (code %s); starting a new one", code)
             self.proc = self._start()

@@ -335,4 +335,6 @@ class DPStep:
 
     def close(self) -> None:
         """Remove the Opacus hooks; the bottom is a plain module again."""
-        self.gsm._close()
+        from guardedtuning.compat import close_grad_sample_module
+
+        close_grad_sample_module(self.gsm)

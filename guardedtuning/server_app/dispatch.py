@@ -10,19 +10,25 @@ pull sleep, but not this one, and Flower exposes no setting for it.
 same sweep, restricted to the nodes that have an undelivered message, followed by a
 shorter sleep (``interval``, stretched to four times the sweep's own duration so that the
 sweeps never take more than a fifth of a core). Each message is still taken from the
-state exactly once, by one thread, through Flower's own ``get_message_ins``. If the engine's thread is already running (it starts after Ray is up, seconds
-after the ServerApp loads, so this is not expected) nothing is changed and the status
-says so; every run reports the status in ``results.json`` (``cost.dispatch``).
+state exactly once, by one thread, through Flower's own ``get_message_ins``. If the
+engine's thread is already running (it starts after Ray is up, seconds after the
+ServerApp loads, so this is not expected) nothing is changed and the status says so;
+every run reports the status in ``results.json`` (``cost.dispatch``).
+
+Flower's function is reached through :mod:`guardedtuning.compat`: with its gate off (an
+untested Flower, or ``GUARDEDTUNING_FLOWER_COMPAT=off``) nothing is patched and the
+status is ``"flower (<why>)"``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from importlib.metadata import version
 from typing import Any
 
-SUPPORTED = ("1.41.", "1.42.")
+from guardedtuning import compat
+
+ENGINE_DISPATCHER = "vce.add_messages_to_queue"  # compat.FLOWER_PRIVATE name of Flower's function
 
 
 def nodes_with_pending_messages(state: Any, nodes_mapping: Any) -> Any:
@@ -31,10 +37,11 @@ def nodes_with_pending_messages(state: Any, nodes_mapping: Any) -> Any:
     ``get_message_ins`` checks every stored message (expiry, federation) for every node it
     is asked about, which costs about a millisecond per sweep with a few messages in
     flight: at a 2 ms interval that would take half a core from the clients. A glance at
-    the in-memory store finds the few nodes that have something to deliver; the delivery
-    itself, and its checks, stay Flower's. Other state backends get the full sweep.
+    the in-memory store (``InMemoryLinkState.message_ins_store``, a private attribute of
+    Flower's) finds the few nodes that have something to deliver; the delivery itself, and
+    its checks, stay Flower's. Other state backends get the full sweep.
     """
-    store = getattr(state, "message_ins_store", None)
+    store = getattr(state, compat.MESSAGE_INS_STORE, None)
     if not isinstance(store, dict):
         return nodes_mapping.keys()
     pending = {m.metadata.dst_node_id for m in list(store.values()) if not m.metadata.delivered_at}
@@ -45,14 +52,13 @@ def install(interval: float) -> str:
     """Install the faster dispatcher; return what happened, for the results record."""
     if interval <= 0:
         return "flower (sim.dispatch-interval=0)"
+    g = compat.gate()
+    if not g.enabled:
+        return g.stock
     try:
-        from flwr.server.superlink.fleet.vce import vce_api
-    except ImportError:
+        current = compat.private(ENGINE_DISPATCHER)
+    except compat.FlowerCompatError:
         return "flower (engine module not found)"
-    flwr_version = version("flwr")
-    if not flwr_version.startswith(SUPPORTED):
-        return f"flower (not patched for flwr {flwr_version})"
-    current = vce_api.add_messages_to_queue
     if getattr(current, "guardedtuning_interval", None) is not None:
         return f"fast ({current.guardedtuning_interval * 1000:g} ms)"
     if any(getattr(t, "_target", None) is current for t in threading.enumerate()):
@@ -69,5 +75,5 @@ def install(interval: float) -> str:
             f_stop.wait(max(interval, 4 * (time.perf_counter() - t0)))
 
     add_messages_to_queue.guardedtuning_interval = interval  # type: ignore[attr-defined]
-    vce_api.add_messages_to_queue = add_messages_to_queue
+    compat.replace(ENGINE_DISPATCHER, add_messages_to_queue)
     return f"fast ({interval * 1000:g} ms)"

@@ -9,51 +9,23 @@ milliseconds of the first part, so about two of every three split steps lost a w
 second to that first retry (26 of 36 replies in a 2-client run, measured).
 
 :func:`install` makes the HTTP grid's object pulls retry after ``initial`` seconds,
-doubling up to ``cap`` (0.1 s) instead of 10 s, so a step waits for the upload plus at
-most a tenth of a second, not for a fixed second. Flower's 500-try limit goes (it would
-end a slow upload after under a minute at this cap); Flower's time limit (2 h) stays.
-With at most two objects pulled at once, a pending upload costs at most 20 requests per
-second. Only the deployment engine's grid uses this path; simulations are unaffected.
+doubling up to :data:`~guardedtuning.compat.PULL_CAP_S` (0.1 s) instead of 10 s, so a
+step waits for the upload plus at most a tenth of a second, not for a fixed second.
+Flower's 500-try limit goes (it would end a slow upload after under a minute at this
+cap); Flower's time limit (2 h) stays. With at most two objects pulled at once, a pending
+upload costs at most 20 requests per second. Only the deployment engine's grid uses this
+path; simulations are unaffected. The patch itself is :func:`guardedtuning.compat.
+prompt_pull_objects`, shared with the warm SuperNode; with the compatibility gate off
+nothing is patched and the status is ``"flower (<why>)"``.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from importlib.metadata import version
-from typing import Any
+from guardedtuning import compat
 
-SUPPORTED = ("1.41.", "1.42.")
-
-
-CAP_S = 0.1
-
-
-def prompt_pull_objects(pull_objects: Any, initial: float, cap: float = CAP_S) -> Any:
-    """``pull_objects`` retrying after ``initial`` seconds, doubling up to ``cap`` (unless given)."""
-
-    def pull(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("initial_backoff", initial)
-        kwargs.setdefault("backoff_cap", max(initial, cap))
-        kwargs.setdefault("max_tries_per_object", None)  # Flower's max_time still bounds the wait
-        return pull_objects(*args, **kwargs)
-
-    pull.guardedtuning_initial = initial  # type: ignore[attr-defined]
-    pull.guardedtuning_wrapped = pull_objects  # type: ignore[attr-defined]
-    return pull
+HTTP_GRID_PULLS = "http_grid.pull_objects"  # compat.FLOWER_PRIVATE name of the grid's pull_objects
 
 
 def install(initial: float) -> str:
-    """Use prompt retries in the ServerApp's HTTP grid; return what happened."""
-    flwr_version = version("flwr")
-    if not flwr_version.startswith(SUPPORTED):
-        return f"flower (not patched for flwr {flwr_version})"
-    try:
-        module = import_module("flwr.superlink.grid.http_grid")
-    except ImportError:
-        return "flower (HTTP grid not found)"
-    current = getattr(module, "pull_objects", None)
-    if current is None:
-        return "flower (the HTTP grid does not pull objects the way this patch knows)"
-    current = getattr(current, "guardedtuning_wrapped", current)
-    module.pull_objects = prompt_pull_objects(current, initial)
-    return f"retries after {initial * 1000:g} ms, doubling up to {max(initial, CAP_S) * 1000:g} ms"
+    """Use prompt retries in the ServerApp's HTTP grid; return what happened, for the log."""
+    return compat.install_prompt_pulls(HTTP_GRID_PULLS, initial)

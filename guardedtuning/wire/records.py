@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from guardedtuning.compat import get_all_nested_objects
 from guardedtuning.errors import MessageError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
