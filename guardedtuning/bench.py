@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardedtuning.config import RunConfig, config_from_recipe
+from guardedtuning.config import RunConfig
 from guardedtuning.errors import ConfigError
+from guardedtuning.recipes import config_for
 
 DEFAULT_POINTS = "10:10,100:10,1000:10,1000:100"
 # What the sweep sets unless --set says otherwise: a tiny model and short rounds, so the
@@ -70,12 +71,12 @@ def parse_points(text: str) -> list[tuple[int, int]]:
 def point_config(recipe: str, total: int, per: int, *, rounds: int, sets: Mapping[str, Any], out: Path) -> RunConfig:
     """The run config of one point: recipe, CPU defaults, the user's --set, then the point."""
     flat: dict[str, Any] = {**CPU_DEFAULTS, **sets}
-    base = config_from_recipe(recipe, flat)
+    base = config_for(recipe, flat)
     if "data.train-size" not in sets and 0 < base.data.train_size < total * ROWS_PER_CLIENT:
         flat["data.train-size"] = total * ROWS_PER_CLIENT
     flat.update({"federation.num-clients": total, "federation.clients-per-round": per, "federation.rounds": rounds,
                  "output.dir": str(out / f"n{total}-k{per}"), "output.resume": False})
-    return config_from_recipe(recipe, flat)
+    return config_for(recipe, flat)
 
 
 class GpuSampler:

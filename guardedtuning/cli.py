@@ -2,6 +2,7 @@
 
     guardedtuning run [--recipe NAME] [--set key=value ...] [--out DIR] [--verbose]
     guardedtuning bench clients [--recipe NAME] [--points 10:10,1000:100] [--set ...]
+    guardedtuning recipes              # the designs, one line each
     guardedtuning keys                 # every run-config key, its default and meaning
     guardedtuning fetch smollm2-135m   # convert the embedded decoder once
 
@@ -25,10 +26,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from guardedtuning.config import RECIPES, RunConfig, config_from_recipe, config_help, default_flat_config, parse_set
+from guardedtuning import recipes
+from guardedtuning.config import RunConfig, config_help, default_flat_config, parse_set
 from guardedtuning.errors import GuardedTuningError
+from guardedtuning.recipes import DEFAULT as DEFAULT_RECIPE
 
-DEFAULT_RECIPE = "guarded"
 console = Console(stderr=False)
 err = Console(stderr=True)
 
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guardedtuning", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a recipe on Flower's simulation engine")
-    run.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name ({', '.join(RECIPES)}); default {DEFAULT_RECIPE}")
+    run.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name ({', '.join(recipes.names())}); default {DEFAULT_RECIPE}")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a run-config key (repeatable); `guardedtuning keys` lists them")
     run.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
@@ -66,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a run-config key for every point (e.g. federation.rounds=3)")
     tri.add_argument("--out", default="runs/trilemma", help="output folder (default runs/trilemma); reruns resume")
     sub.add_parser("keys", help="list run-config keys with defaults")
+    sub.add_parser("recipes", help="list the recipes (designs) with what each does")
     fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")
     fetch.add_argument("model", choices=["smollm2-135m", "minilm-l6"])
     return p
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "keys":
             return _keys()
+        if args.command == "recipes":
+            return _recipes()
         if args.command == "fetch":
             return _fetch(args.model)
         if args.command == "trilemma":
@@ -106,6 +111,16 @@ def _keys() -> int:
     return 0
 
 
+def _recipes() -> int:
+    table = Table("recipe", "what it does", "releases activations", "DP-SGD")
+    for r in recipes.all_recipes().values():
+        default = " (default)" if r.name == DEFAULT_RECIPE else ""
+        table.add_row(r.name + default, r.summary, "yes" if r.releases_activations else "no",
+                      "yes" if r.accepts_dp else "no")
+    console.print(table)
+    return 0
+
+
 def _fetch(model: str) -> int:
     from guardedtuning.models.loading import resolve_model_source
 
@@ -117,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     sets = parse_set(args.sets)
     out = Path(args.out or sets.get("output.dir") or f"runs/{args.recipe}").resolve()
     sets["output.dir"] = str(out)
-    cfg = config_from_recipe(args.recipe, sets)
+    cfg = recipes.config_for(args.recipe, sets)
     from guardedtuning.preflight import preflight
 
     facts = preflight(cfg)
@@ -125,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     _banner(cfg, facts)
     events = out / "events.jsonl"
     offset = events.stat().st_size if events.exists() else 0
-    if cfg.recipe == "central-ft":
+    if not recipes.get(cfg.recipe).federated:
         return _run_in_process(cfg, events, offset)
     return _run_flower(cfg, out, events, offset, verbose=args.verbose)
 
@@ -134,8 +149,8 @@ def _bench(args: argparse.Namespace) -> int:
     from guardedtuning.bench import DEFAULT_POINTS, Sweep, markdown, parse_points
     from guardedtuning.preflight import preflight
 
-    if args.recipe == "central-ft":
-        raise GuardedTuningError("`bench clients` sweeps federated recipes; central-ft has no clients")
+    if not recipes.get(args.recipe).federated:
+        raise GuardedTuningError(f"`bench clients` sweeps federated recipes; {args.recipe} has no clients")
     if args.rounds < 1:
         raise GuardedTuningError(f"--rounds must be >= 1 but is {args.rounds}")
     sweep = Sweep(args.recipe, parse_points(args.points or DEFAULT_POINTS), args.rounds, parse_set(args.sets),
@@ -157,15 +172,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _banner(cfg: RunConfig, facts: dict[str, Any]) -> None:
-    fed = cfg.federation
-    who = "1 process" if cfg.recipe == "central-ft" else f"{fed.num_clients} clients, {fed.clients_per_round} per round"
-    if cfg.recipe in ("fedlora", "central-ft"):
-        shape = ""
-    elif cfg.recipe == "offsite":
-        shape = (f", emulator: {cfg.offsite.adapter_layers}+{cfg.offsite.emulator_layers}+"
-                 f"{cfg.offsite.adapter_layers} blocks")
-    else:
-        shape = f", cut after {cfg.split.layer}"
+    fed, recipe = cfg.federation, recipes.get(cfg.recipe)
+    who = f"{fed.num_clients} clients, {fed.clients_per_round} per round" if recipe.federated else "1 process"
+    shape = recipe.shape(cfg)
     console.print(
         f"[bold]guardedtuning[/] {cfg.recipe}: {cfg.model.name} ({facts['kind']}, {facts['layers']} blocks"
         f"{shape}) on {cfg.data.name} ({facts['train_rows']} train / {facts['test_rows']} test rows, "

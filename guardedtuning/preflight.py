@@ -7,11 +7,14 @@ The same checks run again where the work happens; this only makes failing cheap.
 
 from __future__ import annotations
 
+from guardedtuning import recipes
 from guardedtuning.config import RunConfig
 from guardedtuning.data.partition import check_enough_rows, load_partition
 from guardedtuning.data.sources import load_task
 from guardedtuning.errors import ConfigError, ModelLoadError
+from guardedtuning.models.exposure import module_names
 from guardedtuning.models.loading import load_model_config, model_kind
+from guardedtuning.models.lora import check_lora_targets
 from guardedtuning.models.split import check_split_layer
 
 
@@ -26,13 +29,10 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
             f"{mcfg.num_hidden_layers} blocks; pass 0 or a number <= {mcfg.num_hidden_layers}"
         )
     check_split_layer(cfg.split.layer, depth, cfg.model.name)
-    if cfg.recipe == "offsite":  # the emulator's layer counts against the model's depth
-        from guardedtuning.models.emulator import check_offsite_layers
-
-        check_offsite_layers(cfg.offsite, depth, cfg.model.name)
-    if cfg.recipe == "gradfree" and kind == "decoder" and cfg.gradfree.adapter_dim == 0:
-        raise ConfigError(f"`gradfree.adapter-dim` is 0 but {cfg.model.name!r} is a decoder, whose head is the "
-                          "frozen LM head: nothing would train; pass --set gradfree.adapter-dim=64")
+    recipe = recipes.get(cfg.recipe)
+    recipe.validate(cfg)
+    recipe.preflight(cfg, kind, depth)
+    check_lora_targets(cfg.lora, module_names(cfg.model), kind)
     positions = getattr(mcfg, "max_position_embeddings", None)
     if positions is not None and cfg.model.max_length + cfg.eval.max_new_tokens > int(positions):
         raise ModelLoadError(
@@ -41,10 +41,9 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
             f"pass --set model.max-length=N with N <= {int(positions) - cfg.eval.max_new_tokens}"
         )
     task = load_task(cfg.data, cfg.seed)
-    if cfg.recipe != "central-ft":
+    if recipe.federated:
         check_enough_rows(cfg.data, cfg.federation.num_clients, cfg.seed)
         load_partition(cfg.data, 0, cfg.federation.num_clients, cfg.seed)  # builds (and checks) all of them
-    if cfg.recipe != "central-ft":
         from guardedtuning.server_app.common import make_strategy
 
         make_strategy(cfg, "train")  # aggregation settings that could never aggregate fail here

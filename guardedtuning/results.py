@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -20,30 +19,12 @@ from typing import Any
 
 import torch
 
+from guardedtuning import recipes
 from guardedtuning.config import RunConfig
+from guardedtuning.recipes import Recipe
+from guardedtuning.resources import gpu_peak_mb, peak_rss_mb
 
 SCHEMA = "guardedtuning.results/v1"
-DP_SCOPES = {  # what DP-SGD's (epsilon, delta) covers, by recipe
-    "split": "the bottom-LoRA updates of each client (add/remove one of its examples), with amplification by "
-             "Poisson sampling; the released activations and labels are covered only by the token mechanism",
-    "gradfree": "the output-adapter-and-head updates of each client (add/remove one of its examples), with "
-                "amplification by Poisson sampling over rows the server cannot tell apart (every row is released "
-                "each round); labels never leave; the released activations are covered only by the token mechanism",
-    "offsite": "the adapter updates of each client (add/remove one of its examples), with amplification by "
-               "Poisson sampling; nothing else leaves the client",
-}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def gpu_peak_mb() -> float | None:
-    """Peak GPU memory torch allocated in this process (None when it used no GPU)."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return None
-    return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
 
 
 def config_digest(cfg: RunConfig) -> str:
@@ -80,8 +61,10 @@ class CostLedger:
 class Recorder:
     """Writes events, history, checkpoints and the final record of one run."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, model: str, dataset: str) -> None:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, model: str, dataset: str,
+                 recipe: Recipe | None = None) -> None:
         self.cfg = cfg
+        self.recipe = recipe or recipes.get(cfg.recipe)
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.model = model
@@ -174,8 +157,8 @@ class Recorder:
             "config": self.cfg.flat(),
             "model": self.model,
             "dataset": self.dataset,
-            "num_clients": fed.num_clients if self.cfg.recipe != "central-ft" else None,
-            "clients_per_round": fed.clients_per_round if self.cfg.recipe != "central-ft" else None,
+            "num_clients": fed.num_clients if self.recipe.federated else None,
+            "clients_per_round": fed.clients_per_round if self.recipe.federated else None,
             "rounds": fed.rounds,
             "history": self.history,
             "utility": {"metric": metric, "value": utility, "majority_rate": self.majority_rate, **self.utility_extra},
@@ -198,12 +181,10 @@ class Recorder:
         ``bytes_per_round``: everything that crossed the network in a round, up and down, all
         clients together.
         """
-        from guardedtuning.models.exposure import model_ip_exposure
-
         led, rounds = self.ledger, len(self.history)
         steps = led.client_rounds * self.cfg.train.local_steps
         return {
-            "model_ip_exposure": model_ip_exposure(self.cfg),
+            "model_ip_exposure": self.recipe.exposure(self.cfg),
             "client_s_per_step": led.client_compute_s / steps if steps else None,
             "bytes_per_round": (led.bytes_up + led.bytes_down) / rounds if rounds and led.client_rounds else None,
         }
@@ -224,11 +205,9 @@ class Recorder:
             "eta": p.eta if p.mechanism in ("dchi", "privtune") else None,
             "mechanism": {"name": p.mechanism,
                           **{k: v for k, v in rep.items() if not k.startswith("dp_") and k != "mechanism"},
-                          "scope": "per released token vector, per release; " + (
-                              "every row is released once per round" if self.cfg.recipe == "gradfree" else
-                              "an example is released once each time a step samples it")}
+                          "scope": "per released token vector, per release; " + self.recipe.release_scope}
             if p.mechanism != "none" else {"name": "none"},
-            "dp": ({"enabled": True, "scope": DP_SCOPES.get(self.cfg.recipe, DP_SCOPES["split"]),
+            "dp": ({"enabled": True, "scope": self.recipe.dp_scope,
                     "target_epsilon": dp.target_epsilon, "delta": dp.delta,
                     "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant,
                     **{k[3:]: v for k, v in rep.items() if k.startswith("dp_")}} if dp.enabled else {"enabled": False}),

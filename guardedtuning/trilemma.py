@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardedtuning.config import config_from_recipe
+from guardedtuning import recipes
+from guardedtuning.recipes import config_for
 
 ATTACK_COLUMNS = ("eia_nn", "eia_mlp", "eia_transformer", "eia_opt", "aia", "update", "update_secure")
 
@@ -54,9 +55,17 @@ def parse_point(text: str) -> Point:
     return Point(recipe.strip(), sets)
 
 
+DENSE_REFERENCE = Point("split")  # fp32 activations and dense fp32 updates: the bytes yardstick
+
+
+def is_baseline(recipe: str) -> bool:
+    """A yardstick without client-side privacy (no DP-SGD to plan): its utility is a reference line."""
+    return not recipes.get(recipe).accepts_dp
+
+
 def default_points() -> list[Point]:
     """The yardsticks, PrivTune and plain d_chi over eta, and the guarded knobs."""
-    pts = [Point("central-ft"), Point("fedlora"), Point("split")]
+    pts = [Point("central-ft"), Point("fedlora"), DENSE_REFERENCE]
     for eta in (3, 10, 30, 100):
         pts.append(Point("privtune", {"privacy.eta": eta}))
         pts.append(Point("split", {"privacy.mechanism": "dchi", "privacy.eta": eta}))
@@ -91,8 +100,8 @@ def row_of(point: Point, record: dict[str, Any], attacks: dict[str, Any]) -> dic
 
 def add_fractions(rows: list[dict[str, Any]]) -> None:
     """Utility / central-ft's; bytes / the dense reference (noise-free split)."""
-    ref_u = next((r["utility"] for r in rows if r["recipe"] == "central-ft"), None)
-    ref_b = next((r["bytes_per_client_round"] for r in rows if r["point"] == "split"), None)
+    ref_u = next((r["utility"] for r in rows if not recipes.get(r["recipe"]).federated), None)
+    ref_b = next((r["bytes_per_client_round"] for r in rows if r["point"] == DENSE_REFERENCE.name), None)
     for r in rows:
         r["utility_frac_central"] = r["utility"] / ref_u if ref_u and r["utility"] is not None else None
         b = r["bytes_per_client_round"]
@@ -148,7 +157,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
             front = pareto([(x, y) for x, y, _ in pts])
             ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", label="Pareto front")
             for r in rows:
-                if r["recipe"] in ("central-ft", "fedlora") and r["utility"] is not None:
+                if is_baseline(r["recipe"]) and r["utility"] is not None:
                     ax.axhline(r["utility"], linestyle="--", linewidth=0.8, color="grey")
             ax.set_xlabel(f"{a} success")
             ax.set_ylabel("utility")
@@ -162,7 +171,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     for r in pts:
         ax.annotate(r["point"], (r["bytes_per_client_round"], r["utility"]), fontsize=5)
     for r in rows:
-        if r["recipe"] in ("central-ft", "fedlora") and r["utility"] is not None:
+        if is_baseline(r["recipe"]) and r["utility"] is not None:
             ax.axhline(r["utility"], linestyle="--", linewidth=0.8, color="grey")
             ax.annotate(r["recipe"], (ax.get_xlim()[0], r["utility"]), fontsize=6)
     if pts:
@@ -179,7 +188,7 @@ Runner = Callable[[Any], dict[str, Any]]
 
 def default_runner(cfg: Any) -> dict[str, Any]:
     """The path ``guardedtuning run`` takes: in process for central-ft, Flower's simulation engine otherwise."""
-    if cfg.recipe == "central-ft":
+    if not recipes.get(cfg.recipe).federated:
         from guardedtuning.server_app.server_app import execute
 
         return execute(cfg, None)
@@ -201,9 +210,9 @@ def sweep(points: list[Point], base: dict[str, Any], out: Path, *, runner: Runne
     for point in points:
         run_dir = out / point.name
         sets = {**base, **point.sets, "output.dir": str(run_dir)}
-        if point.recipe in ("central-ft", "fedlora"):  # baselines: the split-only knobs do not apply
+        if is_baseline(point.recipe):  # the privacy knobs do not apply
             sets = {k: v for k, v in sets.items() if not k.startswith(("privacy.", "dp.", "aggregation."))}
-        cfg = config_from_recipe(point.recipe, sets)
+        cfg = config_for(point.recipe, sets)
         results, attacks_path = run_dir / "results.json", run_dir / "attacks.json"
         if results.is_file() and attacks_path.is_file():
             record, attacks = json.loads(results.read_text()), json.loads(attacks_path.read_text())
@@ -237,7 +246,7 @@ def main_cli(args: Any, console: Any) -> int:
     base = parse_set(args.sets)
     out = Path(args.out).resolve()
     for p in points:  # every point's config must build before anything runs
-        config_from_recipe(p.recipe, {**base, **p.sets})
+        config_for(p.recipe, {**base, **p.sets})
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"), console=console)
     task = progress.add_task("trilemma", total=len(points), info="")

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from guardedtuning.config import build_config, load_recipe
 from guardedtuning.launcher import run_to_completion
+from guardedtuning.recipes import build_config, get
 
 
 def run_once(flat: dict, out: Path) -> dict:
@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--max-weight", type=int, default=1024)
     args = p.parse_args()
-    base = {**load_recipe(args.recipe), "aggregation.secure": False, "model.name": args.model, "federation.rounds": args.rounds,
+    base = {**get(args.recipe).overrides, "recipe": args.recipe, "aggregation.secure": False, "model.name": args.model, "federation.rounds": args.rounds,
             "federation.num-clients": 10, "federation.clients-per-round": 5, "train.local-steps": 20}
     secure = {**base, "aggregation.secure": True, "aggregation.density": args.density,
               "aggregation.bits": args.bits, "aggregation.max-weight": args.max_weight}

@@ -3,7 +3,8 @@
 - :mod:`.fields`: field helpers (defaults with help, errors naming key, value and fix);
 - :mod:`.sections`: the core sections (model, split, lora, data, federation, ...);
 - :mod:`.privacy`: the client-side privacy sections (``privacy.*``, ``dp.*``);
-- :mod:`.run`: :class:`RunConfig`, :func:`build_config`, recipes and command-line parsing.
+- :mod:`.run`: :class:`RunConfig`, :func:`build_config` (structural checks; each recipe's own
+  checks are in :func:`guardedtuning.recipes.build_config`) and command-line parsing.
 """
 
 from guardedtuning.config.fields import Scalar, fail, opt
@@ -11,18 +12,12 @@ from guardedtuning.config.privacy import DPConfig, PrivacyConfig
 from guardedtuning.config.run import (
     FIELD_TYPES,
     PACKAGE_DIR,
-    RECIPES,
     SECTIONS,
-    SPLIT_RECIPES,
     RunConfig,
     build_config,
-    config_from_recipe,
     config_help,
     default_flat_config,
-    load_recipe,
     parse_set,
-    recipe_dir,
-    recipe_path,
     unknown_key_error,
 )
 from guardedtuning.config.sections import (
@@ -41,9 +36,9 @@ from guardedtuning.config.sections import (
 )
 
 __all__ = [
-    "FIELD_TYPES", "PACKAGE_DIR", "RECIPES", "SECTIONS", "SPLIT_RECIPES", "DPConfig", "PrivacyConfig", "AggregationConfig", "CentralConfig", "CommConfig",
+    "FIELD_TYPES", "PACKAGE_DIR", "SECTIONS", "DPConfig", "PrivacyConfig", "AggregationConfig", "CentralConfig", "CommConfig",
     "DataConfig", "EvalConfig", "FederationConfig", "LoraConfig", "ModelConfig", "OutputConfig", "RunConfig",
-    "Scalar", "SimConfig", "SplitConfig", "TrainConfig", "build_config", "config_from_recipe", "config_help",
-    "default_flat_config", "fail", "load_recipe", "opt", "parse_set", "recipe_dir", "recipe_path",
+    "Scalar", "SimConfig", "SplitConfig", "TrainConfig", "build_config", "config_help",
+    "default_flat_config", "fail", "opt", "parse_set",
     "unknown_key_error",
 ]

@@ -1,8 +1,8 @@
 """The run configuration: frozen, validated dataclasses built once from a flat run config.
 
 Flower hands apps a flat ``run_config`` (``{"model.name": "minilm-l6", ...}``); the
-same keys come from ``pyproject.toml`` (``[tool.flwr.app.config]``), from recipe files
-(``simulations/recipes/*.toml``) and from ``guardedtuning run --set key=value``.
+same keys come from ``pyproject.toml`` (``[tool.flwr.app.config]``), from each recipe's overrides
+(:mod:`guardedtuning.recipes`) and from ``guardedtuning run --set key=value``.
 :func:`build_config` turns them into one :class:`RunConfig`; nothing else in the
 package reads run-config keys by string.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,21 +43,7 @@ from guardedtuning.config.sections import (
 )
 from guardedtuning.errors import ConfigError
 
-RECIPES = ("split", "privtune", "guarded", "fedlora", "central-ft", "gradfree", "offsite")
-SPLIT_RECIPES = ("split", "privtune", "guarded")  # recipes driven by split learning (privacy knobs apply)
-RELEASE_RECIPES = (*SPLIT_RECIPES, "gradfree")  # clients release activations: token mechanisms, quantization
-DP_RECIPES = (*SPLIT_RECIPES, "gradfree", "offsite")  # clients train under DP-SGD (dp.*)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the guardedtuning package
-
-
-def recipe_dir() -> Path:
-    """``simulations/recipes`` of the source tree, or its copy inside an installed wheel."""
-    for candidate in (PACKAGE_DIR.parent / "simulations" / "recipes", PACKAGE_DIR / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError("recipe folder not found; reinstall guardedtuning (pip install -e .)")
-
-
 
 
 SECTIONS: dict[str, type] = {
@@ -85,7 +70,7 @@ SECTIONS: dict[str, type] = {
 class RunConfig:
     """Everything a run needs, validated. Build it with :func:`build_config`."""
 
-    recipe: str = _opt("guarded", f"one of {', '.join(RECIPES)}")
+    recipe: str = _opt("guarded", "a recipe name (`guardedtuning recipes` lists them)")
     seed: int = _opt(0, "seed for sampling, partitioning, initialisation and batches")
     model: ModelConfig = field(default_factory=ModelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -107,27 +92,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise _fail("seed", self.seed, "an integer >= 0")
-        if self.recipe not in RECIPES:
-            raise ConfigError(
-                f"`recipe` must be one of {', '.join(RECIPES)} but is {self.recipe!r}; "
-                "pass --recipe NAME"
-            )
+        if not self.recipe or not self.recipe.replace("-", "").isalnum():
+            raise _fail("recipe", self.recipe, "a recipe name such as guarded (`guardedtuning recipes` lists them)")
         check_combination(self.privacy, self.dp)
-        if self.aggregation.secure and self.recipe != "central-ft" and self.federation.clients_per_round < 2:
-            raise ConfigError(
-                "`aggregation.secure` is true but federation.clients-per-round is "
-                f"{self.federation.clients_per_round}; one client has no one to hide among: sample at least 2 "
-                "clients per round or set --set aggregation.secure=false"
-            )
-        if self.recipe in ("gradfree", "offsite"):  # each takes its own subset of the knobs
-            _check_design_knobs(self.recipe, self.privacy)
-        elif self.recipe not in SPLIT_RECIPES and (self.privacy.mechanism != "none" or self.dp.enabled
-                                                 or self.privacy.nopeek_weight > 0 or self.privacy.quantize_bits):
-            raise ConfigError(
-                f"`recipe` is {self.recipe!r}, which releases no activations, but privacy.* or dp.* knobs are "
-                f"set; they act on split learning: use --recipe {' or '.join(SPLIT_RECIPES)}, or turn them off with "
-                "privacy.mechanism=\"none\" dp.enabled=false (guardedtuning run --recipe NAME does)"
-            )
 
     def flat(self) -> dict[str, Scalar]:
         """The flat run config this object was built from (all keys, defaults filled)."""
@@ -137,23 +104,6 @@ class RunConfig:
             for f in dataclasses.fields(sub):
                 out[f"{section}.{_key(f.name)}"] = getattr(sub, f.name)
         return out
-
-
-def _check_design_knobs(recipe: str, privacy: PrivacyConfig) -> None:
-    """``gradfree`` releases activations but trains no bottom; ``offsite`` releases none (dp.* applies to both)."""
-    if recipe == "gradfree" and privacy.nopeek_weight > 0:
-        raise ConfigError(
-            f"`privacy.nopeek-weight` is {privacy.nopeek_weight} but recipe 'gradfree' keeps the client's bottom "
-            "frozen (no gradient crosses the cut to train it), so a decorrelation term has nothing to shape; set "
-            "--set privacy.nopeek-weight=0"
-        )
-    if recipe == "offsite" and (privacy.mechanism != "none" or privacy.quantize_bits or privacy.nopeek_weight > 0):
-        raise ConfigError(
-            "recipe 'offsite' releases no activations (clients fine-tune on the emulator, locally), but "
-            f"privacy.mechanism={privacy.mechanism!r} / quantize-bits={privacy.quantize_bits} / nopeek-weight="
-            f"{privacy.nopeek_weight} act on released activations; set --set privacy.mechanism=none "
-            "privacy.quantize-bits=0 privacy.nopeek-weight=0 (dp.* DP-SGD does apply to offsite)"
-        )
 
 
 def _key(name: str) -> str:
@@ -183,7 +133,7 @@ def default_flat_config() -> dict[str, Scalar]:
 
 def config_help() -> dict[str, str]:
     """Flat key -> help string."""
-    out = {"recipe": f"one of {', '.join(RECIPES)}", "seed": "global seed"}
+    out = {"recipe": "a recipe name (`guardedtuning recipes` lists them)", "seed": "global seed"}
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             out[f"{section}.{_key(f.name)}"] = str(f.metadata.get("help", ""))
@@ -263,38 +213,3 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             value = value[1:-1]
         out[key] = value
     return out
-
-
-def recipe_path(name: str) -> Path:
-    return recipe_dir() / f"{name}.toml"
-
-
-def load_recipe(name: str) -> dict[str, Any]:
-    """The flat overrides of a recipe (``simulations/recipes/<name>.toml``)."""
-    path = recipe_path(name)
-    if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in recipe_dir().glob("*.toml")))
-        raise ConfigError(f"unknown recipe {name!r}; available recipes: {available}")
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
-    flat = _flatten(data)
-    flat.setdefault("recipe", name)
-    return flat
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def config_from_recipe(recipe: str, sets: Mapping[str, Any] | None = None) -> RunConfig:
-    """Recipe overrides, then command-line overrides, on top of the defaults."""
-    flat = load_recipe(recipe)
-    flat.update(sets or {})
-    return build_config(flat)

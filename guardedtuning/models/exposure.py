@@ -3,16 +3,10 @@
 The provider's weights are the pretrained backbone: embeddings, the L blocks, the final
 norm and (decoders) an untied LM head. A new task head is not the provider's and counts
 in neither part. Counted from the model's architecture on the ``meta`` device (no weights
-are read), for the parts a client of each recipe holds:
-
-- ``split``, ``privtune``, ``guarded``, ``gradfree``: the bottom (embeddings and the first
-  ``split.layer`` blocks); ``gradfree`` decoders also need the LM head, which is the
-  embeddings when tied and counts extra when untied;
-- ``fedlora``: everything (1.0);
-- ``offsite``: the embeddings, the first and last ``a`` blocks, the ``L'`` emulator blocks
-  (copies of provider blocks, or distilled from them: counted as exposed) and the final
-  norm / untied head;
-- ``central-ft``: no client (None).
+are read). Which parts a client holds is each recipe's ``held_weights``
+(:mod:`guardedtuning.recipes`): the split family the bottom, ``gradfree`` the bottom and an
+untied LM head, ``fedlora`` everything, ``offsite`` the ends and the emulator (distilled
+blocks count as exposed), ``central-ft`` no client.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from guardedtuning.config import ModelConfig, RunConfig
+from guardedtuning.config import ModelConfig
 from guardedtuning.models.loading import load_model_config, model_kind
 
 
@@ -65,16 +59,17 @@ def weight_counts(model: ModelConfig) -> WeightCounts:
                         0 if tied else count(full.lm_head))
 
 
-def model_ip_exposure(cfg: RunConfig) -> float | None:
-    """The fraction of the provider's weights a client of ``cfg.recipe`` receives (None: no client)."""
-    if cfg.recipe == "central-ft":
-        return None
-    if cfg.recipe == "fedlora":
-        return 1.0
-    w = weight_counts(cfg.model)
-    if cfg.recipe == "offsite":
-        blocks = 2 * cfg.offsite.adapter_layers + cfg.offsite.emulator_layers
-        held = w.embeddings + blocks * w.block + w.norm + w.untied_head
-    else:  # the split family and gradfree: the bottom
-        held = w.embeddings + cfg.split.layer * w.block + (w.untied_head if cfg.recipe == "gradfree" else 0)
-    return held / w.total
+@functools.lru_cache(maxsize=8)
+def module_names(model: ModelConfig) -> set[str]:
+    """The last name part of every module of ``model``'s backbone (``query``, ``q_proj``, ...), from its config."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = load_model_config(model.name)
+    if model.num_layers:
+        config.num_hidden_layers = model.num_layers
+    with torch.device("meta"):
+        if model_kind(config, model.name) == "encoder":
+            body = AutoModel.from_config(config, add_pooling_layer=False)
+        else:
+            body = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, _ in body.named_modules() if name}

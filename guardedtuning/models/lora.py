@@ -22,6 +22,19 @@ def lora_targets(cfg: LoraConfig, kind: str) -> tuple[str, ...]:
     return AUTO_TARGETS[kind] if cfg.target_list == ("auto",) else cfg.target_list
 
 
+def check_lora_targets(cfg: LoraConfig, names: set[str], kind: str) -> tuple[str, ...]:
+    """The LoRA target modules; a target that is not among ``names`` (a model's module names) is a ConfigError."""
+    targets = lora_targets(cfg, kind)
+    missing = [t for t in targets if t not in names]
+    if missing:
+        known = sorted(n for n in names if "proj" in n or n in ("query", "key", "value", "dense"))
+        raise ConfigError(
+            f"`lora.targets` names {', '.join(missing)}, which this model does not have; "
+            f"use `auto` or modules such as {', '.join(known[:6])}"
+        )
+    return targets
+
+
 def add_lora(module: nn.Module, cfg: LoraConfig, kind: str) -> nn.Module:
     """Inject LoRA adapters into ``module`` in place and freeze everything else.
 
@@ -31,14 +44,7 @@ def add_lora(module: nn.Module, cfg: LoraConfig, kind: str) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    targets = lora_targets(cfg, kind)
-    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ConfigError(
-            f"`lora.targets` names {', '.join(missing)}, which this model does not have; "
-            f"use `auto` or modules such as {', '.join(sorted(n for n in names if 'proj' in n or n in ('query', 'key', 'value'))[:6])}"
-        )
+    targets = check_lora_targets(cfg, {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}, kind)
     peft_cfg = PeftLoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(targets)
     )

@@ -1,4 +1,4 @@
-"""The ServerApp: build the config once, pick the recipe's driver, write the record."""
+"""The ServerApp: build the config once, run the recipe's driver (from the registry), write the record."""
 
 from __future__ import annotations
 
@@ -9,46 +9,32 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from guardedtuning.config import SPLIT_RECIPES, RunConfig, build_config
+from guardedtuning import recipes
+from guardedtuning.config import RunConfig
 from guardedtuning.errors import GuardedTuningError
 from guardedtuning.evaluation import utility_metric
 from guardedtuning.models.loading import kind_of
 from guardedtuning.results import Recorder
-from guardedtuning.server_app.central import run_central
 from guardedtuning.server_app.common import ServerRun, log
 from guardedtuning.server_app.dispatch import install as install_dispatch
-from guardedtuning.server_app.fedlora_driver import run_fedlora
-from guardedtuning.server_app.gradfree_driver import run_gradfree
 from guardedtuning.server_app.object_pulls import install as install_object_pulls
-from guardedtuning.server_app.offsite_driver import run_offsite
-from guardedtuning.server_app.split_driver import run_split
 
 app = ServerApp()
 
 
 def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -> dict:
     """Run one recipe end to end and return its results record."""
-    rec = Recorder(cfg, Path(cfg.output.dir), model=cfg.model.name, dataset=cfg.data.name)
+    recipe = recipes.get(cfg.recipe)
+    rec = Recorder(cfg, Path(cfg.output.dir), model=cfg.model.name, dataset=cfg.data.name, recipe=recipe)
     rec.dispatch = dispatch
     try:
         run = ServerRun.create(cfg, rec)
         rec.majority_rate = run.task.majority_rate()
         rec.event("start", recipe=cfg.recipe, rounds=cfg.federation.rounds, steps=cfg.train.local_steps,
                   majority_rate=run.task.majority_rate())
-        if cfg.recipe == "central-ft":
-            metrics = run_central(run)
-        elif grid is None:
+        if recipe.federated and grid is None:
             raise GuardedTuningError(f"recipe {cfg.recipe!r} is federated; run it with `guardedtuning run` or `flwr run .`")
-        elif cfg.recipe in SPLIT_RECIPES:
-            metrics = run_split(grid, run)
-        elif cfg.recipe == "fedlora":
-            metrics = run_fedlora(grid, run)
-        elif cfg.recipe == "gradfree":
-            metrics = run_gradfree(grid, run)
-        elif cfg.recipe == "offsite":
-            metrics = run_offsite(grid, run)
-        else:  # a recipe listed in RECIPES without a driver is a bug, not bad input
-            raise RuntimeError(f"no driver for recipe {cfg.recipe!r}")
+        metrics = recipe.run(grid, run)
         if not metrics and rec.history:  # resumed after the last round: nothing left to run
             metrics = {"utility": rec.history[-1]["utility"]}
         kind = kind_of(cfg.model.name)
@@ -69,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    cfg = build_config(context.run_config)
+    cfg = recipes.build_config(context.run_config)
     dispatch = install_dispatch(cfg.sim.dispatch_interval)
     log.info("deployment engine object pulls: %s", install_object_pulls(cfg.comm.poll_interval))
     log.info("recipe %s, output %s, simulation dispatch: %s", cfg.recipe, Path(cfg.output.dir).resolve(), dispatch)

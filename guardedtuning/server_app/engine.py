@@ -1,0 +1,224 @@
+"""The round engine: the one server loop every federated design plugs into.
+
+:func:`run_rounds` does what every design needs, once: resume from the checkpoint, wait
+for the clients, then each round sample (the strategy's ``configure_train``), let the
+design run its exchanges (:meth:`Design.train`), merge the clients' privacy reports,
+aggregate (the strategy's ``aggregate_train``, which returns the new global arrays),
+evaluate, record and checkpoint. A design supplies only what differs: its global state,
+the config of its round's first message, its exchanges and its evaluation.
+
+:class:`Round` is what a design's exchanges go through: the push/pull loop with its
+accounting (bytes, overhead, step wall), and :meth:`Round.screen`, the one place where
+failed, late and budget-spent clients leave a round and where a round that nobody could
+take part in stops the run with the reason.
+"""
+
+from __future__ import annotations
+
+import statistics
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from guardedtuning.errors import ClientsFailed, MessageError
+from guardedtuning.server_app.common import ServerRun, log, make_strategy
+from guardedtuning.wire.exchange import Exchange, exchange
+from guardedtuning.wire.records import metric_value, record_to_tensors, tensors_to_record
+
+
+@dataclass
+class Round:
+    """One round in progress: its number, the run, and the exchanges it makes."""
+
+    grid: Grid
+    run: ServerRun
+    strategy: Strategy
+    number: int
+    resumed_after: int
+    last_overhead: float | None = None  # seconds of the last exchange during which no client computed
+
+    def exchange(self, messages: list[Message], *, step: bool = True) -> Exchange:
+        """Push ``messages``, pull the replies; count bytes and compute (``step``: a training step's timing too)."""
+        cfg, led = self.run.cfg, self.run.rec.ledger
+        ex = exchange(self.grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
+        overhead = self.last_overhead = self.run.account(ex)
+        if step:
+            led.step_overhead_s.append(overhead)
+            led.step_wall_s.append(ex.wall_s)
+        return ex
+
+    def drop(self, node: int | None, reason: str) -> None:
+        self.run.drop(node, reason, self.number)
+
+    def screen(self, ex: Exchange, *, final: bool) -> tuple[dict[int, Message], dict[int, str], list[int]]:
+        """The replies a design may use, the failures and the budget-spent clients of an exchange.
+
+        A client whose privacy budget is spent leaves the round (logged, removed from
+        ``ex`` so the strategy never sees it). Failures (error replies, timeouts) are
+        dropped here, except in the round's ``final`` exchange, whose failures the
+        aggregation drops.
+        """
+        failures = ex.failures()
+        if not final:
+            for node, reason in failures.items():
+                self.drop(node, reason)
+        ok: dict[int, Message] = {}
+        spent: list[int] = []
+        for node, msg in ex.ok().items():
+            metrics = msg.content.get("metrics")
+            if metrics is not None and "budget-spent" in metrics:
+                spent.append(node)
+                eps = metrics.get("epsilon", float("nan"))
+                self.drop(node, f"privacy budget spent (epsilon {eps:.3f} of dp.target-epsilon "
+                                f"{self.run.cfg.dp.target_epsilon}); it stops contributing")
+                ex.replies.pop(node)
+                continue
+            ok[node] = msg
+        return ok, failures, spent
+
+    def give_up_if_nobody(self, usable: int, failures: dict[int, str], spent: list[int]) -> None:
+        """Stop the run, with the reason, when no sampled client could take part in the round."""
+        if usable:
+            return
+        if spent and not failures:
+            raise ClientsFailed(f"round {self.number}: every sampled client has spent its privacy budget "
+                                f"(dp.target-epsilon {self.run.cfg.dp.target_epsilon}); plan fewer rounds or raise it")
+        if failures:
+            raise ClientsFailed(f"round {self.number}: no client could take part; "
+                                f"first reason: {next(iter(failures.values()))}")
+
+    def step_event(self, step: int, steps: int, losses: list[float], ex: Exchange, clients: int) -> None:
+        self.run.rec.event("step", round=self.number, step=step, steps=steps,
+                           loss=statistics.fmean(losses) if losses else None, clients=clients,
+                           exchange_s=ex.wall_s, overhead_s=self.last_overhead)
+
+
+def train_losses(replies: dict[int, Message]) -> list[float]:
+    """The ``train_loss`` metric of each reply that has one (the strategy rejects malformed replies)."""
+    out = []
+    for node, msg in replies.items():
+        try:
+            out.append(metric_value(msg.content["metrics"], "train_loss", source=f"reply of node {node}"))
+        except (KeyError, MessageError):
+            pass
+    return out
+
+
+@dataclass
+class Outcome:
+    """What a design's exchanges of one round produced."""
+
+    losses: list[float]
+    final: Exchange | None  # the replies carrying the updates; None when nobody reached the last step
+
+
+class Design(ABC):
+    """A federated design's server side, as :func:`run_rounds` drives it.
+
+    Subclasses set :attr:`message_type` (the first message's type, which the strategy
+    builds), :attr:`steps` (the round trips of a round, for the progress line) and
+    :attr:`what` (the global state's name, for the log).
+    """
+
+    message_type: str
+    what: str = "global adapters"
+
+    def __init__(self, run: ServerRun) -> None:
+        self.run = run
+
+    @property
+    def steps(self) -> int:
+        return 1
+
+    @abstractmethod
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The tensors the strategy sends and aggregates."""
+
+    @abstractmethod
+    def set_global(self, state: dict[str, torch.Tensor]) -> None:
+        """Install the aggregated global state (also into the model that is evaluated)."""
+
+    def round_config(self, rnd: Round) -> dict[str, Any]:
+        """The ``config`` record of the round's first message (beside what the strategy adds)."""
+        return {"resumed-after": rnd.resumed_after}
+
+    def outgoing(self, rnd: Round, messages: list[Message]) -> list[Message]:
+        """The strategy's first messages, as they are sent (a design may add to them)."""
+        return messages
+
+    @abstractmethod
+    def train(self, rnd: Round, messages: list[Message]) -> Outcome:
+        """The round's exchanges, from the first messages to the replies carrying the updates."""
+
+    def evaluate(self, rnd: Round) -> tuple[dict[str, float], dict[str, Any]]:
+        """(metrics with ``utility``, the extra fields of the round's record)."""
+        metrics = self.run.evaluate(self.evaluated_model())
+        return metrics, {k: v for k, v in metrics.items() if k != "utility"}
+
+    def evaluated_model(self) -> torch.nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} evaluates no model; override evaluate()")
+
+    @abstractmethod
+    def checkpoint(self) -> dict[str, Any]:
+        """What a resumed run needs (tensors and optimizer state)."""
+
+    @abstractmethod
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load :meth:`checkpoint`'s output."""
+
+    def finish(self) -> None:
+        """After the last round (e.g. a design's own block of the record); nothing by default."""
+        return None
+
+
+def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
+    """Run ``design`` for ``federation.rounds`` rounds (resuming after the checkpoint's); the last metrics."""
+    cfg, rec = run.cfg, run.rec
+    strategy = make_strategy(cfg, design.message_type)
+    first, resumed_after = 1, 0
+    resumed = rec.load_checkpoint()
+    # After a restart the clients' accountants may be gone with their state; the config tells
+    # them the run resumed after round ``resumed_after`` and each charges itself as if it had
+    # taken part in every one of those rounds (an upper bound).
+    if resumed is not None:
+        done, state = resumed
+        design.restore(state)
+        first, resumed_after = done + 1, done
+        log.info("resuming after round %d from %s", done, rec.checkpoint_path)
+    run.wait_for_nodes(grid)
+    metrics: dict[str, float] = {}
+    for number in range(first, cfg.federation.rounds + 1):
+        run.seed_round(number)
+        up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
+        rnd = Round(grid, run, strategy, number, resumed_after)
+        config = ConfigRecord(design.round_config(rnd))
+        messages = list(strategy.configure_train(number, tensors_to_record(design.global_state()), config, grid))
+        outcome = Outcome([], None)
+        if not messages:  # the strategy refused the round (logged): the global state stays as it is
+            rec.event("refused", round=number, reason="the strategy configured no round (see the log)")
+        else:
+            messages = design.outgoing(rnd, messages)
+            rec.event("round_start", round=number, clients=[m.metadata.dst_node_id for m in messages],
+                      steps=design.steps)
+            rec.ledger.client_rounds += len(messages)
+            outcome = design.train(rnd, messages)
+        final = outcome.final
+        epsilon = run.note_privacy(final.ok()) if final is not None else None
+        new = run.aggregate(strategy, number, final) if final is not None else None
+        if new is not None:
+            design.set_global(record_to_tensors(new, source="aggregate"))
+        else:
+            log.warning("round %d: no valid update; the %s are unchanged", number, design.what)
+            design.set_global(design.global_state())
+        metrics, extra = design.evaluate(rnd)
+        rec.add_round(number, utility=metrics["utility"],
+                      train_loss=statistics.fmean(outcome.losses) if outcome.losses else None, epsilon=epsilon,
+                      bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0, extra=extra)
+        rec.save_checkpoint(number, design.checkpoint())
+    design.finish()
+    return metrics
