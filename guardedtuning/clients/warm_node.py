@@ -127,10 +127,10 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
         loop_pulls = flower("supernode_loop.pull_objects")
     except compat.FlowerCompatError:
         return "flower (the SuperNode loop is not the one this patch knows)"
-    if loop_time is not time:
-        return "flower (the SuperNode loop is not the one this patch knows)"
     if getattr(pull, "guardedtuning_backoff", None) is not None:
         return "fast (already installed)"
+    if loop_time is not time:
+        return "flower (the SuperNode loop is not the one this patch knows)"
 
     def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
         run_id = pull(*args, **kwargs)
