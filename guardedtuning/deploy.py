@@ -15,7 +15,10 @@ it. docs/deployment.md walks through a multi-machine setup; this module makes th
 
 SuperNodes run as ``python -m guardedtuning.clients.warm_node supernode`` (Flower's
 SuperNode with prompt polling and a warm ClientApp process; see that module) unless
-``warm=False``, which runs Flower's stock ``flower-supernode``.
+``warm=False``, which runs Flower's stock ``flower-supernode``. The warm command itself
+becomes the stock one when :mod:`guardedtuning.compat`'s gate is off (an untested Flower,
+or ``GUARDEDTUNING_FLOWER_COMPAT=off`` in the environment, which every process started
+here inherits).
 """
 
 from __future__ import annotations
