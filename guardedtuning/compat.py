@@ -71,7 +71,9 @@ FLOWER_PRIVATE: dict[str, str] = {
     "pull_task_input": "flwr.supernode.runtime.run_clientapp:pull_task_input",
     "push_message": "flwr.supernode.runtime.run_clientapp:push_message",
     "push_task_output": "flwr.supernode.runtime.run_clientapp:push_task_output",
-    # tests and benchmarks: a ClientApp called in-process needs a task identity; Flower SecAgg+'s encoding
+    # tests and benchmarks: a ClientApp called in-process needs a task identity; Flower SecAgg+'s encoding;
+    # Flower's own object-tree walk (our `get_all_nested_objects` is checked against it)
+    "inflatable.get_all_nested_objects": "flwr.supercore.inflatable.inflatable_object:get_all_nested_objects",
     "TaskIdentity": "flwr.supercore.task_identity:TaskIdentity",
     "ndarray_to_bytes": "flwr.common:ndarray_to_bytes",
 }

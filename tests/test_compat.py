@@ -82,8 +82,7 @@ def test_opacus_grad_sample_module_can_be_closed():
 
 
 def test_nested_objects_walk_equals_flowers_own():
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects as flowers
-
+    flowers = compat.private("inflatable.get_all_nested_objects")
     task_identity = compat.private("TaskIdentity")  # a Message needs the run it belongs to
     task_identity.task_id, task_identity.run_id, task_identity.node_id = 1, 1, 1
     msg = Message(RecordDict({"a": ArrayRecord({"x": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
