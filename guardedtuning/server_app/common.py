@@ -24,6 +24,7 @@ from guardedtuning.wire.exchange import Exchange
 from guardedtuning.wire.records import dense_nbytes, metric_value
 
 log = logging.getLogger("guardedtuning")
+SETTLE_S = 10.0  # seconds the number of connected clients must stay put before a run starts with fewer
 
 
 def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
@@ -181,18 +182,38 @@ class ServerRun:
                 self.rec.event("refused", round=round_, reason="secure aggregation refused the round")
         return avg
 
-    def wait_for_nodes(self, grid: Grid) -> None:
-        """Wait (up to ``comm.timeout``) until a round's worth of clients is connected."""
-        need = self.cfg.federation.clients_per_round
-        deadline = time.monotonic() + self.cfg.comm.timeout
+    def wait_for_nodes(self, grid: Grid) -> int:
+        """Wait until a round's worth of clients is connected; return how many a round samples.
+
+        When fewer than ``federation.clients-per-round`` connect (e.g. Flower's default local
+        federation of 2 SuperNodes), the run goes on with all of them once their number has
+        not changed for ``SETTLE_S`` seconds (at least 2 under secure aggregation), with a
+        logged warning; with fewer still after ``comm.timeout`` it stops with the reason.
+        """
+        cfg = self.cfg
+        need, least = cfg.federation.clients_per_round, (2 if cfg.aggregation.secure else 1)
+        t0 = time.monotonic()
+        deadline, settle = t0 + cfg.comm.timeout, min(SETTLE_S, cfg.comm.timeout)
+        last, since = -1, t0
         while (n := len(list(grid.get_node_ids()))) < need:
-            if time.monotonic() > deadline:
-                raise ClientsFailed(f"only {n} clients connected within comm.timeout={self.cfg.comm.timeout:g}s, "
-                                    f"but federation.clients-per-round is {need}; start more SuperNodes or "
-                                    "lower federation.clients-per-round")
+            now = time.monotonic()
+            if n != last:
+                last, since = n, now
+            elif n >= least and now - since >= settle:
+                log.warning("only %d clients are connected (their number has not changed for %.0f s) but "
+                            "federation.clients-per-round is %d: each round samples all %d; start more SuperNodes "
+                            "or lower federation.clients-per-round", n, settle, need, n)
+                self.rec.event("warning", message=f"{n} clients connected, federation.clients-per-round is "
+                                                  f"{need}: each round samples {n}")
+                break
+            if now > deadline:
+                raise ClientsFailed(f"only {n} clients connected within comm.timeout={cfg.comm.timeout:g}s, "
+                                    f"but a round needs at least {least} (federation.clients-per-round is {need}); "
+                                    "start more SuperNodes or lower federation.clients-per-round")
             time.sleep(0.2)
-        if n != self.cfg.federation.num_clients:
+        if n != cfg.federation.num_clients:
             log.warning("federation.num-clients is %d but %d clients are connected; the federation's "
-                        "num-supernodes decides how the data is partitioned", self.cfg.federation.num_clients, n)
+                        "num-supernodes decides how the data is partitioned", cfg.federation.num_clients, n)
             self.rec.event("warning", message=f"{n} clients connected, federation.num-clients is "
-                                              f"{self.cfg.federation.num_clients}")
+                                              f"{cfg.federation.num_clients}")
+        return min(n, need)

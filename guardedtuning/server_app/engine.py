@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -179,7 +179,6 @@ class Design(ABC):
 def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
     """Run ``design`` for ``federation.rounds`` rounds (resuming after the checkpoint's); the last metrics."""
     cfg, rec = run.cfg, run.rec
-    strategy = make_strategy(cfg, design.message_type)
     first, resumed_after = 1, 0
     resumed = rec.load_checkpoint()
     # After a restart the clients' accountants may be gone with their state; the config tells
@@ -190,7 +189,11 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
         design.restore(state)
         first, resumed_after = done + 1, done
         log.info("resuming after round %d from %s", done, rec.checkpoint_path)
-    run.wait_for_nodes(grid)
+    per_round = run.wait_for_nodes(grid)
+    fed = cfg.federation
+    if per_round < fed.clients_per_round:  # fewer clients connected: plan the aggregation for those
+        cfg = replace(cfg, federation=replace(fed, clients_per_round=per_round))
+    strategy = make_strategy(cfg, design.message_type)
     metrics: dict[str, float] = {}
     for number in range(first, cfg.federation.rounds + 1):
         run.seed_round(number)

@@ -23,10 +23,9 @@ import time
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
-from guardedtuning.clients.gradfree_client import MESSAGE_TYPE, RELEASE, TRAIN
 from guardedtuning.errors import ConfigError, MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.output_adapter import GradfreeModel, build_gradfree_head
@@ -34,31 +33,7 @@ from guardedtuning.models.parts import split_model
 from guardedtuning.models.split import Top
 from guardedtuning.server_app.common import ServerRun
 from guardedtuning.server_app.engine import Design, Outcome, Round, run_rounds, train_losses
-from guardedtuning.server_app.split_driver import dequantize
-from guardedtuning.wire.records import get_record, record_to_tensors, tensors_to_record
-
-RELEASED = {"h", "mask"}
-RELEASED_QUANTIZED = {"codes", "scales", "meta", "mask"}
-
-
-def unpack_release(msg: Message, *, hidden: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A client's released activations (N, T, D) and mask (N, T), checked; anything else in them is refused."""
-    source = f"reply of node {msg.metadata.src_node_id}"
-    record = get_record(msg.content, "acts", ArrayRecord, source=source, sender="ClientApp")
-    names = set(record.keys())
-    if names not in (RELEASED, RELEASED_QUANTIZED):
-        raise MessageError(f"{source}: a gradfree release holds {sorted(names)}, expected exactly "
-                           f"{sorted(RELEASED)} or {sorted(RELEASED_QUANTIZED)} (labels never leave the client)")
-    acts = record_to_tensors(record, source=source)
-    h = dequantize(record, source=source) if "codes" in names else acts["h"]
-    mask = acts["mask"]
-    if not h.is_floating_point() or h.dim() != 3 or h.shape[2] != hidden or not 1 <= h.shape[0] <= max_rows:
-        raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, expected float "
-                           f"(N, T, {hidden}) with 1 <= N <= {max_rows}")
-    if tuple(mask.shape) != tuple(h.shape[:2]) or not bool(((mask == 0) | (mask == 1)).all()):
-        raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)}, expected {tuple(h.shape[:2])} "
-                           "of 0/1")
-    return h.float(), mask.long()
+from guardedtuning.wire.gradfree import MESSAGE_TYPE, RELEASE, train_message, unpack_release
 
 
 @torch.no_grad()
@@ -68,12 +43,6 @@ def middle_outputs(top: Top, h: torch.Tensor, mask: torch.Tensor, device: torch.
     out = [top.hidden(h[s:s + chunk].to(device), mask[s:s + chunk].to(device)).cpu()
            for s in range(0, h.shape[0], chunk)]
     return torch.cat(out)
-
-
-def train_message(node: int, round_: int, z: torch.Tensor, resumed_after: int) -> Message:
-    config = ConfigRecord({"server-round": round_, "stage": TRAIN, "resumed-after": resumed_after})
-    return Message(RecordDict({"config": config, "out": tensors_to_record({"z": z})}), message_type=MESSAGE_TYPE,
-                   dst_node_id=node)
 
 
 class GradfreeDesign(Design):

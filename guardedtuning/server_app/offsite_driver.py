@@ -34,7 +34,6 @@ import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from guardedtuning.clients.offsite_client import EMULATOR_KEY, MESSAGE_TYPE
 from guardedtuning.config import RunConfig
 from guardedtuning.data.batches import Example, batch_indices, collate, tokenize_rows
 from guardedtuning.data.partition import load_partition
@@ -60,15 +59,10 @@ from guardedtuning.privacy.randomness import STREAM_DP_NOISE, make_generator
 from guardedtuning.server_app.common import ServerRun
 from guardedtuning.server_app.engine import Design, Outcome, Round, run_rounds, train_losses
 from guardedtuning.training import local_train, make_optimizer
+from guardedtuning.wire.offsite import EMULATOR_KEY, MESSAGE_TYPE, with_package
 from guardedtuning.wire.records import message_nbytes, tensors_to_record
 
 DISTILL_SEED = 104_729  # public distillation text: synthetic rows from another seed than any task's
-
-
-def with_package(msg: Message, package: Any) -> Message:
-    """The same message with the emulator package added (a copy: strategies may share one content)."""
-    content = RecordDict({**dict(msg.content.items()), EMULATOR_KEY: package})
-    return Message(content=content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
 
 
 class FullReference:

@@ -22,90 +22,17 @@ import statistics
 import time
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from guardedtuning.errors import MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import split_model
-from guardedtuning.models.split import IGNORE
-from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations
 from guardedtuning.server_app.common import ServerRun
 from guardedtuning.server_app.engine import Design, Outcome, Round, run_rounds
 from guardedtuning.training import ClientActs, make_optimizer, top_step
-from guardedtuning.wire.records import get_record, record_to_tensors, tensors_to_record
-
-MESSAGE_TYPE = "train.split"
-
-
-def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, kind: str) -> ClientActs:
-    """A client's released activations, checked before they touch the top.
-
-    ``num_labels`` is the number of classes (encoders) or the vocabulary size (decoders).
-    """
-    source = f"reply of node {msg.metadata.src_node_id}"
-    record = get_record(msg.content, "acts", ArrayRecord, source=source, sender="ClientApp")
-    acts = record_to_tensors(record, source=source)
-    if "codes" in acts:  # quantized uplink (privacy.quantize-bits)
-        acts["h"] = dequantize(record, source=source)
-    for key in ("h", "mask", "labels"):
-        if key not in acts:
-            raise MessageError(f"{source}: activations record lacks {key!r}")
-    h, mask, labels = acts["h"], acts["mask"], acts["labels"]
-    if not h.is_floating_point() or h.dim() != 3 or h.shape[2] != hidden:
-        raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, "
-                           f"expected float (B, T, {hidden})")
-    b, t = h.shape[0], h.shape[1]
-    if not 0 <= b <= max_batch:  # 0: an empty Poisson batch under DP-SGD
-        raise MessageError(f"{source}: batch of {b} rows, expected 0..{max_batch}")
-    if b == 0:
-        return ClientActs(h, mask.reshape(0, t), labels.reshape(0) if kind == "encoder" else labels.reshape(0, t))
-    if tuple(mask.shape) != (b, t) or not bool(((mask == 0) | (mask == 1)).all()):
-        raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)}, expected ({b}, {t}) of 0/1")
-    if kind == "encoder":
-        if tuple(labels.shape) != (b,) or labels.is_floating_point() or not bool(
-                ((labels >= 0) & (labels < num_labels)).all()):
-            raise MessageError(f"{source}: labels must be {b} class ids in 0..{num_labels - 1}")
-    elif tuple(labels.shape) != (b, t) or labels.is_floating_point() or not bool(
-            ((labels == IGNORE) | ((labels >= 0) & (labels < num_labels))).all()):
-        raise MessageError(f"{source}: labels must be ({b}, {t}) token ids in 0..{num_labels - 1} or {IGNORE}")
-    return ClientActs(h, mask, labels)
-
-
-def dequantize(record: ArrayRecord, *, source: str) -> torch.Tensor:
-    """Quantized activations (codes, scales, meta) back to float, checked before use.
-
-    Codes must be uint8 (B, T, D) or packed (B, T, ceil(D/2)), scales finite float32
-    (B, T); the decoded activations must be finite, since one client's inf would reach
-    every client through the shared top.
-    """
-    try:
-        arrays = {k: record[k].numpy() for k in ("codes", "scales", "meta")}
-        codes, scales, meta = arrays["codes"], arrays["scales"], arrays["meta"]
-        if codes.dtype != np.uint8 or codes.ndim != 3 or meta.shape != (2,) or meta.dtype.kind not in "iu":
-            raise ValueError(f"codes {codes.dtype} {codes.shape}, meta {meta.dtype} {meta.shape}")
-        if scales.dtype != np.float32 or scales.shape != codes.shape[:2] or not np.isfinite(scales).all():
-            raise ValueError(f"scales {scales.dtype} {scales.shape} (finite float32 (B, T) expected)")
-        bits, dim = int(meta[0]), int(meta[1])
-        if codes.shape[2] != (dim if bits == 8 else (dim + 1) // 2):
-            raise ValueError(f"{codes.shape[2]} code columns for {bits}-bit values of dimension {dim}")
-        h = dequantize_activations(QuantizedActivations.from_arrays(arrays))
-    except (KeyError, ValueError, IndexError, TypeError) as exc:
-        raise MessageError(f"{source}: quantized activations cannot be decoded ({exc})") from exc
-    if not torch.isfinite(h).all():
-        raise MessageError(f"{source}: quantized activations decode to non-finite values")
-    return h
-
-
-def step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None,
-                  resumed_after: int = 0) -> Message:
-    content = RecordDict({"config": ConfigRecord({"server-round": round_, "step": step, "steps": steps,
-                                                  "resumed-after": resumed_after})})
-    if grad is not None:
-        content["grad"] = tensors_to_record({"h": grad})
-    return Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
+from guardedtuning.wire.split import MESSAGE_TYPE, step_message, unpack_acts
 
 
 def top_step_nonempty(top: torch.nn.Module, opt: torch.optim.Optimizer | None, acts: dict[int, ClientActs],
