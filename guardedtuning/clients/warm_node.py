@@ -501,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("supernode", "runner"):
         print("usage: python -m guardedtuning.clients.warm_node {supernode,runner} [args]", file=sys.stderr)
         return 2
-    return supernode_main(argv[1:]) if argv[0] == "supernode" else runner_main(argv[1:])
+    try:
+        return supernode_main(argv[1:]) if argv[0] == "supernode" else runner_main(argv[1:])
+    except compat.FlowerCompatError as exc:  # a bad GUARDEDTUNING_FLOWER_COMPAT value: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
