@@ -40,6 +40,9 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
             f"{positions} positions (generation adds eval.max-new-tokens={cfg.eval.max_new_tokens}); "
             f"pass --set model.max-length=N with N <= {int(positions) - cfg.eval.max_new_tokens}"
         )
+    from guardedtuning.server_app.common import server_device
+
+    server_device(cfg)  # a GPU this machine does not have fails here, not in the ServerApp
     task = load_task(cfg.data, cfg.seed)
     if recipe.federated:
         check_enough_rows(cfg.data, cfg.federation.num_clients, cfg.seed)

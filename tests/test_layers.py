@@ -23,8 +23,8 @@ RANKS = {
     "recipes": 5,
     "results": 6,
     "strategies": 7,
-    "clients": 8, "server_app": 8,
-    "preflight": 9, "launcher": 9,
+    "clients": 8, "server_app": 8, "preflight": 8,
+    "launcher": 9,
     "bench": 10, "deploy": 10, "trilemma": 10,
     "cli": 11,
 }

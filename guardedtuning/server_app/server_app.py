@@ -14,6 +14,7 @@ from guardedtuning.config import RunConfig
 from guardedtuning.errors import GuardedTuningError
 from guardedtuning.evaluation import utility_metric
 from guardedtuning.models.loading import kind_of
+from guardedtuning.preflight import preflight
 from guardedtuning.results import Recorder
 from guardedtuning.server_app.common import ServerRun, log
 from guardedtuning.server_app.dispatch import install as install_dispatch
@@ -56,7 +57,8 @@ def main(grid: Grid, context: Context) -> None:
         log.setLevel(logging.INFO)
         log.propagate = False
     cfg = recipes.build_config(context.run_config)
-    dispatch = install_dispatch(cfg.sim.dispatch_interval)
+    dispatch = install_dispatch(cfg.sim.dispatch_interval)  # before the engine's dispatcher thread starts
+    preflight(cfg)  # `flwr run .` skips guardedtuning's launcher: bad input fails here, before any round
     log.info("deployment engine object pulls: %s", install_object_pulls(cfg.comm.poll_interval))
     log.info("recipe %s, output %s, simulation dispatch: %s", cfg.recipe, Path(cfg.output.dir).resolve(), dispatch)
     record = execute(cfg, grid, dispatch=dispatch)
