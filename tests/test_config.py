@@ -5,15 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from guardedtuning.config import (
-    RECIPES,
-    build_config,
-    config_from_recipe,
-    default_flat_config,
-    load_recipe,
-    parse_set,
-)
+from guardedtuning import recipes
+from guardedtuning.config import default_flat_config, parse_set
 from guardedtuning.errors import ConfigError
+from guardedtuning.recipes import build_config
+from guardedtuning.recipes import config_for as config_from_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +36,8 @@ def test_the_defaults_are_the_guarded_recipe():
         assert (base.privacy.mechanism, base.dp.enabled, base.aggregation.secure) == ("none", False, False)
 
 
-def test_every_recipe_file_builds():
-    for name in RECIPES:
+def test_every_recipe_builds():
+    for name in recipes.names():
         assert config_from_recipe(name).recipe == name
 
 
@@ -60,7 +56,8 @@ def test_strings_from_the_command_line_are_coerced():
         ({"federation.clients-per-round": 11}, "between 1 and federation.num-clients (10)"),
         ({"data.partition": "skewed"}, "`data.partition` must be `iid` or `dirichlet` but is 'skewed'"),
         ({"lora.top": "maybe"}, "`lora.top` must be true or false"),
-        ({"recipe": "nope"}, "`recipe` must be one of"),
+        ({"recipe": "nope"}, "unknown recipe 'nope'; available recipes: central-ft, fedlora"),
+        ({"recipe": "no such"}, "`recipe` must be a recipe name"),
         ({"sim.server-device": "tpu"}, "`sim.server-device`"),
         ({"lora.rank": 0}, "`lora.rank` must be a positive integer but is 0"),
     ],
@@ -73,9 +70,31 @@ def test_bad_values_name_key_value_and_fix(overrides, needle):
 
 def test_unknown_recipe_lists_the_available_ones():
     with pytest.raises(ConfigError, match="available recipes: .*fedlora"):
-        load_recipe("no-such-recipe")
+        config_from_recipe("no-such-recipe")
 
 
 def test_set_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="--set expects key=value"):
         parse_set(["federation.rounds"])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "needle"),
+    [
+        ("fedlora", {"privacy.mechanism": "dchi"}, "recipe 'fedlora' releases no activations"),
+        ("offsite", {"privacy.quantize-bits": 8}, "recipe 'offsite' releases no activations"),
+        ("gradfree", {"privacy.nopeek-weight": 0.1}, "recipe 'gradfree' trains no client bottom"),
+        ("central-ft", {"dp.enabled": True}, "recipe 'central-ft' has no client-side training"),
+        ("fedlora", {"dp.enabled": True}, "--set dp.enabled=false"),
+        ("split", {"aggregation.secure": True, "federation.clients-per-round": 1}, "one client has no one to hide"),
+    ],
+)
+def test_each_recipe_refuses_the_knobs_it_cannot_honour(recipe, overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        config_from_recipe(recipe, overrides)
+    assert needle in str(info.value)
+
+
+def test_knobs_a_recipe_honours_pass():
+    assert config_from_recipe("gradfree", {"privacy.mechanism": "dchi"}).privacy.mechanism == "dchi"
+    assert config_from_recipe("central-ft", {"aggregation.secure": True, "federation.clients-per-round": 1})

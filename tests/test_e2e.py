@@ -113,3 +113,33 @@ def test_flwr_run_dot_uses_the_same_defaults(tmp_path):
     assert record["config"]["federation.rounds"] == 2 and record["config"]["lora.rank"] == 8
     left = _processes_using(out / ".flwr")
     assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
+
+
+def test_flwr_run_dot_with_flowers_default_two_supernodes(tmp_path):
+    """`flwr run . local --stream` on Flower's default local federation (2 SuperNodes) with the guarded
+    default's knobs (PrivTune, DP-SGD, secure aggregation): a 3-per-round run samples both, with a warning."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    out = tmp_path / "run"
+    sizes = {k: v for k, v in TINY_CFG.items() if k.startswith(("model.", "data.", "federation.", "train."))}
+    flat = {**sizes, "federation.rounds": 1, "train.local-steps": 3, "privacy.noise-seed": 7, "output.dir": str(out)}
+    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home)}
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", ".", "local", "--stream", "--federation-config",
+           "num-supernodes=2", "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())]
+    try:
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        for pid in processes_with_env("FLWR_HOME", str(home)):  # the SuperLink flwr left running
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    record = json.loads((out / "results.json").read_text())
+    assert record["recipe"] == "guarded" and len(record["history"]) == 1
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [len(e["clients"]) for e in events if e["event"] == "round_start"] == [2]
+    assert any("each round samples 2" in e.get("message", "") for e in events if e["event"] == "warning")
+    assert not [e for e in events if e["event"] == "refused"]
