@@ -3,14 +3,33 @@
 - :func:`make_optimizer` and the optimizer-state round trip to numpy, so a client's
   AdamW moments survive between messages inside ``context.state``;
 - :func:`local_train`: ordinary steps on a :class:`~guardedtuning.models.parts.SplitModel`
-  (``fedlora`` clients and ``central-ft``);
+  (``fedlora`` clients and ``central-ft``); :func:`plain_steps` the same on
+  :class:`~guardedtuning.privacy.local_dpsgd.LossBatch` inputs (``gradfree``, ``offsite``);
+- :func:`forward_activations` and :func:`backward_from_server`: a split client's two
+  halves of a step (below);
 - :func:`top_step`: the server's batched top pass over all sampled clients' activations.
+
+Split learning (``split``) runs one message per step, and each message does two things
+for the same client (merged into one round trip):
+
+1. backward of step ``s - 1``: recompute the bottom's forward on batch ``s - 1`` with
+   autograd on, start the backward from the server's activation gradient
+   (``h.backward(grad)``), take an optimizer step on the bottom's LoRA;
+2. forward of step ``s``: compute the cut activations of batch ``s`` without autograd
+   and release them.
+
+Recomputing (instead of keeping the autograd graph between messages) keeps a client's
+state small and lets any process of a Ray pool serve the next message.
+
+Layer: plain torch over ``data``/``models`` (and ``privacy.decorrelation``'s backward);
+the privacy layer (:mod:`guardedtuning.privacy.client`) builds on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from guardedtuning.data.batches import Batch
+from guardedtuning.errors import MessageError
 from guardedtuning.models.split import IGNORE, Top
+from guardedtuning.privacy.decorrelation import split_backward
 
 
 def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -102,6 +123,70 @@ def local_train(
     finally:
         model.eval()
     return losses
+
+
+class Inputs(Protocol):
+    """A step's batch-first model inputs (e.g. ids, mask, labels), as a ``LossBatch`` carries them."""
+
+    inputs: tuple[torch.Tensor, ...]
+
+
+def plain_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[Inputs], device: torch.device,
+                *, train_mode: bool = False) -> list[float]:
+    """Plain steps on ``model.per_example_loss(*inputs).mean()``; each step's loss.
+
+    ``train_mode``: run in train mode (dropout on) and return to eval mode afterwards;
+    otherwise the model's mode is left as it is.
+    """
+    losses = []
+    if train_mode:
+        model.train()
+    try:
+        for batch in batches:
+            inputs = tuple(t.to(device) for t in batch.inputs)
+            opt.zero_grad(set_to_none=True)
+            loss = model.per_example_loss(*inputs).mean()  # type: ignore[operator]
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        if train_mode:
+            model.eval()
+    return losses
+
+
+def forward_activations(bottom: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Cut activations of one batch, (B, T, D), on the CPU, without autograd."""
+    b = batch.to(device)
+    with torch.no_grad():
+        return bottom(b.input_ids, b.attention_mask).detach().cpu()
+
+
+def backward_from_server(
+    bottom: nn.Module, opt: torch.optim.Optimizer, batch: Batch, grad_h: torch.Tensor, device: torch.device,
+    *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Recompute the bottom on ``batch`` and back-propagate the server's gradient into it.
+
+    ``transform`` is what the release applied to the activations before the noise (e.g.
+    clipping), so the gradient is that of the released function; ``extra_loss(h)`` is a
+    local term added to the server's objective (e.g. NoPeek).
+    """
+    if len(batch) == 0:  # an empty Poisson batch: nothing to recompute
+        return
+    b = batch.to(device)
+    opt.zero_grad(set_to_none=True)
+    h = bottom(b.input_ids, b.attention_mask)  # (B, T, D): the released forward, recomputed
+    if transform is not None:
+        h = transform(h)
+    if tuple(grad_h.shape) != tuple(h.shape):
+        raise MessageError(
+            f"activation gradient has shape {tuple(grad_h.shape)} but this client's activations "
+            f"have shape {tuple(h.shape)}; the server must return one gradient per released activation"
+        )
+    split_backward(h, grad_h.to(device, h.dtype), extra_loss=extra_loss(h) if extra_loss else None)
+    opt.step()
 
 
 @dataclass

@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import torch
 
-from guardedtuning.clients.steps import backward_from_server, forward_activations
 from guardedtuning.config import DataConfig, LoraConfig
 from guardedtuning.config.privacy import DPConfig, PrivacyConfig
 from guardedtuning.data.batches import Batch, encode
@@ -45,7 +44,7 @@ from guardedtuning.privacy import knn
 from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep
 from guardedtuning.privacy.privtune import activation_scale, privtune_from_config
 from guardedtuning.privacy.randomness import STREAM_DP_NOISE, STREAM_TOKEN_NOISE, make_generator
-from guardedtuning.training import make_optimizer
+from guardedtuning.training import backward_from_server, forward_activations, make_optimizer
 
 BATCH, SEQ, LAYER = 16, 64, 2
 

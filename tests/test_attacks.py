@@ -64,11 +64,12 @@ def _batch(tok, texts):
 
 
 def _releaser(cfg, bottom, mechanism="none", eta=100.0):
-    from guardedtuning.clients.split_client import Privacy
+    from guardedtuning.privacy.client import ClientPrivacy
     from guardedtuning.privacy.mechanisms import make_mechanism
 
     c = build_config({**TINY, "privacy.mechanism": mechanism, "privacy.eta": eta, "privacy.rho": 0.0})
-    return make_releaser(bottom, c, Privacy(7, make_mechanism(mechanism, eta=eta), None, None), pid=0)
+    return make_releaser(bottom, ClientPrivacy(seed=7, mechanism=make_mechanism(mechanism, eta=eta), knobs=c.privacy,
+                                               pid=0))
 
 
 def _texts(n, seed):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from guardedtuning.clients.steps import backward_from_server
 from guardedtuning.config import LoraConfig
 from guardedtuning.config.privacy import DPConfig
 from guardedtuning.data.batches import Batch, encode
@@ -25,6 +24,7 @@ from guardedtuning.privacy.dpsgd import (
     poisson_batch_indices,
     sample_rate_for,
 )
+from guardedtuning.training import backward_from_server
 
 TEXTS = ["what a lovely day, truly great", "bad", "meh, it was fine I guess", "awful, just awful film",
          "I would watch it again"]

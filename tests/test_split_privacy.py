@@ -11,16 +11,16 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from guardedtuning.clients.client_app import app as client_app
-from guardedtuning.clients.split_client import ACCOUNTANT_KEY, Privacy, release
-from guardedtuning.clients.steps import forward_activations
 from guardedtuning.config import LoraConfig, ModelConfig, build_config
 from guardedtuning.data.batches import encode
 from guardedtuning.errors import ClientsFailed
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import client_bottom
+from guardedtuning.privacy.client import ACCOUNTANT_KEY, ClientPrivacy
 from guardedtuning.privacy.dpsgd import DPAccountant
 from guardedtuning.privacy.mechanisms import DChiMechanism, NoMechanism
 from guardedtuning.server_app.server_app import execute
+from guardedtuning.training import forward_activations
 from tests.local_grid import LocalGrid
 
 TEXTS = ["a fine day for a walk in the park", "awful", "it was ok I guess, nothing special"]
@@ -39,22 +39,22 @@ def test_released_activations_carry_dchi_noise_and_no_padding():
     bottom, batch, cfg = _bottom(), _batch(), build_config({"model.name": "tiny-bert"})
     clean = forward_activations(bottom, batch, torch.device("cpu"))
     eta = 20.0
-    out = release(bottom, batch, Privacy(seed=123, mechanism=DChiMechanism(eta=eta), plan=None, accountant=None),
-                  cfg, torch.device("cpu"), pid=0, global_step=0)
+    out = ClientPrivacy(seed=123, mechanism=DChiMechanism(eta=eta), knobs=cfg.privacy).release_batch(
+        bottom, batch, torch.device("cpu"), step=0)
     noise = (out["h"] - clean)[batch.attention_mask.bool()]  # (N, D) on real tokens
     d = clean.shape[-1]
     assert abs(float(noise.norm(dim=-1).mean()) - d / eta) < 0.25 * d / eta  # Gamma(d, eta): mean d / eta
     assert torch.equal(out["h"][~batch.attention_mask.bool()], torch.zeros_like(out["h"][~batch.attention_mask.bool()]))
-    plain = release(bottom, batch, Privacy(seed=0, mechanism=NoMechanism(), plan=None, accountant=None), cfg,
-                    torch.device("cpu"), pid=0, global_step=0)
+    plain = ClientPrivacy(seed=0, mechanism=NoMechanism(), knobs=cfg.privacy).release_batch(
+        bottom, batch, torch.device("cpu"), step=0)
     torch.testing.assert_close(plain["h"], clean)
 
 
 def test_quantized_release_is_a_quarter_of_the_bytes():
     bottom, batch = _bottom(), _batch()
     cfg = build_config({"model.name": "tiny-bert", "privacy.quantize-bits": 8})
-    out = release(bottom, batch, Privacy(seed=0, mechanism=NoMechanism(), plan=None, accountant=None), cfg,
-                  torch.device("cpu"), pid=0, global_step=0)
+    out = ClientPrivacy(seed=0, mechanism=NoMechanism(), knobs=cfg.privacy).release_batch(
+        bottom, batch, torch.device("cpu"), step=0)
     assert "h" not in out and out["codes"].dtype == np.uint8
     clean = forward_activations(bottom, batch, torch.device("cpu"))
     assert out["codes"].nbytes + out["scales"].nbytes < 0.3 * clean.numel() * 4
@@ -126,7 +126,6 @@ def test_when_every_budget_is_spent_the_run_stops(tiny_flat):
 
 
 def test_the_client_backpropagates_through_the_clip_it_released():
-    from guardedtuning.clients.split_client import backward
     from guardedtuning.models.lora import trainable_state
     from guardedtuning.privacy.dchi import clip_tokens
 
@@ -140,8 +139,8 @@ def test_the_client_backpropagates_through_the_clip_it_released():
     expected = {n: p.grad.clone() for n, p in bottom.named_parameters() if p.requires_grad}
     before = trainable_state(bottom)
     opt = torch.optim.SGD([p for p in bottom.parameters() if p.requires_grad], lr=1.0)
-    priv = Privacy(seed=0, mechanism=NoMechanism(), plan=None, accountant=None)
-    backward(bottom, opt, batch, w, priv, cfg, torch.device("cpu"), pid=0, global_step=0)
+    priv = ClientPrivacy(seed=0, mechanism=NoMechanism(), knobs=cfg.privacy)
+    priv.backward(bottom, opt, batch, w, torch.device("cpu"), step=0)
     after = trainable_state(bottom)
     for n, g in expected.items():
         torch.testing.assert_close(before[n] - after[n], g, rtol=1e-4, atol=1e-6)

@@ -5,13 +5,14 @@ import copy
 import numpy as np
 import torch
 
-from guardedtuning.clients.steps import backward_from_server, forward_activations
 from guardedtuning.config import LoraConfig, ModelConfig
 from guardedtuning.data.batches import encode
 from guardedtuning.models.lora import trainable_state
 from guardedtuning.models.parts import split_model
 from guardedtuning.training import (
     ClientActs,
+    backward_from_server,
+    forward_activations,
     load_optimizer_state,
     make_optimizer,
     optimizer_state,

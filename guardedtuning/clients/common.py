@@ -1,31 +1,34 @@
-"""What every client handler needs: the config, the device, the partition, the data."""
+"""What every client handler needs: the config, the device, the data, the privacy, the replies.
+
+Every handler of the ClientApp has the same shape: unpack the message (the design's
+module under :mod:`guardedtuning.wire`), build the client's :class:`ClientSetup` and
+:class:`~guardedtuning.privacy.client.ClientPrivacy` (:func:`client_privacy`), call the
+design's plain function (tensors in, tensors out, no Flower), and pack the reply
+(:func:`update_reply`, :func:`metrics_reply`). State that outlives a message lives in
+``context.state``: the privacy state (:func:`save_privacy`) and a design's round state
+(:func:`round_state`, :func:`keep_round_state`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import statistics
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from guardedtuning.clients.secagg_handlers import (
-    begin_round,
-    forget_round,
-    in_secure_round,
-    is_secure_round,
-    seal_update,
-    unpack_global,
-)
-from guardedtuning.config import DataConfig, RunConfig, build_config
-from guardedtuning.data.batches import Batch, Example, batch_indices, collate, tokenize_rows
-from guardedtuning.data.partition import load_partition
-from guardedtuning.data.sources import load_task
-from guardedtuning.errors import MessageError
-from guardedtuning.models.loading import kind_of, load_tokenizer
-from guardedtuning.results import gpu_peak_mb, peak_rss_mb
-from guardedtuning.wire.records import config_value, get_record, record_to_tensors, tensors_to_record
+from guardedtuning.config import RunConfig, build_config
+from guardedtuning.data.batches import Batch, Example, batch_indices, collate
+from guardedtuning.models.loading import load_tokenizer
+from guardedtuning.privacy.client import ACCOUNTANT_KEY, SEED_KEY, ClientPrivacy, client_mechanism, partition_examples
+from guardedtuning.resources import gpu_peak_mb, peak_rss_mb
+from guardedtuning.wire.records import get_record, record_to_tensors, tensors_to_record
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,38 +59,107 @@ def partition_of(context: Context, cfg: RunConfig) -> tuple[int, int]:
     )
 
 
-@functools.lru_cache(maxsize=128)
-def examples_of(data: DataConfig, seed: int, pid: int, n: int, model: str, max_length: int) -> list[Example]:
-    """Client ``pid``'s partition, tokenised once per process (bounded: clients of recent rounds)."""
-    task = load_task(data, seed)
-    return tokenize_rows(load_partition(data, pid, n, seed), load_tokenizer(model), kind_of(model),
-                         max_length=max_length, label_names=task.label_names, instruction=task.instruction)
+@dataclass(frozen=True)
+class ClientSetup:
+    """What a client's handler knows before it reads the message: config, partition, device, rows."""
+
+    cfg: RunConfig
+    pid: int
+    num_partitions: int
+    device: torch.device
+    examples: list[Example]
+    pad_id: int
+
+    def batch(self, priv: ClientPrivacy, step: int) -> Batch:
+        """The batch of global step ``step``, sampled as ``priv`` samples (Poisson under DP-SGD)."""
+        return priv.batch(self.examples, step=step, batch_size=self.cfg.train.batch_size,
+                          public_seed=self.cfg.seed, pad_id=self.pad_id)
+
+    def fixed_batch(self, step: int) -> Batch:
+        """The fixed-size batch of global step ``step`` (a pure function of the config and the step)."""
+        idx = batch_indices(len(self.examples), self.cfg.train.batch_size, step, seed=self.cfg.seed,
+                            client=self.pid)
+        return collate([self.examples[i] for i in idx], self.pad_id)
+
+    @functools.cached_property
+    def all_rows(self) -> Batch:
+        """Every row of the client in one padded batch, (N, T)."""
+        return collate(list(self.examples), self.pad_id)
+
+    def round_examples(self, steps: int | None = None) -> float:
+        """The examples a round's update weighs: ``steps x min(batch size, rows)`` (``train.local-steps``)."""
+        steps = self.cfg.train.local_steps if steps is None else steps
+        return float(steps * min(self.cfg.train.batch_size, len(self.examples)))
+
+
+def client_setup(context: Context) -> ClientSetup:
+    """This client's :class:`ClientSetup` (config, partition and rows are cached per process)."""
+    cfg = run_config(context)
+    pid, n = partition_of(context, cfg)
+    return ClientSetup(cfg, pid, n, client_device(cfg), client_examples(context, cfg),
+                       load_tokenizer(cfg.model.name).pad_token_id)
 
 
 def client_examples(context: Context, cfg: RunConfig) -> list[Example]:
     pid, n = partition_of(context, cfg)
-    return examples_of(cfg.data, cfg.seed, pid, n, cfg.model.name, cfg.model.max_length)
+    return partition_examples(cfg.data, cfg.seed, pid, n, cfg.model.name, cfg.model.max_length)
 
 
-def client_batch(context: Context, cfg: RunConfig, global_step: int) -> Batch:
-    """The batch of this client's ``global_step`` (a pure function of config and step)."""
-    examples = client_examples(context, cfg)
-    idx = batch_indices(len(examples), cfg.train.batch_size, global_step, seed=cfg.seed,
-                        client=partition_of(context, cfg)[0])
-    return collate([examples[i] for i in idx], load_tokenizer(cfg.model.name).pad_token_id)
+def client_privacy(context: Context, setup: ClientSetup, *, round_: int = 1, resumed_after: int = 0) -> ClientPrivacy:
+    """This client's privacy, restored from ``context.state`` (and the new state saved there at once).
+
+    ``resumed_after`` > 0: the run restarted after that round (see
+    :meth:`~guardedtuning.privacy.client.ClientPrivacy.for_client`).
+    """
+    priv = ClientPrivacy.for_client(
+        setup.cfg, pid=setup.pid, num_examples=len(setup.examples),
+        mechanism=client_mechanism(setup.cfg, setup.pid, setup.num_partitions), state=privacy_state(context.state),
+        round_=round_, resumed_after=resumed_after)
+    save_privacy(context, priv)
+    return priv
+
+
+def privacy_state(state: RecordDict) -> dict[str, dict[str, Any]]:
+    """The privacy part of ``context.state`` as the plain dict ``ClientPrivacy`` reads."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in (SEED_KEY, ACCOUNTANT_KEY):
+        if key in state:
+            record = state[key]
+            out[key] = ({k: v.numpy() for k, v in record.items()} if isinstance(record, ArrayRecord)
+                        else dict(record.items()))
+    return out
+
+
+def save_privacy(context: Context, priv: ClientPrivacy) -> None:
+    """Keep what ``priv`` must remember (private seed, accountant) in ``context.state``."""
+    for key, values in priv.to_state().items():
+        if any(isinstance(v, np.ndarray) for v in values.values()):
+            context.state[key] = ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
+        else:
+            context.state[key] = ConfigRecord(dict(values))
+
+
+def round_state(state: RecordDict, keys: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """A design's round state (``keys``, ArrayRecords in ``context.state``) as numpy dicts."""
+    return {key: {k: v.numpy() for k, v in state[key].items()} for key in keys if key in state}
+
+
+def keep_round_state(state: RecordDict, new: Mapping[str, Mapping[str, np.ndarray]], keys: Sequence[str]) -> None:
+    """Store ``new`` in ``context.state``; a key of ``keys`` that ``new`` lacks is dropped."""
+    for key in keys:
+        if key in new:
+            state[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new[key].items()})
+        elif key in state:
+            del state[key]
 
 
 def round_start_adapter(msg: Message, context: Context, *, source: str) -> dict[str, torch.Tensor]:
-    """The global adapter carried by a round's first message.
+    """The global adapter carried by a round's first message (``arrays``, float tensors).
 
-    A secure round (the strategy sent its public parameters) is remembered in the client's
-    state, and its adapter may arrive quantized; a plain round forgets any unfinished one.
+    Secure aggregation is not seen here: its client mod
+    (:data:`guardedtuning.strategies.secagg.mod.secagg_mod`) hands the handler a plain
+    fp32 ``arrays`` record (decoded if the strategy quantized it).
     """
-    if is_secure_round(msg.content):
-        begin_round(msg.content, context.state, node_id=context.node_id)
-        arrays = unpack_global(msg.content, source=source)
-        return {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-    forget_round(context.state)
     record = get_record(msg.content, "arrays", ArrayRecord, source=source, sender="ServerApp")
     return record_to_tensors(record, source=source, float_only=True)
 
@@ -96,25 +168,11 @@ def update_content(update: dict[str, torch.Tensor], *, num_examples: float,
                    context: Context) -> tuple[RecordDict, dict[str, float]]:
     """The final reply's records for an adapter update, and the metrics to add to them.
 
-    In a secure round the update is compressed and kept in the client's state (it leaves
-    only masked, in the strategy's later stages) and even the example count stays out of
-    the clear; otherwise the update goes as is, with ``num-examples`` for the weighting.
+    The update goes as ``update`` with ``num-examples`` for the weighting. In a secure
+    round the client mod seals this reply on its way out (the masked update replaces
+    ``update``, and ``num-examples`` leaves the metrics); the handler does not know.
     """
-    if in_secure_round(context.state):
-        sealed = seal_update({k: v.numpy() for k, v in update.items()}, num_examples=num_examples,
-                             state=context.state, node_id=context.node_id)
-        return sealed, {}
     return RecordDict({"update": tensors_to_record(update)}), {"num-examples": num_examples}
-
-
-def resumed_after_of(conf: ConfigRecord, source: str) -> int:
-    """The round a restarted run resumed after (``resumed-after``; 0 for a fresh run)."""
-    if "resumed-after" not in conf:
-        return 0
-    value = config_value(conf, "resumed-after", int, source=source)
-    if value < 0:
-        raise MessageError(f"{source}: `resumed-after` must be >= 0 but is {value}")
-    return value
 
 
 def state_nbytes(state: RecordDict) -> int:
@@ -128,6 +186,18 @@ def state_nbytes(state: RecordDict) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Clock:
+    """When a handler started: its compute time and wall-clock interval go into its reply's metrics."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.time)
+
+    def metrics(self, *, state: RecordDict | None = None, **extra: float) -> MetricRecord:
+        """:func:`metrics_record` since this clock started."""
+        return metrics_record(self.t0, self.started, state=state, **extra)
+
+
 def metrics_record(t0: float, started: float, *, state: RecordDict | None = None, **extra: float) -> MetricRecord:
     """Compute time and wall-clock interval of a handler (for the overhead figure), and more.
 
@@ -139,3 +209,39 @@ def metrics_record(t0: float, started: float, *, state: RecordDict | None = None
     return MetricRecord({"compute_s": time.perf_counter() - t0, "t_start": started, "t_end": time.time(),
                          "peak_mem_mb": peak_rss_mb(), **({"gpu_peak_mem_mb": gpu} if gpu is not None else {}),
                          **extra})
+
+
+def reply(msg: Message, **records: ArrayRecord | ConfigRecord | MetricRecord) -> Message:
+    """The reply to ``msg`` carrying ``records`` by name (e.g. ``acts=...``, ``metrics=...``)."""
+    return Message(RecordDict(records), reply_to=msg)
+
+
+@contextlib.contextmanager
+def keeping_privacy(context: Context, priv: ClientPrivacy) -> Iterator[None]:
+    """Save ``priv``'s state when the block ends, also when it raises (a DP step taken stays charged)."""
+    try:
+        yield
+    finally:
+        save_privacy(context, priv)
+
+
+def loss_metrics(losses: Sequence[float]) -> dict[str, float]:
+    """``train_loss`` (the mean of the steps' losses) for a reply, or nothing when no step had rows."""
+    return {"train_loss": statistics.fmean(losses)} if losses else {}
+
+
+def update_reply(msg: Message, context: Context, update: dict[str, torch.Tensor], *, num_examples: float,
+                 clock: Clock, priv: ClientPrivacy | None = None, **metrics: float) -> Message:
+    """The final reply of a round: the update (:func:`update_content`), metrics, and the privacy report.
+
+    ``metrics`` (e.g. ``train_loss``) join the reply's metrics; with ``priv``, so do its
+    epsilon (under DP-SGD) and, as the ``privacy`` record, its report.
+    """
+    content, extra = update_content(update, num_examples=num_examples, context=context)
+    extra.update(metrics)
+    if priv is not None:
+        extra.update(priv.metrics())
+        content["privacy"] = ConfigRecord({k: v for k, v in priv.report().items()
+                                           if isinstance(v, (int, float, str))})
+    content["metrics"] = clock.metrics(state=context.state, **extra)
+    return Message(content, reply_to=msg)

@@ -5,8 +5,9 @@ Two ``train.gradfree`` messages per round:
 1. ``stage = release`` (the strategy's first message, with the global output adapter and
    head): the client runs its frozen bottom on *all* of its rows (one local epoch, in
    chunks of ``eval.batch-size``), perturbs every token vector with the token mechanism
-   (``privacy.mechanism``, through :func:`~guardedtuning.clients.split_client.release`,
-   so every privacy knob of the split recipes applies) and replies with the activations
+   (``privacy.mechanism``, through :meth:`ClientPrivacy.release
+   <guardedtuning.privacy.client.ClientPrivacy.release>`, so every privacy knob of the split
+   recipes applies) and replies with the activations
    and attention mask only: the labels are removed before anything is packed;
 2. ``stage = train`` (with the hidden states the server's frozen middle and top returned
    for those rows): the client trains its output adapter and head on them with its own
@@ -20,46 +21,45 @@ row is released once per round, so the token mechanism's guarantee composes over
 
 State in ``context.state``: the round's starting adapter (``gradfree.start``, dropped at
 the end of the round), and, as in ``split``, the client's private seed and DP accountant.
+The messages: :mod:`guardedtuning.wire.gradfree`.
 """
 
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 
 from guardedtuning.clients.common import (
-    client_device,
-    client_examples,
-    metrics_record,
-    partition_of,
-    resumed_after_of,
+    ClientSetup,
+    Clock,
+    client_privacy,
+    client_setup,
+    keep_round_state,
+    keeping_privacy,
+    loss_metrics,
+    reply,
     round_start_adapter,
-    run_config,
-    update_content,
+    round_state,
+    update_reply,
 )
-from guardedtuning.clients.split_client import ACCOUNTANT_KEY, Privacy, privacy_of, release, tensors_to_record_mixed
 from guardedtuning.config import ModelConfig
-from guardedtuning.data.batches import Batch, batch_indices, collate
+from guardedtuning.data.batches import Batch
 from guardedtuning.data.sources import load_task
 from guardedtuning.errors import MessageError
-from guardedtuning.models.loading import load_backbone, load_tokenizer
+from guardedtuning.models.loading import load_backbone
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.output_adapter import GradfreeHead, build_gradfree_head
 from guardedtuning.models.split import Bottom, check_split_layer
-from guardedtuning.privacy.dpsgd import budget_spent, poisson_batch_indices
-from guardedtuning.privacy.local_dpsgd import LossBatch, dp_local_train
-from guardedtuning.privacy.randomness import STREAM_DP_NOISE, make_generator
-from guardedtuning.training import flat_trainable, load_flat_trainable, make_optimizer
-from guardedtuning.wire.records import config_value, get_record, record_to_tensors
+from guardedtuning.privacy.client import ClientPrivacy, Released
+from guardedtuning.privacy.local_dpsgd import LossBatch
+from guardedtuning.training import flat_trainable, forward_activations, load_flat_trainable, make_optimizer
+from guardedtuning.wire import gradfree as wire
+from guardedtuning.wire.gradfree import GradfreeStage
 
-MESSAGE_TYPE = "train.gradfree"
 START_KEY = "gradfree.start"
-RELEASE, TRAIN = "release", "train"
 
 
 @functools.lru_cache(maxsize=2)
@@ -77,24 +77,28 @@ def gradfree_parts(model: ModelConfig, layer: int, num_labels: int, adapter_dim:
     return bottom, head
 
 
-def release_rows(bottom: Bottom, batch: Batch, priv: Privacy, cfg, device: torch.device, *,  # type: ignore[no-untyped-def]
-                 pid: int, round_: int) -> dict[str, np.ndarray | torch.Tensor]:
-    """Perturbed activations (and mask) of every row of ``batch``, in chunks; no labels.
+def parts_of(setup: ClientSetup) -> tuple[Bottom, GradfreeHead]:
+    """:func:`gradfree_parts` for this client's config and device."""
+    cfg = setup.cfg
+    return gradfree_parts(cfg.model, cfg.split.layer, load_task(cfg.data, cfg.seed).num_labels,
+                          cfg.gradfree.adapter_dim, str(setup.device), cfg.seed)
 
-    Each chunk goes through :func:`~guardedtuning.clients.split_client.release` (noise
-    stream ``(round - 1) * chunks + c``); quantized chunks concatenate row-wise, since
-    their scales are per token.
+
+def release_rows(bottom: Bottom, batch: Batch, priv: ClientPrivacy, device: torch.device, *, chunk: int,
+                 round_: int) -> Released:
+    """Perturbed activations (and mask) of every row of ``batch``, in chunks of ``chunk`` rows; no labels.
+
+    Each chunk goes through :meth:`ClientPrivacy.release` (noise stream ``(round - 1) *
+    chunks + c``); quantized chunks concatenate row-wise, since their scales are per token.
     """
-    size = cfg.eval.batch_size
-    starts = list(range(0, len(batch), size))
+    starts = list(range(0, len(batch), chunk))
     parts = []
     for c, s in enumerate(starts):
-        sub = Batch(batch.input_ids[s:s + size], batch.attention_mask[s:s + size], batch.labels[s:s + size],
-                    batch.class_ids[s:s + size])
-        out = release(bottom, sub, priv, cfg, device, pid=pid, global_step=(round_ - 1) * len(starts) + c)
-        del out["labels"]  # labels never leave the client in gradfree
-        parts.append(out)
-    merged: dict[str, np.ndarray | torch.Tensor] = {}
+        ids, mask = batch.input_ids[s:s + chunk], batch.attention_mask[s:s + chunk]
+        sub = Batch(ids, mask, batch.labels[s:s + chunk], batch.class_ids[s:s + chunk])
+        h = forward_activations(bottom, sub, device)  # (b, T, D)
+        parts.append(priv.release(h, mask, input_ids=ids, step=(round_ - 1) * len(starts) + c))
+    merged: Released = {}
     for key, first in parts[0].items():
         if key == "meta":
             merged[key] = first
@@ -105,17 +109,10 @@ def release_rows(bottom: Bottom, batch: Batch, priv: Privacy, cfg, device: torch
     return merged
 
 
-def step_rows(cfg, priv: Privacy, n: int, pid: int, global_step: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """Rows of one local step: fixed-size shuffled batches, or Poisson-sampled under DP-SGD."""
-    if priv.plan is not None:
-        return poisson_batch_indices(n, sample_rate=priv.plan.sample_rate, step=global_step, seed=priv.seed,
-                                     client=pid)
-    return batch_indices(n, cfg.train.batch_size, global_step, seed=cfg.seed, client=pid)
-
-
-def train_head(head: GradfreeHead, z: torch.Tensor, batch: Batch, priv: Privacy, cfg, device: torch.device,  # type: ignore[no-untyped-def]
-               *, pid: int, round_: int) -> list[float]:
+def train_head(head: GradfreeHead, z: torch.Tensor, batch: Batch, priv: ClientPrivacy, setup: ClientSetup, *,
+               round_: int) -> list[float]:
     """``train.local-steps`` steps of the output adapter and head on the returned hidden states (N, T, D)."""
+    cfg, device = setup.cfg, setup.device
     opt = make_optimizer(head, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if opt is None:
         raise MessageError("the gradfree head has nothing to train (a decoder needs gradfree.adapter-dim > 0)")
@@ -123,78 +120,64 @@ def train_head(head: GradfreeHead, z: torch.Tensor, batch: Batch, priv: Privacy,
     gsteps = [(round_ - 1) * steps + s for s in range(steps)]
 
     def rows(g: int) -> LossBatch:
-        idx = torch.from_numpy(step_rows(cfg, priv, n, pid, g))
+        idx = torch.from_numpy(priv.rows(n, step=g, batch_size=cfg.train.batch_size, public_seed=cfg.seed))
         return LossBatch((z[idx].to(device), batch.attention_mask[idx].to(device), batch.labels[idx].to(device)))
 
-    if priv.plan is not None and priv.accountant is not None:
-        return dp_local_train(head, opt, (rows(g) for g in gsteps),
-                              (make_generator(priv.seed, STREAM_DP_NOISE, pid, g) for g in gsteps),
-                              plan=priv.plan, accountant=priv.accountant, device=device)
-    losses = []
-    for g in gsteps:
-        opt.zero_grad(set_to_none=True)
-        loss = head.per_example_loss(*rows(g).inputs).mean()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return priv.train(head, opt, (rows(g) for g in gsteps), steps=gsteps, device=device)
+
+
+def release_stage(setup: ClientSetup, priv: ClientPrivacy, stage: GradfreeStage,
+                  start: dict[str, torch.Tensor], *, source: str) -> tuple[Released, dict[str, np.ndarray]]:
+    """Stage ``release``: load the global adapter and head, release every row; returns it and the round's start."""
+    bottom, head = parts_of(setup)
+    load_trainable(head, start, source=source)
+    acts = release_rows(bottom, setup.all_rows, priv, setup.device, chunk=setup.cfg.eval.batch_size,
+                        round_=stage.round_)
+    return acts, {"flat": flat_trainable(head).numpy()}
+
+
+def train_stage(setup: ClientSetup, priv: ClientPrivacy, stage: GradfreeStage, z: torch.Tensor,
+                start: np.ndarray) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Stage ``train``: local steps of the head from the round's ``start`` on ``z``; the update and the losses."""
+    _, head = parts_of(setup)
+    flat = torch.from_numpy(start)
+    load_flat_trainable(head, flat)
+    losses = train_head(head, z, setup.all_rows, priv, setup, round_=stage.round_)
+    load_flat_trainable(head, flat_trainable(head) - flat)  # the cached head is reloaded by every message
+    return trainable_state(head), losses
 
 
 def handle_gradfree(msg: Message, context: Context) -> Message:
     """Stage ``release`` (activations of every row up) or ``train`` (local head training, update up)."""
-    t0, started = time.perf_counter(), time.time()
-    cfg = run_config(context)
-    source = f"{MESSAGE_TYPE} message to node {context.node_id}"
-    conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
-    round_ = config_value(conf, "server-round", int, source=source)
-    stage = config_value(conf, "stage", str, source=source)
-    resumed_after = resumed_after_of(conf, source)
-    if stage not in (RELEASE, TRAIN):
-        raise MessageError(f"{source}: stage is {stage!r}, expected {RELEASE!r} or {TRAIN!r}")
-    pid, _ = partition_of(context, cfg)
-    device = client_device(cfg)
-    task = load_task(cfg.data, cfg.seed)
-    bottom, head = gradfree_parts(cfg.model, cfg.split.layer, task.num_labels, cfg.gradfree.adapter_dim,
-                                  str(device), cfg.seed)
-    priv = privacy_of(context, cfg, round_=round_, resumed_after=resumed_after)
-    batch = collate(list(client_examples(context, cfg)), load_tokenizer(cfg.model.name).pad_token_id)  # (N, T)
-    state = context.state
-    if stage == RELEASE:
-        if priv.plan is not None and priv.accountant is not None and budget_spent(
-                priv.accountant, priv.plan, steps=cfg.train.local_steps):
-            eps = priv.accountant.epsilon(delta=priv.plan.delta)
-            return Message(RecordDict({"metrics": metrics_record(
-                t0, started, **{"budget-spent": 1.0, "epsilon": eps})}), reply_to=msg)
-        load_trainable(head, round_start_adapter(msg, context, source=source), source=source)
-        state[START_KEY] = ArrayRecord({"flat": Array(flat_trainable(head).numpy())})
-        acts = release_rows(bottom, batch, priv, cfg, device, pid=pid, round_=round_)
-        content = RecordDict({"acts": tensors_to_record_mixed(acts),
-                              "metrics": metrics_record(t0, started, state=state, rows=float(len(batch)))})
-        return Message(content, reply_to=msg)
-    if START_KEY not in state:
-        raise MessageError(f"{source}: stage {TRAIN!r} of round {round_} arrived without stage {RELEASE!r}")
-    out = record_to_tensors(get_record(msg.content, "out", ArrayRecord, source=source, sender="ServerApp"),
-                            source=source, float_only=True)
-    z = out.get("z")
-    expected = (*batch.input_ids.shape, int(bottom.word_embeddings().shape[1]))
-    if z is None or tuple(z.shape) != expected:
-        raise MessageError(f"{source}: returned hidden states have shape {None if z is None else tuple(z.shape)}, "
-                           f"expected {expected} (one per released token vector)")
-    start = torch.from_numpy(state[START_KEY]["flat"].numpy())
-    load_flat_trainable(head, start)
-    losses = train_head(head, z.float(), batch, priv, cfg, device, pid=pid, round_=round_)
-    if priv.accountant is not None:
-        state[ACCOUNTANT_KEY] = ArrayRecord({k: Array(v) for k, v in priv.accountant.state_dict().items()})
-    delta = flat_trainable(head) - start
-    load_flat_trainable(head, delta)  # the cached head is reloaded by every message
-    update = trainable_state(head)
-    del state[START_KEY]
-    examples = float(cfg.train.local_steps * min(cfg.train.batch_size, len(batch)))
-    content, extra = update_content(update, num_examples=examples, context=context)
-    if losses:
-        extra["train_loss"] = statistics.fmean(losses)
-    if priv.plan is not None and priv.accountant is not None:
-        extra["epsilon"] = priv.accountant.epsilon(delta=priv.plan.delta)
-    content["metrics"] = metrics_record(t0, started, state=state, **extra)
-    content["privacy"] = ConfigRecord({k: v for k, v in priv.describe().items() if isinstance(v, (int, float, str))})
-    return Message(content, reply_to=msg)
+    clock, setup, source = Clock(), client_setup(context), f"{wire.MESSAGE_TYPE} message to node {context.node_id}"
+    stage = wire.unpack_stage(msg, source=source)
+    priv = client_privacy(context, setup, round_=stage.round_, resumed_after=stage.resumed_after)
+    handler = handle_release if stage.stage == wire.RELEASE else handle_train
+    return handler(msg, context, setup, priv, stage, clock, source=source)
+
+
+def handle_release(msg: Message, context: Context, setup: ClientSetup, priv: ClientPrivacy, stage: GradfreeStage,
+                   clock: Clock, *, source: str) -> Message:
+    """Stage ``release``: the perturbed activations of every row (or a spent budget)."""
+    if priv.budget_spent(steps=setup.cfg.train.local_steps):
+        return reply(msg, metrics=clock.metrics(**priv.spent_metrics()))
+    acts, start = release_stage(setup, priv, stage, round_start_adapter(msg, context, source=source), source=source)
+    keep_round_state(context.state, {START_KEY: start}, (START_KEY,))
+    metrics = clock.metrics(state=context.state, rows=float(len(setup.examples)))
+    return reply(msg, acts=wire.release_record(acts), metrics=metrics)
+
+
+def handle_train(msg: Message, context: Context, setup: ClientSetup, priv: ClientPrivacy, stage: GradfreeStage,
+                 clock: Clock, *, source: str) -> Message:
+    """Stage ``train``: local training of the head on the returned hidden states; the update."""
+    start = round_state(context.state, (START_KEY,)).get(START_KEY)
+    if start is None:
+        raise MessageError(f"{source}: stage {wire.TRAIN!r} of round {stage.round_} arrived without stage "
+                           f"{wire.RELEASE!r}")
+    n, t = setup.all_rows.input_ids.shape
+    z = wire.unpack_hidden(msg, expected=(n, t, int(parts_of(setup)[0].word_embeddings().shape[1])), source=source)
+    with keeping_privacy(context, priv):
+        update, losses = train_stage(setup, priv, stage, z, start["flat"])
+    keep_round_state(context.state, {}, (START_KEY,))
+    return update_reply(msg, context, update, num_examples=setup.round_examples(), clock=clock, priv=priv,
+                        **loss_metrics(losses))

@@ -8,7 +8,7 @@ removing one of that client's examples, for everything derived from the bottom's
 if at all, by the token mechanism of :mod:`.mechanisms`) and the labels the server uses
 for its loss. Both would have to be counted separately.
 
-One step (:meth:`DPStep.step`), replacing ``clients.steps.backward_from_server``:
+One step (:meth:`DPStep.step`), replacing ``training.backward_from_server``:
 
 1. recompute the bottom on the step's batch through an Opacus ``GradSampleModule`` and
    start the backward from the server's activation gradient, ``h.backward(grad_h)``;

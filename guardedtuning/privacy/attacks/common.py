@@ -6,8 +6,9 @@ text; it sees what a client *releases* (the activations exactly as they cross th
 network, dequantized as the server dequantizes them) and never the client's rows.
 
 A :data:`Releaser` is the client's release as a function ``batch -> (B, T, D)``; build it
-from the client's own code (``guardedtuning.trilemma.client_releaser`` wraps
-``clients.split_client.release``), so the attack sees what the client really sends.
+from the client's own code (:func:`guardedtuning.privacy.attacks.harness.make_releaser` wraps
+:meth:`guardedtuning.privacy.client.ClientPrivacy.release_batch`), so the attack sees what
+the client really sends.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Attack one finished run: rebuild what its clients released and what the server saw, then attack it.
 
 The victim is client 0 (partition 0 of the run). Its released activations come from the
-client's own code path (``clients.split_client.release`` with the client's mechanism,
-imported at call time so this package stays importable without Flower), on the bottom
-with the run's final global adapter. The attacker's auxiliary data is public text: the
+client's own code path (:meth:`ClientPrivacy.release_batch
+<guardedtuning.privacy.client.ClientPrivacy.release_batch>` with the client's mechanism,
+:func:`~guardedtuning.privacy.client.client_mechanism`), on the bottom with the run's
+final global adapter. The attacker's auxiliary data is public text: the
 run's held-out split (never a client's rows), and for attribute inference the synthetic
 set drawn with another seed. Everything random is seeded, so an attack repeats exactly.
 """
@@ -28,6 +29,7 @@ from guardedtuning.privacy.attacks.eia_nn import NearestNeighbourEIA
 from guardedtuning.privacy.attacks.eia_opt import OptimizationEIA
 from guardedtuning.privacy.attacks.metrics import content_tokens, rouge_n, token_report, token_set_f1
 from guardedtuning.privacy.attacks.update_inversion import SpanAttack
+from guardedtuning.privacy.client import ClientPrivacy, client_mechanism, partition_examples
 
 ATTACKS = ("eia_nn", "eia_mlp", "eia_transformer", "eia_opt", "aia", "update", "update_secure")
 
@@ -46,16 +48,19 @@ class AttackOptions:
 
 
 def client_privacy(cfg: RunConfig, pid: int, n: int, seed: int, *, privacy: Any = None,
-                   examples: list[Any] | None = None) -> Any:
-    """A client's ``Privacy`` (mechanism only), built by the client's own code."""
-    from guardedtuning.clients.split_client import Privacy, _mechanism
+                   examples: list[Any] | None = None) -> ClientPrivacy:
+    """A client's :class:`ClientPrivacy` (mechanism only, no DP-SGD), built by the client's own code.
+
+    Without ``privacy`` and ``examples``: client ``pid``'s own mechanism. With them: the
+    mechanism of ``privacy`` (PrivTune's tables from the attacker's auxiliary ``examples``).
+    """
     from guardedtuning.models.loading import load_tokenizer
     from guardedtuning.privacy.mechanisms import mechanism_from_config
     from guardedtuning.privacy.privtune import privtune_base, privtune_from_config
 
     p = privacy if privacy is not None else cfg.privacy
     if examples is None and privacy is None:
-        mech = _mechanism(cfg, pid, n)
+        mech = client_mechanism(cfg, pid, n)
     elif p.mechanism != "privtune":
         mech = mechanism_from_config(p)
     else:  # the attacker's own PrivTune tables, from its auxiliary rows
@@ -67,20 +72,23 @@ def client_privacy(cfg: RunConfig, pid: int, n: int, seed: int, *, privacy: Any 
                                        attention_mask=batch.attention_mask, labels=batch.class_ids,
                                        num_classes=max(2, int(batch.class_ids.max()) + 1), scale=scale,
                                        ignore_ids=tuple(tok.all_special_ids))
-    return Privacy(seed, mech, None, None)
+    return ClientPrivacy(seed=seed, mechanism=mech, knobs=p, pid=pid)
 
 
-def make_releaser(bottom: Any, cfg: RunConfig, priv: Any, *, pid: int, first_step: int = 0) -> Releaser:
+def make_releaser(bottom: Any, priv: ClientPrivacy, *, first_step: int = 0) -> Releaser:
     """The client's release as ``batch -> (B, T, D)`` (a fresh noise draw each call)."""
-    from guardedtuning.clients.split_client import release
-
     step = [first_step]
 
     def rel(batch: Batch) -> torch.Tensor:
         step[0] += 1
-        return released_tensor(release(bottom, batch, priv, cfg, torch.device("cpu"), pid=pid, global_step=step[0]))
+        return released_tensor(priv.release_batch(bottom, batch, torch.device("cpu"), step=step[0]))
 
     return rel
+
+
+def _victim_rows(cfg: RunConfig, pid: int, n: int) -> list[Any]:
+    """Client ``pid``'s rows, as it tokenises them."""
+    return list(partition_examples(cfg.data, cfg.seed, pid, n, cfg.model.name, cfg.model.max_length))
 
 
 def _examples(cfg: RunConfig, texts: list[str], labels: list[int]) -> list[Any]:
@@ -95,7 +103,6 @@ def _examples(cfg: RunConfig, texts: list[str], labels: list[int]) -> list[Any]:
 def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOptions(),
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every attack in ``opts.attacks`` that applies to the run's recipe; ``None`` where one does not."""
-    from guardedtuning.clients.common import examples_of
     from guardedtuning.config import SPLIT_RECIPES
     from guardedtuning.data.sources import load_task
     from guardedtuning.models.loading import load_tokenizer
@@ -116,10 +123,10 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
     load_trainable(model.top, state["top"], source="checkpoint")
     bottom = model.bottom.eval()
     n = cfg.federation.num_clients
-    victim = list(examples_of(cfg.data, cfg.seed, 0, n, cfg.model.name, cfg.model.max_length))[:opts.victim_rows]
+    victim = _victim_rows(cfg, 0, n)[:opts.victim_rows]
     vbatch = collate(victim, tok.pad_token_id)
     priv = client_privacy(cfg, 0, n, seed=12345)
-    rel = make_releaser(bottom, cfg, priv, pid=0)
+    rel = make_releaser(bottom, priv)
     h = rel(vbatch)
     aux_rows = task.test.select(range(min(opts.aux_rows, len(task.test))))
     aux = _examples(cfg, list(aux_rows["text"]), list(aux_rows["label"]))
@@ -153,8 +160,8 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
     if learned:
         levels = [dataclasses.replace(cfg.privacy, eta=cfg.privacy.eta * m) for m in opts.noise_levels] \
             if cfg.privacy.mechanism in ("dchi", "privtune") else [cfg.privacy]
-        releasers = [make_releaser(bottom, cfg, client_privacy(cfg, 0, n, seed=999 + i, privacy=p, examples=aux),
-                                   pid=1, first_step=10_000 * i) for i, p in enumerate(levels)]
+        releasers = [make_releaser(bottom, client_privacy(cfg, 1, n, seed=999 + i, privacy=p, examples=aux),
+                                   first_step=10_000 * i) for i, p in enumerate(levels)]
         vocab = aux_vocabulary(abatches, special, limit=8000)
         for name in learned:
             t0 = time.perf_counter()
@@ -194,7 +201,7 @@ def _aia(cfg: RunConfig, bottom: Any, rel: Releaser, n: int, opts: AttackOptions
 
     aux_priv = client_privacy(cfg, 1, n, seed=777, privacy=cfg.privacy,
                               examples=_examples(cfg, [str(x["text"]) for x in aux_rows], [0] * len(aux_rows)))
-    attacker = make_releaser(bottom, cfg, aux_priv, pid=1, first_step=50_000)
+    attacker = make_releaser(bottom, aux_priv, first_step=50_000)
     train_x, test_x = feats(aux_rows, attacker), feats(vic_rows, rel)
     rep = attribute_report(train_x, [str(x["condition"]) for x in aux_rows], test_x,
                            [str(x["condition"]) for x in vic_rows])
@@ -206,10 +213,9 @@ def _update_attack(cfg: RunConfig, model: Any, victim: list[Any], tok: Any, spec
     """One local step of the victim (plain or DP-SGD, as the run trains), seen alone or in a secure sum."""
     import numpy as np
 
-    from guardedtuning.clients.common import examples_of
-    from guardedtuning.clients.steps import backward_from_server
     from guardedtuning.codecs import compress_update, rand_k_support
     from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep
+    from guardedtuning.training import backward_from_server
 
     bottom = model.bottom
     params = [p for p in bottom.parameters() if p.requires_grad]
@@ -217,8 +223,7 @@ def _update_attack(cfg: RunConfig, model: Any, victim: list[Any], tok: Any, spec
     clients = [victim[:opts.update_rows]]
     if secure:  # the other clients of the round: sum of their updates on the public support
         for pid in range(1, min(n, cfg.federation.clients_per_round)):
-            clients.append(list(examples_of(cfg.data, cfg.seed, pid, n, cfg.model.name,
-                                            cfg.model.max_length))[:opts.update_rows])
+            clients.append(_victim_rows(cfg, pid, n)[:opts.update_rows])
     updates = []
     for rows in clients:
         b = collate(rows, tok.pad_token_id)

@@ -1,0 +1,164 @@
+"""The ``train.split`` messages of split learning, packed and checked by both sides.
+
+One round of S local steps is S + 1 round trips per client:
+
+=========  ===============================================  ==========================================
+step s     server -> client (``train.split``)               client -> server
+=========  ===============================================  ==========================================
+0          ``config`` (:data:`STEP_KEYS`), the global        ``acts`` of batch 0 (:func:`unpack_acts`)
+           bottom LoRA (``arrays``, built by the strategy)
+1..S-1     ``config``, ``grad``: {``h``: float (B, T, D)}    ``acts`` of batch s
+S          ``config``, ``grad``                              the bottom-LoRA ``update`` (+ metrics)
+=========  ===============================================  ==========================================
+
+``acts`` holds ``h`` float (B, T, D), ``mask`` uint8 (B, T) of 0/1 and ``labels`` int
+((B,) class ids for encoders, (B, T) token ids or -100 for decoders); under
+``privacy.quantize-bits`` ``h`` is replaced by ``codes`` uint8 (B, T, D) or packed
+(B, T, ceil(D/2)), ``scales`` float32 (B, T) and ``meta`` int32 [bits, D]. B may be 0 (an
+empty Poisson batch under DP-SGD). A client whose privacy budget is spent replies with
+``metrics`` only (``budget-spent``, ``epsilon``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from guardedtuning.errors import MessageError
+from guardedtuning.models.split import IGNORE
+from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations
+from guardedtuning.training import ClientActs
+from guardedtuning.wire.records import config_value, get_record, record_to_tensors, tensors_to_record
+
+MESSAGE_TYPE = "train.split"
+ACTS_KEY, GRAD_KEY = "acts", "grad"
+STEP_KEYS = ("server-round", "step", "steps", "resumed-after")
+
+
+@dataclass(frozen=True)
+class SplitStep:
+    """What a ``train.split`` message asks of a client.
+
+    ``grad`` is the server's gradient for the activations of step ``step - 1``, (B, T, D);
+    None at step 0 (that message carries the global adapter instead).
+    """
+
+    round_: int
+    step: int
+    steps: int
+    resumed_after: int = 0
+    grad: torch.Tensor | None = None
+
+
+def step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tensor | None,
+                 resumed_after: int = 0) -> Message:
+    """The server's message for step ``step`` >= 1 of ``round_`` to ``node``, with its activation gradient."""
+    content = RecordDict({"config": ConfigRecord({"server-round": round_, "step": step, "steps": steps,
+                                                  "resumed-after": resumed_after})})
+    if grad is not None:
+        content[GRAD_KEY] = tensors_to_record({"h": grad})
+    return Message(content=content, message_type=MESSAGE_TYPE, dst_node_id=node)
+
+
+def unpack_step(msg: Message, *, source: str) -> SplitStep:
+    """A ``train.split`` message's step, checked: 0 <= step <= steps, and a gradient from step 1 on."""
+    conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
+    round_ = config_value(conf, "server-round", int, source=source)
+    step = config_value(conf, "step", int, source=source)
+    steps = config_value(conf, "steps", int, source=source)
+    resumed_after = resumed_after_of(conf, source)
+    if not 0 <= step <= steps:
+        raise MessageError(f"{source}: step {step} is outside 0..{steps} (`steps`)")
+    grad = None
+    if step > 0:
+        record = get_record(msg.content, GRAD_KEY, ArrayRecord, source=source, sender="ServerApp")
+        tensors = record_to_tensors(record, source=source, float_only=True)
+        if "h" not in tensors:
+            raise MessageError(f"{source}: the `grad` record lacks 'h' (the gradient of the released activations)")
+        grad = tensors["h"]
+    return SplitStep(round_, step, steps, resumed_after, grad)
+
+
+def resumed_after_of(conf: ConfigRecord, source: str) -> int:
+    """The round a restarted run resumed after (``resumed-after``; 0 for a fresh run).
+
+    Every design's training messages carry it (see :mod:`guardedtuning.privacy.client`:
+    a client without its accountant charges itself the rounds before the restart).
+    """
+    if "resumed-after" not in conf:
+        return 0
+    value = config_value(conf, "resumed-after", int, source=source)
+    if value < 0:
+        raise MessageError(f"{source}: `resumed-after` must be >= 0 but is {value}")
+    return value
+
+
+def acts_record(arrays: dict[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
+    """A client's release (tensors, and numpy arrays that keep their integer dtype) as one record."""
+    out = tensors_to_record({k: v for k, v in arrays.items() if isinstance(v, torch.Tensor)})
+    for k, v in arrays.items():
+        if isinstance(v, np.ndarray):
+            out[k] = Array(np.ascontiguousarray(v))
+    return out
+
+
+def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, kind: str) -> ClientActs:
+    """A client's released activations, checked before they touch the top.
+
+    ``num_labels`` is the number of classes (encoders) or the vocabulary size (decoders).
+    """
+    source = f"reply of node {msg.metadata.src_node_id}"
+    record = get_record(msg.content, ACTS_KEY, ArrayRecord, source=source, sender="ClientApp")
+    acts = record_to_tensors(record, source=source)
+    if "codes" in acts:  # quantized uplink (privacy.quantize-bits)
+        acts["h"] = dequantize(record, source=source)
+    for key in ("h", "mask", "labels"):
+        if key not in acts:
+            raise MessageError(f"{source}: activations record lacks {key!r}")
+    h, mask, labels = acts["h"], acts["mask"], acts["labels"]
+    if not h.is_floating_point() or h.dim() != 3 or h.shape[2] != hidden:
+        raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, "
+                           f"expected float (B, T, {hidden})")
+    b, t = h.shape[0], h.shape[1]
+    if not 0 <= b <= max_batch:  # 0: an empty Poisson batch under DP-SGD
+        raise MessageError(f"{source}: batch of {b} rows, expected 0..{max_batch}")
+    if b == 0:
+        return ClientActs(h, mask.reshape(0, t), labels.reshape(0) if kind == "encoder" else labels.reshape(0, t))
+    if tuple(mask.shape) != (b, t) or not bool(((mask == 0) | (mask == 1)).all()):
+        raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)}, expected ({b}, {t}) of 0/1")
+    if kind == "encoder":
+        if tuple(labels.shape) != (b,) or labels.is_floating_point() or not bool(
+                ((labels >= 0) & (labels < num_labels)).all()):
+            raise MessageError(f"{source}: labels must be {b} class ids in 0..{num_labels - 1}")
+    elif tuple(labels.shape) != (b, t) or labels.is_floating_point() or not bool(
+            ((labels == IGNORE) | ((labels >= 0) & (labels < num_labels))).all()):
+        raise MessageError(f"{source}: labels must be ({b}, {t}) token ids in 0..{num_labels - 1} or {IGNORE}")
+    return ClientActs(h, mask, labels)
+
+
+def dequantize(record: ArrayRecord, *, source: str) -> torch.Tensor:
+    """Quantized activations (codes, scales, meta) back to float, checked before use.
+
+    Codes must be uint8 (B, T, D) or packed (B, T, ceil(D/2)), scales finite float32
+    (B, T); the decoded activations must be finite, since one client's inf would reach
+    every client through the shared top.
+    """
+    try:
+        arrays = {k: record[k].numpy() for k in ("codes", "scales", "meta")}
+        codes, scales, meta = arrays["codes"], arrays["scales"], arrays["meta"]
+        if codes.dtype != np.uint8 or codes.ndim != 3 or meta.shape != (2,) or meta.dtype.kind not in "iu":
+            raise ValueError(f"codes {codes.dtype} {codes.shape}, meta {meta.dtype} {meta.shape}")
+        if scales.dtype != np.float32 or scales.shape != codes.shape[:2] or not np.isfinite(scales).all():
+            raise ValueError(f"scales {scales.dtype} {scales.shape} (finite float32 (B, T) expected)")
+        bits, dim = int(meta[0]), int(meta[1])
+        if codes.shape[2] != (dim if bits == 8 else (dim + 1) // 2):
+            raise ValueError(f"{codes.shape[2]} code columns for {bits}-bit values of dimension {dim}")
+        h = dequantize_activations(QuantizedActivations.from_arrays(arrays))
+    except (KeyError, ValueError, IndexError, TypeError) as exc:
+        raise MessageError(f"{source}: quantized activations cannot be decoded ({exc})") from exc
+    if not torch.isfinite(h).all():
+        raise MessageError(f"{source}: quantized activations decode to non-finite values")
+    return h
