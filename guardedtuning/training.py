@@ -21,8 +21,8 @@ for the same client (merged into one round trip):
 Recomputing (instead of keeping the autograd graph between messages) keeps a client's
 state small and lets any process of a Ray pool serve the next message.
 
-Layer: plain torch over ``data``/``models`` (and ``privacy.decorrelation``'s backward);
-the privacy layer (:mod:`guardedtuning.privacy.client`) builds on it.
+Layer: plain torch over ``data``/``models``; the privacy layer
+(:mod:`guardedtuning.privacy.client`) builds on it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from torch import nn
 from guardedtuning.data.batches import Batch
 from guardedtuning.errors import MessageError
 from guardedtuning.models.split import IGNORE, Top
-from guardedtuning.privacy.decorrelation import split_backward
 
 
 def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -160,6 +159,19 @@ def forward_activations(bottom: nn.Module, batch: Batch, device: torch.device) -
     b = batch.to(device)
     with torch.no_grad():
         return bottom(b.input_ids, b.attention_mask).detach().cpu()
+
+
+def split_backward(h: torch.Tensor, grad_h: torch.Tensor, *, extra_loss: torch.Tensor | None = None) -> None:
+    """Back-propagate the server's activation gradient into ``h``'s graph, plus a local loss.
+
+    The server's objective for this client is its *mean* loss over the batch, so
+    ``extra_loss`` should also be a batch mean (as :func:`decorrelation_loss` is) for the
+    two to be on the same scale.
+    """
+    if extra_loss is None:
+        torch.autograd.backward([h], [grad_h])
+        return
+    torch.autograd.backward([h, extra_loss], [grad_h, torch.ones_like(extra_loss)])
 
 
 def backward_from_server(

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from guardedtuning.privacy.decorrelation import decorrelation_loss, distance_correlation, split_backward
+from guardedtuning.privacy.decorrelation import decorrelation_loss, distance_correlation
 from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations, quantize_activations
+from guardedtuning.training import split_backward
 
 
 def reference_dcor(x: np.ndarray, y: np.ndarray, bias_corrected: bool = False) -> float:

@@ -23,7 +23,8 @@ Two levels (``privacy.nopeek-level``):
 - ``example``: NoPeek's original: the samples are the examples of the batch, each
   flattened (padding zeroed). It couples the batch and cannot be combined with DP-SGD.
 
-Use it in the client's backward (the server's gradient plus the local term)::
+Use it in the client's backward (the server's gradient plus the local term, with
+:func:`guardedtuning.training.split_backward`)::
 
     split_backward(h, grad_h, extra_loss=weight * decorrelation_loss(x, h, mask))
 """
@@ -122,16 +123,3 @@ def decorrelation_loss(
     if level == "example":
         return distance_correlation(x.flatten(1), h.flatten(1))
     raise ValueError(f"level must be 'token' or 'example' but is {level!r}")
-
-
-def split_backward(h: torch.Tensor, grad_h: torch.Tensor, *, extra_loss: torch.Tensor | None = None) -> None:
-    """Back-propagate the server's activation gradient into ``h``'s graph, plus a local loss.
-
-    The server's objective for this client is its *mean* loss over the batch, so
-    ``extra_loss`` should also be a batch mean (as :func:`decorrelation_loss` is) for the
-    two to be on the same scale.
-    """
-    if extra_loss is None:
-        torch.autograd.backward([h], [grad_h])
-        return
-    torch.autograd.backward([h, extra_loss], [grad_h, torch.ones_like(extra_loss)])

@@ -258,7 +258,7 @@ class DPStep:
         ``extra_loss(h)`` (a batch mean, e.g. the decorrelation term) is added to the
         server's objective before the backward.
         """
-        from guardedtuning.privacy.decorrelation import split_backward
+        from guardedtuning.training import split_backward
 
         b = batch.to(device)
         self._hooked_modules_train()
