@@ -1,4 +1,5 @@
-"""SecureSparseFedAvg end to end through LocalGrid with a small fake ClientApp (no Ray, no model)."""
+"""SecureSparseFedAvg (AdapterFedAvg under SecureAggregation) end to end through LocalGrid, with a
+small fake ClientApp under the secure-aggregation mod (no Ray, no model)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from guardedtuning import codecs as C
-from guardedtuning.clients.secagg_handlers import begin_round, handle_stage_message, seal_update, unpack_global
-from guardedtuning.strategies.secure import STAGE_MESSAGE_TYPE, SecureSparseFedAvg
+from guardedtuning.strategies.secagg.mod import SecAggMod, in_training
+from guardedtuning.strategies.secure import SecureSparseFedAvg
 from guardedtuning.wire.exchange import exchange
 from guardedtuning.wire.records import message_nbytes
 from tests.local_grid import LocalGrid
@@ -26,27 +27,31 @@ def fake_update(node: int, round_: int) -> dict[str, np.ndarray]:
 
 
 def fake_app(*, nan_node: int | None = None) -> ClientApp:
-    """Trains nothing: replies with a seeded fake update, sealed for secure aggregation."""
-    app = ClientApp()
+    """Trains nothing: replies with a seeded fake update; the mod seals it (seeded rounding)."""
+    app = ClientApp(mods=[SecAggMod(rounding_seed=lambda node, _round: node)])
 
     @app.train()
     def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
-        params = begin_round(msg.content, context.state, node_id=context.node_id)
-        glob = unpack_global(msg.content, source="test")
-        assert set(glob) == set(SHAPES)
-        update = fake_update(context.node_id, params.server_round)
+        glob = msg.content["arrays"]
+        assert set(glob.keys()) == set(SHAPES) and all(glob[k].numpy().dtype == np.float32 for k in SHAPES)
+        assert "secagg-stage" not in msg.content and "arrays-codec" not in msg.content  # the app sees plain Flower
+        update = fake_update(context.node_id, int(msg.content["config"]["server-round"]))
         if context.node_id == nan_node:
             update["layer.0.lora_A"][0, 0] = np.nan
-        content = seal_update(update, num_examples=10 + context.node_id % 7, state=context.state,
-                              node_id=context.node_id, seed=context.node_id)
-        content["metrics"] = MetricRecord({"compute_s": 0.0})
-        return Message(content, reply_to=msg)
-
-    @app.train("secagg")
-    def stage(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
-        return handle_stage_message(msg, context)
+        return Message(RecordDict({
+            "update": ArrayRecord({k: Array(v) for k, v in update.items()}),
+            "metrics": MetricRecord({"compute_s": 0.0, "num-examples": 10 + context.node_id % 7})}), reply_to=msg)
 
     return app
+
+
+STAGES = ("advertise", "share-keys", "unmask")  # the stage messages (collect-masked rides on training)
+
+
+def stage_name(msg: Message) -> str | None:
+    if msg.has_error() or "secagg-stage" not in msg.content:
+        return None
+    return msg.content["secagg-stage"]["stage"]
 
 
 def expected_mean(strategy: SecureSparseFedAvg, nodes, round_: int, residuals=None) -> dict[str, np.ndarray]:
@@ -71,12 +76,10 @@ class Recorder:
         self.up: list[int] = []
 
     def __call__(self, node: int, request: Message, reply: Message) -> Message | None:
-        stage = None
-        if not reply.has_error() and "secagg-stage" in reply.content:
-            stage = reply.content["secagg-stage"]["stage"]
+        stage = stage_name(reply)
         if stage == self.drop_stage and node in self.drop_nodes:
             return None  # never arrives: the exchange times out on it
-        if reply.metadata.message_type == STAGE_MESSAGE_TYPE and not reply.has_error():
+        if stage in STAGES:
             self.up.append(message_nbytes(reply))
         return reply
 
@@ -86,7 +89,7 @@ def global_arrays() -> ArrayRecord:
 
 
 def run_one_round(strategy, grid, round_=1):  # type: ignore[no-untyped-def]
-    """What a driver does: first messages, the training exchange, then aggregate_train."""
+    """What a driver does: configure (the key stages run here), the training exchange, aggregate_train."""
     msgs = list(strategy.configure_train(round_, global_arrays(), ConfigRecord({"local-steps": 1}), grid))
     ex = exchange(grid, msgs, timeout=0.2, poll=0.002)
     return msgs, ex, strategy.aggregate_train(round_, ex.replies.values())
@@ -103,10 +106,11 @@ def test_five_clients_one_dropped_mid_round_runs_to_the_end(caplog):
     strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, bits=8, clip=0.05, timeout=0.2)
     with caplog.at_level(logging.WARNING):
         msgs, ex, (avg, metrics) = run_one_round(strategy, grid)
-    assert len(msgs) == 5 and not ex.failures()
+    assert len(msgs) == 5 and list(ex.failures()) == [1002]  # its sealed training reply never arrives
     assert avg is not None and metrics["refused"] == 0
     assert metrics["clients"] == 4 and metrics["dropped"] == 1
-    assert any("node 1002" in r and "collect-masked" in r for r in strategy.rejections)
+    unmask = [m for m in grid.sent if stage_name(m) == "unmask"]  # the survivors remove 1002's pair masks
+    assert len(unmask) == 4 and all(1002 in m.content["secagg-stage"]["dropped"] for m in unmask)
     _close(avg, expected_mean(strategy, [1000, 1001, 1003, 1004], 1))
     # the update is zero off the public support
     flat = C.flatten({k: avg[k].numpy() for k in SHAPES})
@@ -117,10 +121,18 @@ def test_five_clients_one_dropped_mid_round_runs_to_the_end(caplog):
 def test_no_reply_the_server_sees_holds_the_update():
     grid = LocalGrid(fake_app(), 5, {})
     strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
-    _, ex, _ = run_one_round(strategy, grid)
-    for reply in ex.replies.values():
-        assert "update" not in reply.content and "secagg-masked" not in reply.content
-        assert set(reply.content["secagg-stage"].keys()) == {"stage", "server-round", "c-pk", "s-pk"}
+    _, ex, (avg, _) = run_one_round(strategy, grid)
+    assert avg is not None and len(ex.replies) == 5
+    for reply in grid.received:
+        assert not reply.has_error()
+        assert "update" not in reply.content and "arrays" not in reply.content
+        assert "num-examples" not in reply.content.get("metrics", {})
+    for reply in ex.replies.values():  # the sealed training reply: the masked vector, the stage, the metrics
+        assert set(reply.content.keys()) == {"secagg-masked", "secagg-stage", "metrics"}
+        assert stage_name(reply) == "collect-masked"
+    adverts = [m for m in grid.received if stage_name(m) == "advertise"]
+    assert len(adverts) == 5
+    assert all(set(m.content["secagg-stage"].keys()) == {"stage", "server-round", "c-pk", "s-pk"} for m in adverts)
 
 
 def test_two_rounds_carry_the_residual_and_stay_exact():
@@ -133,8 +145,8 @@ def test_two_rounds_carry_the_residual_and_stay_exact():
     assert metrics["clients"] == 5
     _close(avg, expected_mean(strategy, grid.node_ids, 2, residuals))
     assert all("secagg.client" not in grid.contexts[n].state for n in grid.node_ids)  # round state dropped
-    from guardedtuning.clients.secagg_handlers import in_secure_round
-    assert not any(in_secure_round(grid.contexts[n].state) for n in grid.node_ids)
+    assert not any(in_training(grid.contexts[n].state) for n in grid.node_ids)
+    assert all("secagg.global" not in grid.contexts[n].state for n in grid.node_ids)
     assert all("secagg.residual" in grid.contexts[n].state for n in grid.node_ids)  # the residual stays
 
 
@@ -145,7 +157,7 @@ def test_below_threshold_the_round_is_skipped_and_reported():
     _, _, (avg, metrics) = run_one_round(strategy, grid)
     assert avg is None and metrics["refused"] == 1
     # nothing was revealed: the unmask stage never ran
-    assert not [m for m in grid.sent if "secagg-stage" in m.content and m.content["secagg-stage"]["stage"] == "unmask"]
+    assert not [m for m in grid.sent if stage_name(m) == "unmask"]
 
 
 def test_nan_update_is_refused_on_the_client_and_the_round_goes_on():
@@ -188,7 +200,7 @@ def test_bytes_accounting_equals_the_serialized_payloads():
     grid = LocalGrid(fake_app(), 5, {}, tamper=rec)
     strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
     _, _, (_, metrics) = run_one_round(strategy, grid)
-    stage_msgs = [m for m in grid.sent if m.metadata.message_type == STAGE_MESSAGE_TYPE]
+    stage_msgs = [m for m in grid.sent if stage_name(m) in STAGES]
     assert len(stage_msgs) == 15 and len(rec.up) == 15
     assert metrics["secagg-bytes-down"] == sum(message_nbytes(m) for m in stage_msgs)
     assert metrics["secagg-bytes-up"] == sum(rec.up)
@@ -201,19 +213,9 @@ def test_masked_upload_uses_the_smallest_word():
         grid = LocalGrid(fake_app(), 5, {})
         strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, max_weight=16, packing=packing,
                                       timeout=0.2)
-        msgs = list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid))
+        _, ex, (avg, _) = run_one_round(strategy, grid)
+        masked = [r.content["secagg-masked"]["y"] for r in ex.replies.values()]
         m_bits = (5 * 16 * 254).bit_length()  # 15 bits: uint16
-        ex = exchange(grid, msgs, timeout=0.2, poll=0.002)
-        masked = []
-        orig_pull = grid.pull_messages
-
-        def spy(ids, orig_pull=orig_pull, masked=masked):  # type: ignore[no-untyped-def]
-            out = list(orig_pull(ids))
-            masked.extend(r.content["secagg-masked"]["y"] for r in out if "secagg-masked" in r.content)
-            return out
-
-        grid.pull_messages = spy  # type: ignore[method-assign]
-        avg, _ = strategy.aggregate_train(1, ex.replies.values())
         assert avg is not None and len(masked) == 5
         k = C.support_size(size=SIZE, density=0.1)
         want = (np.dtype(np.uint16), k + 1) if packing == "word" else (np.dtype(np.uint8), -(-(k + 1) * m_bits // 8))
@@ -226,15 +228,21 @@ def test_topk_support_and_downlink_quantization():
     grid = LocalGrid(fake_app(), 5, {})
     strategy = SecureSparseFedAvg(clients_per_round=5, seed=1, density=0.1, support="topk", explore=0.5,
                                   downlink_bits=8, timeout=0.2)
-    msgs, _, (avg1, _) = run_one_round(strategy, grid, 1)
-    assert msgs[0].content["arrays"][sorted(SHAPES)[0]].numpy().dtype == np.uint8
-    sup = [m.content["secagg-setup"]["support"].numpy().tolist() for m in msgs]
-    assert all(s == sup[0] for s in sup)  # one support for everyone
-    msgs2, _, (avg2, m2) = run_one_round(strategy, grid, 2)
-    sup2 = np.array(msgs2[0].content["secagg-setup"]["support"].numpy(), dtype=np.int64)
+
+    def one_round(r):  # type: ignore[no-untyped-def]
+        msgs = list(strategy.configure_train(r, global_arrays(), ConfigRecord({}), grid))
+        assert msgs[0].content["arrays"][sorted(SHAPES)[0]].numpy().dtype == np.uint8  # before the mod decodes it
+        ex = exchange(grid, msgs, timeout=0.2, poll=0.002)
+        sup = [m.content["secagg-setup"]["support"].numpy().tolist() for m in grid.sent
+               if stage_name(m) == "advertise" and m.content["secagg-stage"]["server-round"] == r]
+        assert len(sup) == 5 and all(s == sup[0] for s in sup)  # one support for everyone
+        return sup[0], strategy.aggregate_train(r, ex.replies.values())
+
+    _, (avg1, _) = one_round(1)
+    sup2, (avg2, m2) = one_round(2)
     flat1 = C.flatten({k: avg1[k].numpy() for k in SHAPES})
     top = np.argsort(-np.abs(flat1), kind="stable")[:10]
-    assert set(top.tolist()) <= set(sup2.tolist())  # the largest public coordinates are kept
+    assert set(top.tolist()) <= set(sup2)  # the largest public coordinates are kept
     assert avg2 is not None and m2["clients"] == 5
 
 
@@ -258,22 +266,46 @@ def test_threshold_above_the_share_holders_skips_the_round(caplog):
     assert avg is None and metrics["refused"] == 1
 
 
-def test_handlers_refuse_out_of_order_use():
+def test_the_mod_refuses_out_of_order_use():
     from flwr.app import RecordDict
 
-    from guardedtuning.clients.secagg_handlers import client_stage
     from guardedtuning.errors import MessageError
+    from guardedtuning.strategies.secagg import mod
+    from guardedtuning.strategies.secagg.params import CONFIG_KEY, SETUP_KEY
+    from guardedtuning.strategies.secagg.wire import AdvertiseRequest, MaskRequest, to_content
 
     state = RecordDict()
-    with pytest.raises(MessageError, match="begin_round"):
-        seal_update(fake_update(1, 1), num_examples=1, state=state, node_id=1)
-    grid = LocalGrid(fake_app(), 3, {})
+    request = MaskRequest(mask_with=[], srcs=[], cts=[])
+    with pytest.raises(MessageError, match="advertise stage must run first"):
+        mod.seal_update(fake_update(1, 1), num_examples=1, state=state, node_id=1, request=request)
+    with pytest.raises(MessageError, match="advertise stage must run first"):
+        mod.client_stage("share-keys", RecordDict(), state, node_id=1)
     strategy = SecureSparseFedAvg(clients_per_round=3, seed=0, timeout=0.2)
-    first = list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid))[0]
-    begin_round(first.content, state, node_id=first.metadata.dst_node_id)
-    with pytest.raises(MessageError, match="sealed update"):
-        client_stage("share-keys", RecordDict(), state, node_id=first.metadata.dst_node_id)
-    with pytest.raises(MessageError, match="unknown secure-aggregation stage"):
-        client_stage("advertise", RecordDict(), state, node_id=first.metadata.dst_node_id)
+    params = strategy.round_params(1, [1000, 1001, 1002], SIZE)
+    ask = to_content(AdvertiseRequest(), stage="advertise", server_round=1)
+    ask[CONFIG_KEY], ask[SETUP_KEY] = params.to_records()
     with pytest.raises(MessageError, match="not among the round's participants"):
-        begin_round(first.content, RecordDict(), node_id=4242)
+        mod.advertise(ask, RecordDict(), node_id=4242)
+    mod.advertise(ask, state, node_id=1000)
+    with pytest.raises(MessageError, match="not a request this client answers alone"):
+        mod.client_stage("collect-masked", RecordDict(), state, node_id=1000)
+    training = to_content(request, stage="collect-masked", server_round=1)
+    training["arrays"] = global_arrays()
+    with pytest.raises(MessageError, match="expected 'shared'; a stage was missed"):
+        mod.begin_training(training, state, node_id=1000)  # the share-keys stage never ran
+    with pytest.raises(MessageError, match="a stage was missed"):
+        mod.client_stage("unmask", to_content(request, stage="collect-masked", server_round=1), state, node_id=1000)
+
+
+def test_an_app_without_the_mod_is_named_in_the_rejections():
+    plain = ClientApp()
+
+    @plain.train()
+    def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        return Message(RecordDict({"arrays": msg.content["arrays"] if "arrays" in msg.content else global_arrays(),
+                                   "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    grid = LocalGrid(plain, 3, {})
+    strategy = SecureSparseFedAvg(clients_per_round=3, seed=0, timeout=0.2)
+    assert list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid)) == []  # refused at advertise
+    assert len(strategy.rejections) >= 3 and all("secagg_mod" in r for r in strategy.rejections[:3])

@@ -5,9 +5,9 @@ import uuid
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.wire.records import message_nbytes, record_to_tensors, tensors_to_record
 from tests.local_grid import LocalGrid
@@ -25,7 +25,7 @@ def _reply(node, arrays, n, request):
 
 
 def _setup(k=3):
-    grid = LocalGrid(client_app, 4, {})
+    grid = LocalGrid(ClientApp(), 4, {})
     strat = AdapterFedAvg(clients_per_round=k, seed=0)
     zeros = ArrayRecord({k_: Array(np.zeros(s, dtype=np.float32)) for k_, s in SHAPES.items()})
     msgs = list(strat.configure_train(1, zeros, ConfigRecord({}), grid))
@@ -74,7 +74,7 @@ def test_nothing_valid_means_no_aggregate():
 
 
 def test_sampling_is_seeded_and_within_the_connected_nodes():
-    grid = LocalGrid(client_app, 10, {})
+    grid = LocalGrid(ClientApp(), 10, {})
     a = AdapterFedAvg(clients_per_round=4, seed=1)
     b = AdapterFedAvg(clients_per_round=4, seed=1)
     assert a.sample(3, grid) == b.sample(3, grid) and len(set(a.sample(3, grid))) == 4
@@ -107,8 +107,6 @@ def test_message_bytes_grow_with_the_payload():
 
 def _plus(step: float, reply_key: str):
     """A plain Flower ClientApp (no GuardedTuning code) that adds ``step`` to every weight."""
-    from flwr.clientapp import ClientApp
-
     app = ClientApp()
 
     @app.train()
@@ -133,7 +131,7 @@ def test_start_installs_the_new_global_not_the_update():
 
 
 def test_aggregate_adds_the_mean_update_to_the_sent_global():
-    grid = LocalGrid(client_app, 4, {})
+    grid = LocalGrid(ClientApp(), 4, {})
     strat = AdapterFedAvg(clients_per_round=2, seed=0)
     glob = {k: np.full(s, 0.5, dtype=np.float32) for k, s in SHAPES.items()}
     msgs = list(strat.configure_train(1, ArrayRecord({k: Array(v) for k, v in glob.items()}), ConfigRecord({}), grid))

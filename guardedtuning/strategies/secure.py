@@ -1,27 +1,48 @@
-"""Secure aggregation of sparse, quantized adapter updates: the Message-API strategy.
+"""Secure aggregation of sparse, quantized updates as a wrapper around any Message-API strategy.
 
-Same seam as :class:`~guardedtuning.strategies.fedavg.AdapterFedAvg`:
+:class:`SecureAggregation` wraps a strategy the way Flower's
+``DifferentialPrivacyClientSideFixedClipping`` does, and needs
+:data:`guardedtuning.strategies.secagg.mod.secagg_mod` installed on the ClientApp
+(``ClientApp(mods=[secagg_mod])``); the app's handlers stay plain (they reply
+``arrays`` or ``update``, and ``num-examples``). One round:
 
-- ``configure_train`` samples the round's clients and builds their first message: the
-  global adapters (``arrays``, optionally quantized, see ``downlink_bits``), the driver's
-  ``config``, and the round's public secure-aggregation parameters (``secagg`` and
-  ``secagg-setup``, see :class:`~guardedtuning.strategies.secagg.params.RoundParams`);
-- the driver runs the round's training messages as it does for FedAvg; a client's final
-  reply carries, instead of its update, its ``advertise`` payload (two public keys), made
-  by :func:`guardedtuning.clients.secagg_handlers.seal_update`, which keeps the
-  compressed update in the client's ``context.state``;
-- ``aggregate_train(server_round, replies)`` takes those final replies and runs the three
-  remaining stages itself (``share-keys``, ``collect-masked``, ``unmask``; message type
-  ``train.secagg``) through the grid it got in ``configure_train``, with
-  :func:`guardedtuning.wire.exchange.exchange`. It returns the weighted mean
-  update (dense, zero off the support) as an ArrayRecord, or ``None`` when the round is
-  refused (fewer than ``threshold`` clients or shares left; masks that did not cancel),
-  in which case the global model must stay unchanged.
+1. ``configure_train(server_round, arrays, config, grid)`` lets the wrapped strategy
+   sample the clients and build their training messages, then runs the two key stages
+   on the grid it was handed (``advertise``: the round's public parameters out, two
+   public keys back; ``share-keys``: sealed Shamir shares), and returns the training
+   messages with each client's mask request added (the global arrays optionally
+   quantized, ``downlink_bits``). Clients that failed a key stage get no training
+   message; too few left, and it returns none (the round is refused).
+2. The caller runs the round's training messages (Flower's ``Strategy.start()`` does one
+   ``send_and_receive``; our drivers may run many exchanges, split learning). The mod
+   seals the final reply: it carries the masked update instead of the update.
+3. ``aggregate_train(server_round, replies)`` takes the final replies, asks the survivors
+   for the shares that remove the masks (``unmask``, one exchange on the round's grid),
+   and hands the wrapped strategy *one* reply: the new global arrays (sent global plus
+   the unmasked weighted mean update) with ``num-examples`` the survivors' total weight,
+   as Flower's own SecAgg+ workflow hands its strategy one aggregated result. It returns
+   the wrapped strategy's result: the new global arrays; ``None`` when the round is
+   refused (fewer than ``threshold`` clients or shares left; masks that did not cancel),
+   in which case the global model must stay unchanged.
 
-Bytes: the returned MetricRecord holds ``secagg-bytes-up`` / ``secagg-bytes-down``, the
-serialized size of the stage messages (the driver counts the first message and the
-final reply itself), and ``dense-bytes``, what the same clients' dense fp32 updates
-would have taken.
+Where the stages run: the key stages need a grid and no client input, so they run in
+``configure_train``, which Flower hands the grid. The unmask stage must follow the
+masked uploads, and ``aggregate_train`` gets no grid; it uses the grid of the same
+round's ``configure_train`` (bound to that round, used once, then dropped). Both
+Flower's ``Strategy.start()`` and our drivers call ``configure_train`` first, so the
+grid is the round's own.
+
+Stage messages go with the round's training message type (``train``, ``train.split``,
+...), so they reach the mod of any ClientApp that handles that type, with no handler
+of their own. Bytes: the returned MetricRecord holds ``secagg-bytes-up`` /
+``secagg-bytes-down``, the serialized size of the stage messages (the caller counts the
+training messages and replies itself), and ``dense-bytes``, what the same clients'
+dense fp32 updates would have taken. :attr:`SecureAggregation.rejections` lists every
+client rejected in the round, with its reason, once ``aggregate_train`` ran (or at once
+when ``configure_train`` refuses the round).
+
+:class:`SecureSparseFedAvg` is :class:`~guardedtuning.strategies.fedavg.AdapterFedAvg`
+under this wrapper, with its arguments.
 """
 
 from __future__ import annotations
@@ -31,6 +52,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -48,17 +70,20 @@ from guardedtuning.codecs import (
     unflatten,
 )
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.fedavg import seeded_sample
+from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
+from guardedtuning.strategies.secagg.mod import CODEC_KEY
 from guardedtuning.strategies.secagg.params import CONFIG_KEY, SETUP_KEY, SUPPORTS, RoundParams
 from guardedtuning.strategies.secagg.server import RoundRefused, ServerSecAgg
 from guardedtuning.strategies.secagg.wire import (
     ADVERTISE,
     COLLECT_MASKED,
     SHARE_KEYS,
+    STAGE_KEY,
     UNMASK,
     Advertise,
+    AdvertiseRequest,
     MaskedReply,
     SharesReply,
     UnmaskReply,
@@ -69,23 +94,41 @@ from guardedtuning.wire.exchange import exchange
 
 log = logging.getLogger(__name__)
 
-STAGE_MESSAGE_TYPE = "train.secagg"
-CODEC_KEY = "arrays-codec"
+
+@dataclass
+class _Round:
+    """One configured round: its parameters, grid, sent global, server state and tallies."""
+
+    params: RoundParams
+    grid: Grid
+    types: dict[int, str]  # node -> message type of its training message
+    current: dict[str, np.ndarray]
+    server: ServerSecAgg
+    rejections: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=lambda: {
+        "secagg-bytes-down": 0.0, "secagg-bytes-up": 0.0, "stage-wall-s": 0.0, "server-s": 0.0})
+
+    def reject(self, node: int, reason: str) -> None:
+        msg = f"round {self.params.server_round}: node {node} rejected: {reason}"
+        self.rejections.append(msg)
+        log.warning("%s", msg)
 
 
-class SecureSparseFedAvg(Strategy):
-    """Weighted FedAvg of sparse, quantized, securely aggregated adapter updates.
+class SecureAggregation(Strategy):
+    """Secure aggregation (SecAgg+ style) of sparse, quantized updates around ``strategy``.
 
     Parameters
     ----------
-    clients_per_round : int
-        Clients sampled each round (all connected nodes if fewer).
+    strategy : Strategy
+        The wrapped Message-API strategy (Flower's ``FedAvg``, our ``AdapterFedAvg``, ...):
+        it samples and builds the training messages and aggregates the one unmasked result.
+    num_sampled_clients : int
+        Clients the wrapped strategy samples a round (at least 2: one client has no one to
+        hide among); bounds the field size up front (see ``max_weight``).
     seed : int
-        Seeds client sampling and the public round seed (support, graph).
-    message_type : str
-        Type of the round's first message (``"train"`` or ``"train.split"``).
+        Seeds the public round seed (support, graph).
     density : float
-        Fraction of the adapter's coordinates sent each round, in (0, 1].
+        Fraction of the model's coordinates sent each round, in (0, 1].
     bits : int
         Bits per sent value, in [2, 32].
     clip : float
@@ -103,7 +146,7 @@ class SecureSparseFedAvg(Strategy):
         0 picks a strict majority of ``degree + 1``. At least 2.
     max_weight : int
         Cap on a client's weight (its example count). The field needs
-        ``bit_length(clients_per_round * max_weight * (2**bits - 2))`` bits, at most 64.
+        ``bit_length(num_sampled_clients * max_weight * (2**bits - 2))`` bits, at most 64.
     norm_clip : float
         L2 clip of each client's sent values before quantization, for central DP (0: off).
         With central DP use ``max_weight=1``: a weight multiplies a client's contribution.
@@ -111,21 +154,24 @@ class SecureSparseFedAvg(Strategy):
         ``"bits"``: masked values bit-packed, exactly ``m`` bits each (smallest);
         ``"word"``: as the smallest uint word holding ``m`` bits (uint8/16/32/64).
     downlink_bits : int
-        Quantize the global adapters sent to clients to this many bits (0: send fp32).
+        Quantize the global arrays sent to clients to this many bits (0: send fp32).
     timeout, poll : float
         Per-stage reply timeout and pull interval in seconds (``comm.timeout``,
         ``comm.poll-interval``).
+    arrays_key : str
+        Key of the global arrays in the wrapped strategy's messages (Flower's
+        ``arrayrecord_key``; ``"arrays"``).
     """
 
     def __init__(
-        self, *, clients_per_round: int, seed: int, message_type: str = MessageType.TRAIN, density: float = 0.05,
-        bits: int = 8, clip: float = 0.05, support: str = "rand", explore: float = 0.5, degree: int = 0,
-        threshold: int = 0, max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "bits",
-        downlink_bits: int = 0, timeout: float = 600.0, poll: float = 0.002,
+        self, strategy: Strategy, *, num_sampled_clients: int, seed: int = 0, density: float = 0.05, bits: int = 8,
+        clip: float = 0.05, support: str = "rand", explore: float = 0.5, degree: int = 0, threshold: int = 0,
+        max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "bits", downlink_bits: int = 0,
+        timeout: float = 600.0, poll: float = 0.002, arrays_key: str = "arrays",
     ) -> None:
         checks = (
-            ("clients_per_round", clients_per_round, clients_per_round >= 2, "an integer >= 2 (one client has no one "
-                                                                           "to hide among)"),
+            ("num_sampled_clients", num_sampled_clients, num_sampled_clients >= 2,
+             "an integer >= 2 (one client has no one to hide among)"),
             ("density", density, 0 < density <= 1, "a number in (0, 1]"),
             ("bits", bits, 2 <= bits <= 32, "an integer in [2, 32]"),
             ("clip", clip, clip > 0, "a positive number"),
@@ -143,26 +189,20 @@ class SecureSparseFedAvg(Strategy):
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {allowed} but is {value!r}")
-        field_bits(clients=clients_per_round, bits=bits, max_weight=max_weight)  # raises if over 64 bits
-        self.clients_per_round, self.seed, self.message_type = clients_per_round, seed, message_type
+        field_bits(clients=num_sampled_clients, bits=bits, max_weight=max_weight)  # raises if over 64 bits
+        self.strategy = strategy
+        self.num_sampled_clients, self.seed, self.arrays_key = num_sampled_clients, seed, arrays_key
         self.density, self.bits, self.clip, self.support, self.explore = density, bits, clip, support, explore
         self.degree, self.threshold, self.max_weight, self.norm_clip = degree, threshold, max_weight, norm_clip
         self.packing, self.downlink_bits, self.timeout, self.poll = packing, downlink_bits, timeout, poll
         self.rejections: list[str] = []
-        self._grid: Grid | None = None
-        self._params: RoundParams | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._current: dict[str, np.ndarray] = {}
+        self._round: _Round | None = None
         self._score: np.ndarray | None = None  # accumulated public aggregates (top-k support)
 
     def summary(self) -> None:
-        log.info("SecureSparseFedAvg: %d clients per round, density %s, %d bits, clip %s, support %s, degree %s, "
-                 "threshold %s", self.clients_per_round, self.density, self.bits, self.clip, self.support,
-                 self.degree or "auto", self.threshold or "auto")
-
-    def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """The round's clients: the same draw as AdapterFedAvg, so runs are comparable."""
-        return seeded_sample(grid, self.clients_per_round, seed=self.seed, server_round=server_round)
+        log.info("SecureAggregation: density %s, %d bits, clip %s, support %s, degree %s, threshold %s, around:",
+                 self.density, self.bits, self.clip, self.support, self.degree or "auto", self.threshold or "auto")
+        self.strategy.summary()
 
     def round_seed(self, server_round: int) -> bytes:
         """The public 256-bit seed of a round (support, graph)."""
@@ -185,126 +225,205 @@ class SecureSparseFedAvg(Strategy):
             sup = top_k_support(score=score, density=self.density, explore=self.explore, seed=seed)
         else:
             sup = rand_k_support(size=size, density=self.density, seed=seed)
-        return RoundParams(server_round=server_round, nodes=tuple(nodes), degree=degree, threshold=t, size=size,
-                           density=self.density, support_mode=self.support, support=sup, bits=self.bits,
-                           clip=self.clip, norm_clip=self.norm_clip, max_weight=self.max_weight,
-                           packing=self.packing, seed=seed)
+        try:
+            return RoundParams(server_round=server_round, nodes=tuple(nodes), degree=degree, threshold=t, size=size,
+                               density=self.density, support_mode=self.support, support=sup, bits=self.bits,
+                               clip=self.clip, norm_clip=self.norm_clip, max_weight=self.max_weight,
+                               packing=self.packing, seed=seed)
+        except ValueError as exc:  # e.g. more clients than num_sampled_clients: the field exceeds 64 bits
+            log.warning("round %d skipped: %s", server_round, exc)
+            return None
+
+    # ------------------------------------------------------------------ configure: the key stages
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._grid = grid
-        self._shapes = {k: tuple(arrays[k].shape) for k in arrays.keys()}
-        self._current = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
-        size = int(sum(np.prod(s, dtype=np.int64) for s in self._shapes.values()))
-        self._params = self.round_params(server_round, self.sample(server_round, grid), size)
-        if self._params is None:
+        self._round = None
+        msgs = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if not msgs:
             return []
-        config["server-round"] = server_round
-        sa_cfg, sa_setup = self._params.to_records()
-        records: dict[str, ArrayRecord | ConfigRecord] = {"arrays": arrays, "config": config, CONFIG_KEY: sa_cfg,
-                                                          SETUP_KEY: sa_setup}
-        if self.downlink_bits:
-            levels, scales = encode_downlink({k: arrays[k].numpy() for k in arrays.keys()}, bits=self.downlink_bits)
-            names = sorted(levels)
-            records["arrays"] = ArrayRecord({k: Array(levels[k]) for k in names})
-            records[CODEC_KEY] = ConfigRecord({"bits": self.downlink_bits, "names": names,
-                                               "scales": [scales[k] for k in names]})
-        return [Message(content=RecordDict(dict(records)), message_type=self.message_type, dst_node_id=n)
-                for n in self._params.nodes]
-
-    # ------------------------------------------------------------------ aggregation
-
-    def _reject(self, server_round: int, node: int, reason: str) -> None:
-        msg = f"round {server_round}: node {node} rejected: {reason}"
-        self.rejections.append(msg)
-        log.warning("%s", msg)
-
-    def _advertised(self, server_round: int, replies: Iterable[Message]) -> dict[int, Advertise]:
-        msgs = list(replies)
-        counts = Counter(m.metadata.src_node_id for m in msgs)
-        out: dict[int, Advertise] = {}
-        for node in sorted(n for n, c in counts.items() if c > 1):
-            self._reject(server_round, node, f"{counts[node]} final replies; which keys are its own is ambiguous")
-        for msg in msgs:
-            node = msg.metadata.src_node_id
-            if counts[node] > 1:
-                continue
-            if msg.has_error():
-                self._reject(server_round, node, f"client error: {msg.error.reason}")
-                continue
-            try:
-                out[node] = from_content(msg.content, Advertise, stage=ADVERTISE, server_round=server_round,
-                                         source=f"final reply of node {node}")
-            except MessageError as exc:
-                self._reject(server_round, node, str(exc))
+        types = {m.metadata.dst_node_id: m.metadata.message_type for m in msgs}
+        if len(types) != len(msgs):
+            log.warning("round %d skipped: the wrapped strategy sent a node two training messages", server_round)
+            return []
+        current = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
+        size = int(sum(v.size for v in current.values()))
+        params = self.round_params(server_round, sorted(types), size)
+        if params is None:
+            return []
+        rnd = _Round(params=params, grid=grid, types=types, current=current, server=ServerSecAgg(params))
+        srv, r = rnd.server, server_round
+        t0 = time.perf_counter()
+        try:
+            sa_cfg, sa_setup = params.to_records()
+            ask = to_content(AdvertiseRequest(), stage=ADVERTISE, server_round=r)
+            ask[CONFIG_KEY], ask[SETUP_KEY] = sa_cfg, sa_setup
+            keys = srv.receive_advertise(self._stage(rnd, ADVERTISE, dict.fromkeys(params.nodes, ask), Advertise))
+            masks = srv.receive_shares(self._stage(rnd, SHARE_KEYS, keys, SharesReply))
+        except RoundRefused:
+            self._publish(rnd)
+            return []
+        finally:
+            rnd.stats["server-s"] += time.perf_counter() - t0 - rnd.stats["stage-wall-s"]
+        self._round = rnd
+        global_records = self._downlink(arrays)
+        out = []
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            if node not in masks:
+                continue  # rejected at a key stage (logged)
+            content = RecordDict(dict(m.content.items()))  # a copy: strategies may share one content
+            for key, rec in {**global_records, **to_content(masks[node], stage=COLLECT_MASKED, server_round=r)}.items():
+                content[key] = rec
+            out.append(Message(content=content, message_type=m.metadata.message_type, dst_node_id=node,
+                               group_id=m.metadata.group_id))
         return out
 
-    def _stage(self, srv: ServerSecAgg, stage: str, requests: dict, kind: type, stats: dict[str, float]) -> dict:
+    def _downlink(self, arrays: ArrayRecord) -> dict[str, ArrayRecord | ConfigRecord]:
+        """The global arrays' records for the training messages: as they are, or quantized."""
+        if not self.downlink_bits:
+            return {}
+        levels, scales = encode_downlink({k: arrays[k].numpy() for k in arrays.keys()}, bits=self.downlink_bits)
+        names = sorted(levels)
+        return {self.arrays_key: ArrayRecord({k: Array(levels[k]) for k in names}),
+                CODEC_KEY: ConfigRecord({"bits": self.downlink_bits, "names": names,
+                                         "scales": [scales[k] for k in names]})}
+
+    def _stage(self, rnd: _Round, stage: str, requests: dict, kind: type) -> dict:
         """Push one stage's requests, pull and decode the replies; lost or bad ones are logged."""
-        if self._grid is None:
-            raise RuntimeError("aggregate_train ran before configure_train; call configure_train first")
-        r = srv.params.server_round
-        msgs = [Message(content=to_content(req, stage=stage, server_round=r), message_type=STAGE_MESSAGE_TYPE,
-                        dst_node_id=node) for node, req in requests.items()]
-        ex = exchange(self._grid, msgs, timeout=self.timeout, poll=self.poll)
-        stats["secagg-bytes-down"] += sum(ex.bytes_down.values())
-        stats["secagg-bytes-up"] += sum(ex.bytes_up.values())
-        stats["stage-wall-s"] += ex.wall_s
+        r = rnd.params.server_round
+        msgs = [Message(content=req if isinstance(req, RecordDict) else to_content(req, stage=stage, server_round=r),
+                        message_type=rnd.types[node], dst_node_id=node, group_id=str(r))
+                for node, req in requests.items()]
+        ex = exchange(rnd.grid, msgs, timeout=self.timeout, poll=self.poll)
+        rnd.stats["secagg-bytes-down"] += sum(ex.bytes_down.values())
+        rnd.stats["secagg-bytes-up"] += sum(ex.bytes_up.values())
+        rnd.stats["stage-wall-s"] += ex.wall_s
         for node, reason in sorted(ex.failures().items()):
-            self._reject(r, node, f"dropped at {stage}: {reason}")
+            rnd.reject(node, f"dropped at {stage}: {reason}")
         out = {}
         for node, msg in ex.ok().items():
             try:
                 out[node] = from_content(msg.content, kind, stage=stage, server_round=r,
                                          source=f"{stage} reply of node {node}")
             except MessageError as exc:
-                srv.reject(node, stage, str(exc))
+                rnd.server.reject(node, stage, _hint(exc, msg))
+        return out
+
+    def _publish(self, rnd: _Round) -> None:
+        """Make the round's rejections visible in :attr:`rejections` (once)."""
+        self.rejections.extend(rnd.rejections + rnd.server.rejections)
+        rnd.rejections.clear()
+        rnd.server.rejections.clear()
+
+    # ------------------------------------------------------------------ aggregate: unmask
+
+    def _masked(self, rnd: _Round, replies: Iterable[Message]) -> dict[int, MaskedReply]:
+        r = rnd.params.server_round
+        msgs = list(replies)
+        counts = Counter(m.metadata.src_node_id for m in msgs)
+        out: dict[int, MaskedReply] = {}
+        for node in sorted(n for n, c in counts.items() if c > 1):
+            rnd.reject(node, f"{counts[node]} final replies; which masked vector is its own is ambiguous")
+        for msg in msgs:
+            node = msg.metadata.src_node_id
+            if counts[node] > 1:
+                continue
+            if msg.has_error():
+                rnd.reject(node, f"client error: {msg.error.reason}")
+                continue
+            try:
+                out[node] = from_content(msg.content, MaskedReply, stage=COLLECT_MASKED, server_round=r,
+                                         source=f"final reply of node {node}")
+            except MessageError as exc:
+                rnd.reject(node, _hint(exc, msg))
         return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        params = self._params
-        stats = {"secagg-bytes-down": 0.0, "secagg-bytes-up": 0.0, "stage-wall-s": 0.0}
-        if params is None or params.server_round != server_round:
+        rnd, self._round = self._round, None  # a round's parameters and grid are used once
+        if rnd is None or rnd.params.server_round != server_round:
             log.warning("round %d: no secure round was configured; the global model is unchanged", server_round)
             return None, MetricRecord({"refused": 1, "clients": 0})
-        srv = ServerSecAgg(params)
-        adverts = self._advertised(server_round, replies)
-        t0 = time.perf_counter()
+        params, srv, stats = rnd.params, rnd.server, rnd.stats
+        masked = self._masked(rnd, replies)
+        t0, wall0 = time.perf_counter(), stats["stage-wall-s"]
         try:
-            keys = srv.receive_advertise(adverts)
-            masks = srv.receive_shares(self._stage(srv, SHARE_KEYS, keys, SharesReply, stats))
-            unmask = srv.receive_masked(self._stage(srv, COLLECT_MASKED, masks, MaskedReply, stats))
-            result = srv.receive_unmask(self._stage(srv, UNMASK, unmask, UnmaskReply, stats))
+            unmask = srv.receive_masked(masked)
+            result = srv.receive_unmask(self._stage(rnd, UNMASK, unmask, UnmaskReply))
         except RoundRefused:
             result = None
         finally:
-            self.rejections.extend(srv.rejections)
-            self._params = None  # a round's parameters are used once
-        stats["server-s"] = time.perf_counter() - t0 - stats["stage-wall-s"]
-        stats["dense-bytes"] = 4.0 * params.size * len(adverts)
+            self._publish(rnd)
+        stats["server-s"] += time.perf_counter() - t0 - (stats["stage-wall-s"] - wall0)
+        stats["dense-bytes"] = 4.0 * params.size * len(masked)
         if result is None:
-            return None, MetricRecord({**stats, "refused": 1, "clients": 0, "advertised": len(adverts)})
+            return None, MetricRecord({**stats, "refused": 1, "clients": 0, "advertised": len(masked)})
         mean = dequantize_mean(result.total, weight=result.weight, bits=params.bits, clip=params.clip)
         dense = scatter(mean, support=params.support, size=params.size)
         if params.support_mode == "topk":
             self._score = dense if self._score is None or self._score.size != dense.size else self._score + dense
-        update = unflatten(dense, shapes=self._shapes)
-        out = ArrayRecord({k: Array((self._current[k] + v).astype(np.float32)) for k, v in update.items()})
+        update = unflatten(dense, shapes={k: v.shape for k, v in rnd.current.items()})
+        new = ArrayRecord({k: Array((rnd.current[k] + update[k]).astype(np.float32)) for k in sorted(update)})
+        one = Message(RecordDict({self.arrays_key: new, "metrics": MetricRecord({"num-examples": float(result.weight)})}),
+                      dst_node_id=0, message_type=MessageType.TRAIN)
+        inner = getattr(self.strategy, "rejections", None)
+        before = len(inner) if isinstance(inner, list) else 0
+        arrays, _ = self.strategy.aggregate_train(server_round, [one])
+        if isinstance(inner, list):
+            self.rejections.extend(f"round {server_round}: the wrapped strategy rejected the unmasked aggregate: {x}"
+                                   for x in inner[before:])
         metrics = MetricRecord({
-            **stats, "refused": 0, "num-examples": float(result.weight), "clients": len(result.survivors),
-            "dropped": len(params.nodes) - len(result.survivors), "advertised": len(adverts),
-            "quantization-step": params.clip / (max_level(params.bits) // 2),
+            **stats, "refused": 0 if arrays is not None else 1, "num-examples": float(result.weight),
+            "clients": len(result.survivors), "dropped": len(params.nodes) - len(result.survivors),
+            "advertised": len(masked), "quantization-step": params.clip / (max_level(params.bits) // 2),
             "support-size": support_size(size=params.size, density=params.density),
         })
-        return out, metrics
+        return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []  # utility is measured centrally, on the assembled model
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def _hint(exc: MessageError, reply: Message) -> str:
+    """The reason a stage reply was refused; a reply with no stage record points at the missing mod."""
+    if STAGE_KEY in reply.content:
+        return str(exc)
+    return f"{exc}; the reply has no secure-aggregation stage: is secagg_mod installed on the ClientApp " \
+           "(ClientApp(mods=[secagg_mod]))?"
+
+
+class SecureSparseFedAvg(SecureAggregation):
+    """:class:`~guardedtuning.strategies.fedavg.AdapterFedAvg` under :class:`SecureAggregation`.
+
+    Parameters
+    ----------
+    clients_per_round : int
+        Clients sampled each round (all connected nodes if fewer); at least 2.
+    seed : int
+        Seeds client sampling and the public round seed (support, graph).
+    message_type : str
+        Type of the round's first message (``"train"`` or ``"train.split"``).
+    **secure
+        The other arguments of :class:`SecureAggregation`.
+    """
+
+    def __init__(self, *, clients_per_round: int, seed: int, message_type: str = MessageType.TRAIN,
+                 **secure) -> None:  # type: ignore[no-untyped-def]
+        if clients_per_round < 2:
+            raise ValueError(f"`clients_per_round` must be an integer >= 2 (one client has no one to hide among) "
+                             f"but is {clients_per_round}")
+        super().__init__(AdapterFedAvg(clients_per_round=clients_per_round, seed=seed, message_type=message_type),
+                         num_sampled_clients=clients_per_round, seed=seed, **secure)
+        self.clients_per_round, self.message_type = clients_per_round, message_type
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """The round's clients: the same draw as AdapterFedAvg, so runs are comparable."""
+        return self.strategy.sample(server_round, grid)  # type: ignore[attr-defined]

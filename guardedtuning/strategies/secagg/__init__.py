@@ -5,9 +5,10 @@ Pure parts, each testable alone: :mod:`.shamir` (secret sharing over GF(2**256 +
 expansion into Z_{2**m}), :mod:`.graph` (random Harary neighbour graph), :mod:`.masking`
 (field size, weight folding, masks, packing). Protocol parts: :mod:`.params` (the public
 round parameters), :mod:`.wire` (stage payloads and their records), :mod:`.client` and
-:mod:`.server` (the two state machines). The Flower strategy is
-:class:`guardedtuning.strategies.secure.SecureSparseFedAvg`; the client's handlers are in
-:mod:`guardedtuning.clients.secagg_handlers`.
+:mod:`.server` (the two state machines). Flower parts: the client mod
+:data:`.mod.secagg_mod` (``ClientApp(mods=[secagg_mod])``) and the strategy wrapper
+:class:`guardedtuning.strategies.secure.SecureAggregation` around any Message-API
+strategy. This package imports no torch, so a plain Flower ClientApp can install the mod.
 
 Threat model: an honest-but-curious server and clients that may drop out or send
 malformed replies at any stage. The server learns only the survivors' weighted sum and
@@ -17,7 +18,8 @@ well-formed inputs (a client can always send a wrong update inside the clip rang
 """
 
 from guardedtuning.strategies.secagg.client import ClientSecAgg
+from guardedtuning.strategies.secagg.mod import SecAggMod, secagg_mod
 from guardedtuning.strategies.secagg.params import RoundParams
 from guardedtuning.strategies.secagg.server import RoundRefused, SecureSum, ServerSecAgg
 
-__all__ = ["ClientSecAgg", "RoundParams", "RoundRefused", "SecureSum", "ServerSecAgg"]
+__all__ = ["ClientSecAgg", "RoundParams", "RoundRefused", "SecAggMod", "SecureSum", "ServerSecAgg", "secagg_mod"]

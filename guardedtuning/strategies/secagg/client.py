@@ -1,8 +1,9 @@
 """The client side of the protocol: one object per client and round, one method per stage.
 
-:meth:`ClientSecAgg.start` takes the client's folded input (weight times quantized
-levels, and the weight) and makes its keys and self-mask seed; each later stage method
-takes the server's request and returns the reply. Before answering, every method checks
+:meth:`ClientSecAgg.start` makes the client's keys and self-mask seed; its folded input
+(weight times quantized levels, and the weight) comes with it or, when the key stages
+run before training (the secure-aggregation mod), with :meth:`ClientSecAgg.masked_input`.
+Each stage method takes the server's request and returns the reply. Before answering, every method checks
 that it is the expected stage and that the request cannot break the guarantee:
 
 - ``share_keys``: the keys offered are of graph neighbours only;
@@ -61,20 +62,21 @@ class ClientSecAgg:
         return f"secure aggregation at node {self.node}, round {self.params.server_round}"
 
     @classmethod
-    def start(cls, *, params: RoundParams, node: int, x: np.ndarray) -> tuple[ClientSecAgg, Advertise]:
-        """New keys and self-mask seed for ``node`` with input ``x`` (uint64, ``params.length`` values)."""
+    def start(cls, *, params: RoundParams, node: int, x: np.ndarray | None = None) -> tuple[ClientSecAgg, Advertise]:
+        """New keys and self-mask seed for ``node``; its input ``x`` now or at :meth:`masked_input`.
+
+        ``x``: uint64, ``params.length`` values (weight times levels, then the weight). The
+        secure-aggregation mod starts a client before it has trained (the key stages run
+        first) and hands the input to :meth:`masked_input`.
+        """
         if node not in params.graph:
             raise MessageError(f"node {node} is not a participant of round {params.server_round}")
-        x = np.asarray(x)
-        if x.dtype != np.uint64 or x.shape != (params.length,):
-            raise MessageError(f"node {node}: input has dtype {x.dtype} and shape {x.shape}, "
-                               f"expected uint64 ({params.length},)")
-        if params.field_bits < 64 and x.size and int(x.max()) >= 1 << params.field_bits:
-            raise MessageError(f"node {node}: input value {int(x.max())} is outside the field Z_2^{params.field_bits}")
+        if x is not None:
+            x = _checked_input(params, node, x)
         c_sk, c_pk = new_keypair()
         s_sk, s_pk = new_keypair()
         secrets = {"c-sk": c_sk, "c-pk": c_pk, "s-sk": s_sk, "s-pk": s_pk, "b": os.urandom(32)}
-        return cls(params=params, node=node, stage=ADVERTISED, secrets=secrets, x=x.copy()), Advertise(c_pk, s_pk)
+        return cls(params=params, node=node, stage=ADVERTISED, secrets=secrets, x=x), Advertise(c_pk, s_pk)
 
     def _expect(self, stage: str, name: str) -> None:
         if self.stage != stage:
@@ -112,10 +114,17 @@ class ClientSecAgg:
         self.stage = SHARED
         return SharesReply(dsts=dsts, cts=cts, holders=holders, commit_b=commit_b, commit_s=commit_s)
 
-    def masked_input(self, req: MaskRequest) -> MaskedReply:
-        """Open the shares sent to this client, then upload ``x + self mask + pair masks mod 2**m``."""
+    def masked_input(self, req: MaskRequest, x: np.ndarray | None = None) -> MaskedReply:
+        """Open the shares sent to this client, then upload ``x + self mask + pair masks mod 2**m``.
+
+        ``x``: the input, unless :meth:`start` got it (the same checks apply).
+        """
         self._expect(SHARED, "collect-masked")
         p, me = self.params, self.node
+        if x is not None:
+            if self.x is not None:
+                raise MessageError(f"{self.source}: an input was given twice; refused")
+            self.x = _checked_input(p, me, x)
         unknown = (set(req.mask_with) | set(req.srcs)) - set(self.peers)
         if unknown:
             raise MessageError(f"{self.source}: asked to mask with or hold shares of {sorted(unknown)[:5]}, "
@@ -141,7 +150,7 @@ class ClientSecAgg:
         except ValueError as exc:
             raise MessageError(f"{self.source}: a neighbour's mask key is unusable ({exc}); refused") from exc
         if self.x is None:
-            raise MessageError(f"{self.source}: the input is gone; this round's state was lost")
+            raise MessageError(f"{self.source}: no input to mask (none given, or this round's state was lost)")
         y = mask_input(self.x, self_seed=self.secrets["b"], pair_seeds=seeds, me=me, bits=p.field_bits)
         self.x = None  # the plain input is not kept once masked
         self.mask_with = sorted(req.mask_with)
@@ -208,3 +217,14 @@ class ClientSecAgg:
         x = arrays["x"].numpy() if "x" in arrays else None
         return cls(params=params, node=get("node", int), stage=get("stage", str), secrets=secrets, x=x,
                    peers=peers, held=held, mask_with=list(get("mask-with", list, int)))
+
+
+def _checked_input(params: RoundParams, node: int, x: np.ndarray) -> np.ndarray:
+    """``x`` as a uint64 copy of ``params.length`` values inside the field, or a MessageError."""
+    x = np.asarray(x)
+    if x.dtype != np.uint64 or x.shape != (params.length,):
+        raise MessageError(f"node {node}: input has dtype {x.dtype} and shape {x.shape}, "
+                           f"expected uint64 ({params.length},)")
+    if params.field_bits < 64 and x.size and int(x.max()) >= 1 << params.field_bits:
+        raise MessageError(f"node {node}: input value {int(x.max())} is outside the field Z_2^{params.field_bits}")
+    return x.copy()

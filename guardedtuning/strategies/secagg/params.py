@@ -23,7 +23,6 @@ from guardedtuning.codecs import max_level, rand_k_support, support_digest, supp
 from guardedtuning.errors import MessageError
 from guardedtuning.strategies.secagg.graph import effective_degree, neighbour_graph
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
-from guardedtuning.wire.records import config_value
 
 SUPPORTS = ("rand", "topk")
 CONFIG_KEY = "secagg"
@@ -153,12 +152,13 @@ class RoundParams:
     def from_records(cls, cfg: ConfigRecord, arrays: ArrayRecord, *, source: str) -> RoundParams:
         """Parse and check what the server sent; a :class:`MessageError` names the bad field."""
         def val(key: str, typ: type):  # type: ignore[no-untyped-def]
-            if typ is bytes:
-                if not isinstance(cfg.get(key), bytes):
-                    raise MessageError(f"{source}: config key {key!r} is {cfg.get(key)!r}, expected bytes; "
-                                       "the strategy sends it")
-                return cfg[key]
-            return config_value(cfg, key, typ, source=source)
+            value = cfg.get(key)
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                raise MessageError(f"{source}: config key {key!r} is {value!r}, expected {typ.__name__}; "
+                                   "the strategy sends it")
+            return value
 
         try:
             nodes_arr = arrays["nodes"].numpy()

@@ -1,15 +1,17 @@
 """The stage payloads of the protocol and their Flower records, checked on the way in.
 
-One round, after the server's first message (which carries :class:`RoundParams`):
+One round (the server's key stages run in ``configure_train``, before training):
 
-==================  ==============================  ===================================
-stage               server -> client                client -> server
-==================  ==============================  ===================================
-``advertise``       (the round's training messages)  :class:`Advertise` (in the train reply)
-``share-keys``      :class:`KeysRequest`            :class:`SharesReply`
-``collect-masked``  :class:`MaskRequest`            :class:`MaskedReply`
-``unmask``          :class:`UnmaskRequest`          :class:`UnmaskReply`
-==================  ==============================  ===================================
+==================  ================================  =====================================
+stage               server -> client                  client -> server
+==================  ================================  =====================================
+``advertise``       :class:`AdvertiseRequest`, with   :class:`Advertise`
+                    the :class:`RoundParams` records
+``share-keys``      :class:`KeysRequest`              :class:`SharesReply`
+``collect-masked``  :class:`MaskRequest` (in the      :class:`MaskedReply` (in the sealed
+                    round's first training message)   final training reply)
+``unmask``          :class:`UnmaskRequest`            :class:`UnmaskReply`
+==================  ================================  =====================================
 
 A payload travels as one ConfigRecord (``secagg-stage``: the stage name, the round and
 the fields) and, for the masked vector, one ArrayRecord (``secagg-masked``). Decoding
@@ -40,6 +42,11 @@ CIPHERTEXT_BYTES = 2 * SHARE_BYTES + TAG_BYTES  # a b-share and an s-share, seal
 def _f(key: str, kind: str, *, nbytes: int | None = None, group: str | None = None) -> Any:
     """A payload field: record key, kind (int, bytes, ints, bytes-list), fixed byte length, aligned group."""
     return field(metadata={"key": key, "kind": kind, "nbytes": nbytes, "group": group})
+
+
+@dataclass(frozen=True)
+class AdvertiseRequest:
+    """Asks for the client's two public keys; the round's parameters travel beside it."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +113,8 @@ class UnmaskReply:
     s_shares: list[bytes] = _f("s-shares", "bytes-list", nbytes=SHARE_BYTES, group="s")
 
 
-Payload = Advertise | KeysRequest | SharesReply | MaskRequest | MaskedReply | UnmaskRequest | UnmaskReply
-P = TypeVar("P", Advertise, KeysRequest, SharesReply, MaskRequest, MaskedReply, UnmaskRequest, UnmaskReply)
+Payload = AdvertiseRequest | Advertise | KeysRequest | SharesReply | MaskRequest | MaskedReply | UnmaskRequest | UnmaskReply
+P = TypeVar("P", AdvertiseRequest, Advertise, KeysRequest, SharesReply, MaskRequest, MaskedReply, UnmaskRequest, UnmaskReply)
 
 
 def to_content(payload: Payload, *, stage: str, server_round: int) -> RecordDict:
