@@ -2,8 +2,10 @@
 
 Each recipe (:mod:`guardedtuning.recipes`) names the handler of each message type it
 sends (``train.split``, ``train``, ``train.gradfree``, ``train.offsite``); a handler is
-thin: unpack the message, call plain functions, pack the reply. ``train.secagg``
-carries the later stages of secure aggregation (``aggregation.secure``).
+thin: unpack the message, call plain functions, pack the reply. Secure aggregation
+(``aggregation.secure``) is the client mod
+:data:`~guardedtuning.strategies.secagg.mod.secagg_mod`, installed on the app: it
+answers the key and unmask stages itself and seals the final reply of a secure round.
 
 Per-client state kept between messages lives in ``context.state``; base weights are
 built once per process (:mod:`guardedtuning.models.parts`).
@@ -11,13 +13,12 @@ built once per process (:mod:`guardedtuning.models.parts`).
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from guardedtuning.clients.secagg_handlers import handle_stage_message
 from guardedtuning.recipes import message_handlers
+from guardedtuning.strategies.secagg.mod import secagg_mod
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])
 
 
 def _register(client_app: ClientApp) -> None:
@@ -31,8 +32,3 @@ def _register(client_app: ClientApp) -> None:
 
 _register(app)
 
-
-@app.train("secagg")
-def secagg_stage(msg: Message, context: Context) -> Message:
-    """A stage of secure aggregation (share keys, send the masked update, unmask)."""
-    return handle_stage_message(msg, context)
