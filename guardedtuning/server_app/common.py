@@ -19,7 +19,7 @@ from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.parts import SplitModel
 from guardedtuning.results import Recorder
 from guardedtuning.strategies.fedavg import AdapterFedAvg
-from guardedtuning.strategies.secure import SecureSparseFedAvg
+from guardedtuning.strategies.secure import SecureAggregation
 from guardedtuning.wire.exchange import Exchange
 from guardedtuning.wire.records import dense_nbytes, metric_value
 
@@ -28,29 +28,32 @@ SETTLE_S = 10.0  # seconds the number of connected clients must stay put before 
 
 
 def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
-    """The aggregation seam: plain weighted FedAvg, or secure sparse aggregation."""
-    a = cfg.aggregation
-    if a.secure:
-        from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
+    """The aggregation seam: weighted FedAvg, or the same under the secure-aggregation wrapper.
 
-        n = cfg.federation.clients_per_round
-        degree = effective_degree(n, a.degree)
-        t = a.threshold or auto_threshold(degree)
-        if t > min(n, degree + 1):
-            raise ConfigError(
-                f"`aggregation.threshold` {t} exceeds what {n} clients per round with masking degree {degree} "
-                f"can meet (at most {min(n, degree + 1)}): every round would be refused; lower "
-                "aggregation.threshold (0 = auto) or raise federation.clients-per-round"
-            )
+    Secure aggregation composes as in Flower (a strategy wrapper plus a client mod): the
+    ClientApp must install :data:`~guardedtuning.strategies.secagg.mod.secagg_mod`.
+    """
+    a = cfg.aggregation
+    n = cfg.federation.clients_per_round
+    fedavg = AdapterFedAvg(clients_per_round=n, seed=cfg.seed, message_type=message_type)
     if not a.secure:
-        return AdapterFedAvg(clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed,
-                             message_type=message_type)
+        return fedavg
+    from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
+
+    degree = effective_degree(n, a.degree)
+    t = a.threshold or auto_threshold(degree)
+    if t > min(n, degree + 1):
+        raise ConfigError(
+            f"`aggregation.threshold` {t} exceeds what {n} clients per round with masking degree {degree} "
+            f"can meet (at most {min(n, degree + 1)}): every round would be refused; lower "
+            "aggregation.threshold (0 = auto) or raise federation.clients-per-round"
+        )
     try:
-        return SecureSparseFedAvg(
-            clients_per_round=cfg.federation.clients_per_round, seed=cfg.seed, message_type=message_type,
-            density=a.density, bits=a.bits, clip=a.clip, support=a.support, explore=a.explore, degree=a.degree,
-            threshold=a.threshold, max_weight=a.max_weight, norm_clip=a.norm_clip, packing=a.packing,
-            downlink_bits=a.downlink_bits, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval,
+        return SecureAggregation(
+            fedavg, num_sampled_clients=n, seed=cfg.seed, density=a.density, bits=a.bits, clip=a.clip,
+            support=a.support, explore=a.explore, degree=a.degree, threshold=a.threshold, max_weight=a.max_weight,
+            norm_clip=a.norm_clip, packing=a.packing, downlink_bits=a.downlink_bits, timeout=cfg.comm.timeout,
+            poll=cfg.comm.poll_interval,
         )
     except ValueError as exc:  # e.g. the field would need more than 64 bits
         raise ConfigError(f"aggregation.* settings do not fit together: {exc}; lower aggregation.bits, "
