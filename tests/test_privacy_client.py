@@ -1,0 +1,127 @@
+"""ClientPrivacy: the private seed, the release path, DP-SGD sampling and budget, persistence (no Flower)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+
+from guardedtuning.clients.common import privacy_state, save_privacy
+from guardedtuning.config import build_config
+from guardedtuning.data.batches import batch_indices
+from guardedtuning.privacy.client import ACCOUNTANT_KEY, SEED_KEY, ClientPrivacy
+from guardedtuning.privacy.dpsgd import DPAccountant, poisson_batch_indices
+from guardedtuning.privacy.mechanisms import DChiMechanism, NoMechanism
+from guardedtuning.privacy.randomness import STREAM_TOKEN_NOISE, derive_seed, make_generator
+
+
+def _cfg(**flat):
+    return build_config({"model.name": "tiny-bert", "privacy.mechanism": "dchi", "dp.enabled": False, **flat})
+
+
+def _open(cfg, state=None, **kw):
+    return ClientPrivacy.for_client(cfg, pid=kw.pop("pid", 3), num_examples=kw.pop("n", 40),
+                                    mechanism=kw.pop("mechanism", NoMechanism()), state=state or {}, **kw)
+
+
+def test_the_private_seed_is_drawn_once_and_persists():
+    cfg = _cfg()
+    first = _open(cfg)
+    saved = first.to_state()
+    assert saved == {SEED_KEY: {"seed": first.seed}}
+    again = _open(cfg, saved)
+    assert again.seed == first.seed and _open(cfg).seed != first.seed  # a fresh state draws a fresh seed
+
+
+def test_a_fixed_noise_seed_is_derived_per_client_and_not_stored():
+    priv = _open(_cfg(**{"privacy.noise-seed": 11}), pid=2)
+    assert priv.seed == derive_seed(11, 2) and priv.to_state() == {}
+
+
+def test_no_mechanism_and_no_dp_need_no_seed():
+    priv = _open(_cfg(**{"privacy.mechanism": "none"}))
+    assert priv.seed == 0 and priv.to_state() == {} and not priv.dp
+    assert priv.budget_spent(steps=10**6) is False and priv.epsilon() is None and priv.metrics() == {}
+
+
+def test_plan_and_accountant_come_together():
+    priv = _open(_cfg(**{"dp.enabled": True}))
+    with pytest.raises(ValueError, match="both `plan` and `accountant`"):
+        ClientPrivacy(seed=1, plan=priv.plan)
+
+
+def test_release_is_the_mechanism_on_the_private_stream_then_quantized():
+    h, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ids = torch.arange(10).reshape(2, 5)
+    mech = DChiMechanism(eta=5.0)
+    priv = ClientPrivacy(seed=99, mechanism=mech, knobs=_cfg().privacy, pid=4)
+    out = priv.release(h, mask, input_ids=ids, step=7)
+    expected = mech.perturb(h, mask, generator=make_generator(99, STREAM_TOKEN_NOISE, 4, 7), input_ids=ids)
+    torch.testing.assert_close(out["h"], expected)
+    assert out["mask"].dtype == torch.uint8 and set(out) == {"h", "mask"}
+    other = priv.release(h, mask, input_ids=ids, step=8)["h"]
+    assert not torch.allclose(other, expected)  # each step its own draw
+    quantized = ClientPrivacy(seed=99, mechanism=mech, knobs=_cfg(**{"privacy.quantize-bits": 8}).privacy,
+                              pid=4).release(h, mask, input_ids=ids, step=7)
+    assert set(quantized) == {"codes", "scales", "meta", "mask"} and quantized["codes"].dtype == np.uint8
+
+
+def test_rows_are_poisson_from_the_private_seed_only_under_dp():
+    plain = _open(_cfg())
+    np.testing.assert_array_equal(plain.rows(40, step=5, batch_size=8, public_seed=0),
+                                  batch_indices(40, 8, 5, seed=0, client=3))
+    dp = _open(_cfg(**{"dp.enabled": True}))
+    np.testing.assert_array_equal(dp.rows(40, step=5, batch_size=8, public_seed=0),
+                                  poisson_batch_indices(40, sample_rate=dp.plan.sample_rate, step=5, seed=dp.seed,
+                                                        client=3))
+
+
+def test_a_resumed_client_without_its_accountant_charges_the_rounds_before_the_restart():
+    cfg = _cfg(**{"dp.enabled": True, "federation.rounds": 4})
+    fresh = _open(cfg, round_=3, resumed_after=2)
+    assert fresh.accountant.steps == 2 * cfg.train.local_steps
+    assert fresh.to_state()[ACCOUNTANT_KEY]["history"].shape == (1, 3)
+    assert _open(cfg, round_=2, resumed_after=5).accountant.steps == cfg.train.local_steps  # min(resumed, round - 1)
+    # a client that kept its accountant is not charged again
+    kept = _open(cfg, fresh.to_state(), round_=3, resumed_after=2)
+    assert kept.accountant.steps == 2 * cfg.train.local_steps and kept.seed == fresh.seed
+
+
+def test_budget_and_report_under_dp():
+    cfg = _cfg(**{"dp.enabled": True, "dp.target-epsilon": 2.0})
+    priv = _open(cfg)
+    assert not priv.budget_spent(steps=1) and priv.epsilon() == 0.0
+    priv.charge(steps=100_000)
+    assert priv.budget_spent(steps=1)
+    spent = priv.spent_metrics()
+    assert spent["budget-spent"] == 1.0 and spent["epsilon"] > 2.0
+    report = priv.report()
+    assert report["dp_steps"] == 100_000 and report["dp_delta"] == cfg.dp.delta and report["mechanism"] == "none"
+
+
+def test_state_round_trips_through_context_state():
+    cfg = _cfg(**{"dp.enabled": True})
+    priv = _open(cfg)
+    priv.charge(steps=3)
+    state = RecordDict()
+
+    class Ctx:  # the one attribute save_privacy reads
+        pass
+
+    ctx = Ctx()
+    ctx.state = state
+    save_privacy(ctx, priv)  # type: ignore[arg-type]
+    back = privacy_state(state)
+    acc = DPAccountant()
+    acc.load_state_dict(back[ACCOUNTANT_KEY])
+    assert int(back[SEED_KEY]["seed"]) == priv.seed and acc.steps == 3
+    assert _open(cfg, back).accountant.steps == 3
+
+
+def test_backward_without_dp_is_the_plain_backward_through_the_clip():
+    """The clip the release applied is in the backward only when a mechanism is on (the released value)."""
+    assert ClientPrivacy(seed=0, knobs=_cfg(**{"privacy.clip": 2.0}).privacy).transform() is not None
+    assert ClientPrivacy(seed=0, knobs=_cfg(**{"privacy.clip": 2.0, "privacy.mechanism": "none"}).privacy
+                         ).transform() is None
+    assert ClientPrivacy(seed=0, knobs=_cfg().privacy).local_loss(None, None, torch.device("cpu")) is None
