@@ -27,7 +27,7 @@ def _register(client_app: ClientApp) -> None:
         category, _, action = mtype.partition(".")
         if category != "train":
             raise RuntimeError(f"message type {mtype!r}: only train messages are registered")
-        client_app.train(action or None)(handler)
+        (client_app.train(action) if action else client_app.train())(handler)
 
 
 _register(app)
