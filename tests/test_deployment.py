@@ -7,6 +7,8 @@ and SuperNode authentication (an unregistered SuperNode is turned away) and runs
 guarded recipe (PrivTune, DP-SGD, secure aggregation) through :class:`LocalFederation`.
 Both check that a split step costs far less than on Flower's own SuperNode, which waits
 3 s after every empty poll and starts a process per message (13 to 41 s a step here).
+A third forces the compatibility gate off (``GUARDEDTUNING_FLOWER_COMPAT=off``): the warm
+SuperNode's command then becomes Flower's stock ``flower-supernode``, which still runs a round.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +24,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 
+from guardedtuning import compat
 from guardedtuning.clients.warm_node import Backoff
 from guardedtuning.deploy import MARKER, LocalFederation, make_certificates, make_supernode_keys
 from guardedtuning.launcher import free_port, processes_with_env, toml_value
 from tests.test_drivers import check_contract
-
-pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPLIT = {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
@@ -82,6 +84,7 @@ def test_backoff_grows_to_its_limit_and_resets():
         Backoff(start=0.0, limit=1.0)
 
 
+@pytest.mark.e2e
 def test_insecure_deployment_through_the_cli(tmp_path):
     """`guardedtuning deploy local --insecure`: SuperLink, 2 SuperNodes, `flwr run`, all stopped."""
     root = tmp_path / "deploy"
@@ -98,6 +101,7 @@ def test_insecure_deployment_through_the_cli(tmp_path):
     assert processes_with_env(MARKER, str(root.resolve())) == []
 
 
+@pytest.mark.e2e
 def test_tls_and_supernode_auth_deployment(tmp_path):
     """TLS on every API, only registered SuperNodes admitted, `flwr run . <connection>`, guarded recipe."""
     root = tmp_path / "fed"
@@ -139,3 +143,33 @@ def test_tls_and_supernode_auth_deployment(tmp_path):
     assert processes_with_env(MARKER, str(fed.root)) == []
     assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
                for pid in pids)
+
+
+@pytest.mark.e2e
+def test_warm_supernode_command_runs_stock_flower_with_the_gate_off(tmp_path, monkeypatch):
+    """The gate forced off: `python -m guardedtuning.clients.warm_node supernode` execs Flower's own SuperNode."""
+    monkeypatch.setenv(compat.ENV_VAR, "off")  # every process the federation starts inherits it
+    root, out = tmp_path / "fed", tmp_path / "run"
+    flat = {**TINY_SPLIT, "recipe": "fedlora", "federation.num-clients": 1, "federation.clients-per-round": 1,
+            "federation.rounds": 1, "train.local-steps": 2, "output.dir": str(out)}
+    run_config = " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())
+    fed = LocalFederation(root, 1, tls=False, auth=False)  # warm=True: the command the gate turns stock
+    try:
+        fed.start()
+        node = fed.procs[-1]
+        assert "guardedtuning.clients.warm_node" in fed.supernode_command(0, None)
+        cmdline = b""
+        deadline = time.monotonic() + 120
+        while b"flower-supernode" not in cmdline and time.monotonic() < deadline and node.poll() is None:
+            time.sleep(0.2)
+            cmdline = Path(f"/proc/{node.pid}/cmdline").read_bytes()
+        assert b"flower-supernode" in cmdline and b"warm_node" not in cmdline, cmdline  # exec'd: same PID
+        assert fed.run(REPO, run_config, timeout=600) == 0, (root / "logs" / "flwr-run.log").read_text()[-3000:]
+    finally:
+        fed.stop()
+    log = (root / "logs" / "supernode-0.log").read_text()
+    assert f"flower ({compat.ENV_VAR}=off): running Flower's stock flower-supernode" in log
+    record = json.loads((out / "results.json").read_text())
+    assert record["recipe"] == "fedlora" and len(record["history"]) == 1
+    assert record["cost"].get("dispatch", f"flower ({compat.ENV_VAR}=off)") == f"flower ({compat.ENV_VAR}=off)"
+    assert processes_with_env(MARKER, str(fed.root)) == []
