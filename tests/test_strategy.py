@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
+from guardedtuning.compat import TaskIdentity
 from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.wire.records import message_nbytes, record_to_tensors, tensors_to_record
 from tests.local_grid import LocalGrid
