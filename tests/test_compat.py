@@ -73,7 +73,7 @@ def test_opacus_grad_sample_module_can_be_closed():
 
     lin = torch.nn.Linear(3, 2)
     gsm = GradSampleModule(lin, batch_first=True)
-    gsm(torch.randn(4, 3)).sum().backward()
+    gsm(torch.randn(4, 3, requires_grad=True)).sum().backward()  # inputs with grads: no hook warning
     assert lin.weight.grad_sample.shape == (4, 2, 3)
     compat.close_grad_sample_module(gsm)
     lin.weight.grad = None
@@ -235,3 +235,21 @@ def test_runner_that_keeps_failing_to_start_stops_the_supernode():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_no_module_but_compat_reaches_flower_internals():
+    """Private Flower modules are imported (or patched) only in guardedtuning/compat.py."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    private_flower = re.compile(
+        r"^\s*(from|import)\s+flwr\.(server|superlink|supernode|supercore|common|proto|cli|clientapp\.utils|simulation)\b"
+        r"|import_module\(\s*['\"]flwr\.|\._close\(\)", re.M)
+    offenders = []
+    for path in [*repo.glob("guardedtuning/**/*.py"), *repo.glob("tests/*.py"), *repo.glob("simulations/*.py")]:
+        if path.name == "compat.py" or path == Path(__file__).resolve():
+            continue
+        for m in private_flower.finditer(path.read_text()):
+            offenders.append(f"{path.relative_to(repo)}: {m.group(0).strip()}")
+    assert offenders == [], "reach these through guardedtuning.compat:\n" + "\n".join(offenders)
