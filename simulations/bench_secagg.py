@@ -10,7 +10,7 @@ Three tables, all for the MiniLM bottom-LoRA update (2 blocks, query+value, r = 
 2. the masked upload: our packing against Flower's SecAgg+ payload (int64 arrays as
    ``ndarray_to_bytes``, one per tensor plus the weight factor, dense: Flower has no
    sparsification), all measured as serialized Flower messages (``message_nbytes``);
-3. bytes per client per round, through the real strategy and client handlers on the
+3. bytes per client per round, through the real strategy wrapper and client mod on the
    in-process LocalGrid, against plain FedAvg of dense fp32 updates.
 
 Run: ``PYTHONPATH=. python simulations/bench_secagg.py`` (about a minute on 2 CPU cores;
@@ -32,11 +32,11 @@ from flwr.clientapp import ClientApp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guardedtuning import codecs as C  # noqa: E402
-from guardedtuning.clients.secagg_handlers import begin_round, handle_stage_message, seal_update  # noqa: E402
 from guardedtuning.compat import TaskIdentity, ndarray_to_bytes  # noqa: E402
 from guardedtuning.strategies.secagg import ClientSecAgg, RoundParams, ServerSecAgg  # noqa: E402
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree  # noqa: E402
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight, pack_masked  # noqa: E402
+from guardedtuning.strategies.secagg.mod import SecAggMod  # noqa: E402
 from guardedtuning.strategies.secagg.prg import expand  # noqa: E402
 from guardedtuning.strategies.secagg.wire import COLLECT_MASKED, MaskedReply, to_content  # noqa: E402
 from guardedtuning.strategies.secure import SecureSparseFedAvg  # noqa: E402
@@ -177,23 +177,14 @@ def table_upload(sizes: list[int], *, max_weight: int) -> None:
 # ---------------------------------------------------------------------------- 3. bytes per client per round
 
 def _fake_app(shapes: dict[str, tuple[int, int]]) -> ClientApp:
-    app = ClientApp()
+    app = ClientApp(mods=[SecAggMod(rounding_seed=lambda _node, _round: 0)])
 
     @app.train()
     def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        """The dense fp32 update; in a secure round the mod seals it on the way out."""
         metrics = MetricRecord({"num-examples": 320.0, "compute_s": 0.0, "peak_mem_mb": 0.0})
-        if "secagg" not in msg.content:  # plain FedAvg: the dense fp32 update
-            return Message(RecordDict({"update": ArrayRecord({k: Array(v) for k, v in fake_update(
-                context.node_id, shapes).items()}), "metrics": metrics}), reply_to=msg)
-        begin_round(msg.content, context.state, node_id=context.node_id)
-        content = seal_update(fake_update(context.node_id, shapes), num_examples=320, state=context.state,
-                              node_id=context.node_id, seed=0)
-        content["metrics"] = metrics
-        return Message(content, reply_to=msg)
-
-    @app.train("secagg")
-    def stage(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
-        return handle_stage_message(msg, context)
+        return Message(RecordDict({"update": ArrayRecord({k: Array(v) for k, v in fake_update(
+            context.node_id, shapes).items()}), "metrics": metrics}), reply_to=msg)
 
     return app
 
@@ -245,7 +236,8 @@ def table_round_bytes(sizes: list[int], *, max_weight: int, layers: int = 2) -> 
             print(f"{n:>5} {mw:>5} {packing:>7} {down_bits or 'fp32':>8} | {up:>7,.0f} B {1 - up / dense:>9.1%} "
                   f"{1 - up / fed_up:>9.1%} | {parts[0]:>9,.0f} {parts[1]:>6,.0f} {parts[2]:>6,.0f} {parts[3]:>6,.0f} | "
                   f"{down:>9,.0f} B {1 - down / fed_down:>9.1%}")
-    print("   (advertise = the final training reply, keys + metrics; the FedAvg reply carries the same metrics)")
+    print("   (masked = the sealed final training reply, masked vector + metrics; the FedAvg reply carries the same "
+          "metrics; advertise and share-keys run before training, in configure_train)")
 
 
 def main() -> None:

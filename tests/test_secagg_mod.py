@@ -103,7 +103,7 @@ def test_the_mod_leaves_plain_rounds_alone():
     a = fedavg().start(LocalGrid(plain_app(), 3, {}), zeros(), num_rounds=2, timeout=5)
     b = fedavg().start(LocalGrid(plain_app(mods=[secagg_mod]), 3, {}), zeros(), num_rounds=2, timeout=5)
     for k in SHAPES:
-        np.testing.assert_array_equal(a.arrays[k].numpy(), b.arrays[k].numpy())
+        np.testing.assert_allclose(a.arrays[k].numpy(), b.arrays[k].numpy(), rtol=1e-6)  # FedAvg's sum order varies
 
 
 def test_a_multi_message_round_seals_only_the_reply_that_carries_the_update():

@@ -231,8 +231,8 @@ def test_topk_support_and_downlink_quantization():
 
     def one_round(r):  # type: ignore[no-untyped-def]
         msgs = list(strategy.configure_train(r, global_arrays(), ConfigRecord({}), grid))
-        assert msgs[0].content["arrays"][sorted(SHAPES)[0]].numpy().dtype == np.uint8  # before the mod decodes it
         ex = exchange(grid, msgs, timeout=0.2, poll=0.002)
+        assert msgs[0].content["arrays"][sorted(SHAPES)[0]].numpy().dtype == np.uint8  # the mod decoded a copy
         sup = [m.content["secagg-setup"]["support"].numpy().tolist() for m in grid.sent
                if stage_name(m) == "advertise" and m.content["secagg-stage"]["server-round"] == r]
         assert len(sup) == 5 and all(s == sup[0] for s in sup)  # one support for everyone

@@ -35,11 +35,16 @@ def test_secure_rounds_update_the_global_adapter(tiny_flat, recipe):
     # each client keeps its error-feedback residual and round keys: about an adapter, not its data
     adapter_bytes = 4 * sum(v.numel() for v in adapter.values())
     assert adapter_bytes < record["cost"]["client_state_bytes_max"] <= 4 * adapter_bytes + 64 * 1024
-    types = {m.metadata.message_type for m in grid.sent}
-    assert "train.secagg" in types
+    # the mod answered the key and unmask stages (they ride on the round's own message type)
+    stages = {m.content["secagg-stage"]["stage"] for m in grid.sent if "secagg-stage" in m.content}
+    assert stages == {"advertise", "share-keys", "collect-masked", "unmask"}
+    assert {m.metadata.message_type for m in grid.sent} == {"train.split" if recipe == "split" else "train"}
+    assert not [m for m in grid.sent if m.content.get("secagg-stage", {}).get("stage") == "collect-masked"
+                and "arrays" not in m.content]  # the mask request rides on the round's first message
     # no client ever sent its update, or its example count, in the clear
     replies = [m for m in grid.received if not m.has_error()]
-    assert replies and all("update" not in m.content for m in replies)
+    assert replies and all("update" not in m.content and "arrays" not in m.content for m in replies)
+    assert sum("secagg-masked" in m.content for m in replies) == 2 * 5  # one sealed update per client and round
     assert all("num-examples" not in m.content.get("metrics", {}) for m in replies)
 
 
@@ -53,23 +58,35 @@ def test_a_client_dropped_mid_round_still_gives_an_aggregate(tiny_flat):
     seen = {"n": 0}
 
     def tamper(node, request, reply):
-        if node == 1003 and request.metadata.message_type == "train.secagg":
+        if node == 1003 and "secagg-masked" in reply.content:
             seen["n"] += 1
-            if seen["n"] == 2:  # its masked upload of round 1 never arrives
+            if seen["n"] == 1:  # its masked upload (the sealed final reply) of round 1 never arrives
                 return None
         return reply
 
-    record, _ = _run(_flat(tiny_flat, **{"comm.timeout": 1.0}), tamper=tamper)
+    record, grid = _run(_flat(tiny_flat, **{"comm.timeout": 1.0}), tamper=tamper)
     events = [json.loads(x) for x in (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
     dropped = [e for e in events if e["event"] == "dropped"]
-    assert len(dropped) == 1 and "collect-masked" in dropped[0]["reason"] and "1003" in dropped[0]["reason"]
+    assert len(dropped) == 1 and dropped[0]["node"] == 1003 and dropped[0]["round"] == 1
+    assert "no reply before comm.timeout" in dropped[0]["reason"]
+    unmask = [m for m in grid.sent if m.content.get("secagg-stage", {}).get("stage") == "unmask"
+              and m.content["secagg-stage"]["server-round"] == 1]
+    assert len(unmask) == 4 and all(1003 in m.content["secagg-stage"]["dropped"] for m in unmask)
     assert not [e for e in events if e["event"] == "refused"]
     assert len(record["history"]) == 2 and record["history"][0]["train_loss"] is not None
 
 
 def test_secure_needs_two_clients_per_round(tiny_flat):
+    from guardedtuning.recipes import build_config as build_recipe_config
+    from guardedtuning.strategies.fedavg import AdapterFedAvg
+    from guardedtuning.strategies.secure import SecureAggregation, SecureSparseFedAvg
+
     with pytest.raises(Exception, match="one client has no one to hide among"):
-        build_config({**tiny_flat, "aggregation.secure": True, "federation.clients-per-round": 1})
+        build_recipe_config({**tiny_flat, "aggregation.secure": True, "federation.clients-per-round": 1})
+    with pytest.raises(ValueError, match="one client has no one to hide among"):
+        SecureSparseFedAvg(clients_per_round=1, seed=0)
+    with pytest.raises(ValueError, match="num_sampled_clients"):
+        SecureAggregation(AdapterFedAvg(clients_per_round=1, seed=0), num_sampled_clients=1)
 
 
 def test_a_threshold_no_round_can_meet_is_refused_up_front(tiny_flat):

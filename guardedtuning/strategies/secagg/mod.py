@@ -50,6 +50,7 @@ turns into an error reply. Imports no torch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -115,6 +116,7 @@ class SecAggMod:
                 return Message(advertise(content, state, node_id=node), reply_to=msg)
             if stage != COLLECT_MASKED:
                 return Message(client_stage(stage, content, state, node_id=node), reply_to=msg)
+            msg = copy.copy(msg)  # the app gets its own view; the message as received stays as it is
             msg.content = begin_training(content, state, node_id=node)
         elif ARRAYS_KEY in content:
             forget_round(state)  # a plain round: an unfinished secure one must not seal its reply
