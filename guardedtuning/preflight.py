@@ -7,7 +7,7 @@ The same checks run again where the work happens; this only makes failing cheap.
 
 from __future__ import annotations
 
-from guardedtuning import recipes
+from guardedtuning import compat, recipes
 from guardedtuning.config import RunConfig
 from guardedtuning.data.partition import check_enough_rows, load_partition
 from guardedtuning.data.sources import load_task
@@ -20,6 +20,7 @@ from guardedtuning.models.split import check_split_layer
 
 def preflight(cfg: RunConfig) -> dict[str, object]:
     """Raise a GuardedTuningError on bad input; return a few facts for the banner."""
+    compat.gate()  # a bad GUARDEDTUNING_FLOWER_COMPAT value fails here
     mcfg = load_model_config(cfg.model.name)
     kind = model_kind(mcfg, cfg.model.name)
     depth = cfg.model.num_layers or int(mcfg.num_hidden_layers)
