@@ -280,3 +280,34 @@ def test_per_sample_gradients_on_a_decoder_bottom():
         step.close()
     for g, w in zip(grads, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_opacus_dp_optimizer_gives_the_hand_computed_step(parts, dp_step):
+    """Clip to C, sum, N(0, (sigma C)^2) from the step's generator, / expected batch size: bit for bit."""
+    bottom, top, batch = parts
+    start = trainable_state(bottom)
+    params = [p for p in bottom.parameters() if p.requires_grad]
+    grad_h = server_grad(bottom, top, batch)
+    p = plan(noise_multiplier=0.7, max_grad_norm=0.05, target_epsilon=float("inf"), expected_batch_size=4.0)
+    step = dp_step(p)
+    grads = step.per_sample_gradients(batch, grad_h)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
+    factor = (p.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    gen = torch.Generator().manual_seed(5)
+    expected = [s - 0.1 * (torch.einsum("i,i...->...", factor, g)
+                           + torch.normal(0.0, 0.7 * 0.05, size=tuple(s.shape), generator=gen)) / 4.0
+                for s, g in zip(params, grads, strict=True)]
+    expected = [e.detach().clone() for e in expected]
+    step.step(torch.optim.SGD(params, lr=0.1), batch, grad_h, generator=torch.Generator().manual_seed(5),
+              accountant=DPAccountant())
+    for q, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(q.detach(), e, rtol=0, atol=1e-7)
+        assert getattr(q, "grad_sample", None) is None and getattr(q, "summed_grad", None) is None
+    step.secure_mode = True  # as DPStep(bottom, plan, secure_mode=True)
+    step.step(torch.optim.SGD(params, lr=0.1), batch, grad_h, generator=torch.Generator().manual_seed(5),
+                accountant=DPAccountant())  # Opacus's floating-point-safe noise: runs, and moves LoRA again
+    assert all(not torch.equal(q.detach(), e) for q, e in zip(params, expected, strict=True))
+    with torch.no_grad():
+        for n, q in bottom.named_parameters():
+            if q.requires_grad:
+                q.copy_(start[n])

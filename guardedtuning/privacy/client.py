@@ -321,7 +321,8 @@ class ClientPrivacy:
             return
         dp = DPStep(bottom, self.plan)
         try:
-            dp.step(opt, batch, grad_h, generator=make_generator(self.seed, STREAM_DP_NOISE, self.pid, step),
+            dp.step(opt, batch, grad_h, generator=make_generator(self.seed, STREAM_DP_NOISE, self.pid, step,
+                                                                 device=device),
                     accountant=self.accountant, device=device, extra_loss=extra, transform=transform)
         finally:
             dp.close()
@@ -337,7 +338,7 @@ class ClientPrivacy:
         Returns each non-empty step's mean loss.
         """
         if self.plan is not None and self.accountant is not None:
-            gens = (make_generator(self.seed, STREAM_DP_NOISE, self.pid, g) for g in steps)
+            gens = (make_generator(self.seed, STREAM_DP_NOISE, self.pid, g, device=device) for g in steps)
             return dp_local_train(model, opt, batches, gens, plan=self.plan, accountant=self.accountant,
                                   device=device)
         with torch.random.fork_rng(devices=[]) if dropout_seed is not None else contextlib.nullcontext():

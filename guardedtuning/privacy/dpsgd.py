@@ -225,14 +225,22 @@ class DPStep:
     Create it once per bottom module (it installs Opacus hooks on the LoRA layers) and
     call :meth:`step` where the plain client would call ``backward_from_server``.
     :meth:`close` removes the hooks.
+
+    Per-example gradients come from Opacus's ``GradSampleModule``; clipping, noise and the
+    division by the expected batch size from Opacus's ``DPOptimizer`` wrapped around the
+    client's optimizer for the step. ``secure_mode``: Opacus's noise that resists floating-
+    point attacks on the Gaussian sampler (four draws per coordinate, about 4x the noise
+    cost); the generator is still torch's (see :mod:`.randomness`).
     """
 
-    def __init__(self, bottom: nn.Module, plan: DPPlan, *, loss_reduction: str = "mean") -> None:
+    def __init__(self, bottom: nn.Module, plan: DPPlan, *, loss_reduction: str = "mean",
+                 secure_mode: bool = False) -> None:
         from opacus import GradSampleModule
 
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' but is {loss_reduction!r}")
         self.plan = plan
+        self.secure_mode = secure_mode
         self.bottom = bottom
         self.params = [p for p in bottom.parameters() if p.requires_grad]
         if not self.params:
@@ -317,21 +325,39 @@ class DPStep:
             grads = self.per_sample_gradients(batch, grad_h, device=device, extra_loss=extra_loss,
                                               transform=transform)
             norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)  # (B,)
-            factor = (c / (norms + 1e-6)).clamp(max=1.0)  # (B,)
-            summed = [torch.einsum("i,i...->...", factor, g) for g in grads]
             mean_norm, clipped = float(norms.mean()), float((norms > c).float().mean())
         else:  # an empty Poisson batch still takes a (pure-noise) step, as the accountant assumes
-            summed = [torch.zeros_like(p) for p in self.params]
+            grads = [torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
             mean_norm, clipped = 0.0, 0.0
-        opt.zero_grad(set_to_none=True)
-        std = plan.noise_multiplier * c
-        for p, s in zip(self.params, summed, strict=True):
-            noise = torch.normal(0.0, std, size=tuple(p.shape), generator=generator, device=generator.device)
-            p.grad = (s + noise.to(s.device, s.dtype)) / plan.expected_batch_size
-        opt.step()
+        self._private_step(opt, grads, generator)
         accountant.record(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         return DPStepStats(batch_size=len(batch), mean_grad_norm=mean_norm, clipped_fraction=clipped,
                            epsilon=eps_next)
+
+    def _private_step(self, opt: torch.optim.Optimizer, grads: list[torch.Tensor],
+                      generator: torch.Generator) -> None:
+        """Opacus's ``DPOptimizer`` on ``opt``: clip each example's gradient (all tensors together) to C,
+        sum, add N(0, (sigma C)^2) drawn from ``generator``, divide by the expected batch size, step.
+        """
+        from opacus.optimizers import DPOptimizer
+
+        device = self.params[0].device
+        if generator.device.type != device.type:
+            raise ValueError(f"the DP noise generator is on {generator.device} but the parameters are on {device}; "
+                             "make it on the parameters' device (randomness.make_generator(..., device=...))")
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad_sample = g  # Opacus's attribute: (B, *p.shape)
+        dp_opt = DPOptimizer(opt, noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.plan.max_grad_norm,
+                             expected_batch_size=self.plan.expected_batch_size,  # type: ignore[arg-type]
+                             # "mean": divide by the expected batch size (the GSM's reduction is separate)
+                             loss_reduction="mean", generator=generator, secure_mode=self.secure_mode)
+        try:
+            dp_opt.step()
+        finally:
+            for p in self.params:  # what DPOptimizer leaves on the parameters (p.grad stays, as after any step)
+                p.grad_sample = None
+                p.summed_grad = None
 
     def close(self) -> None:
         """Remove the Opacus hooks; the bottom is a plain module again."""

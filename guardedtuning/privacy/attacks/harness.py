@@ -103,22 +103,24 @@ def _examples(cfg: RunConfig, texts: list[str], labels: list[int]) -> list[Any]:
 def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOptions(),
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every attack in ``opts.attacks`` that applies to the run's recipe; ``None`` where one does not."""
-    from guardedtuning.config import SPLIT_RECIPES
     from guardedtuning.data.sources import load_task
     from guardedtuning.models.loading import load_tokenizer
     from guardedtuning.models.lora import load_trainable
     from guardedtuning.models.parts import split_model
 
     out: dict[str, Any] = {a: None for a in opts.attacks}
-    if cfg.recipe not in SPLIT_RECIPES:
-        return out  # nothing is released at a cut; fedlora's updates cover the whole model (not attacked here)
+    ckpt = run_dir / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)["state"] if ckpt.is_file() else {}
+    if not isinstance(state, dict) or "global_bottom" not in state or "top" not in state:
+        # no trained bottom and top to rebuild (only split learning keeps them): nothing released at a
+        # cut the attacks can replay; fedlora's updates cover the whole model (not attacked here)
+        return out
     say = log or (lambda _m: None)
     t_all = time.perf_counter()
     task = load_task(cfg.data, cfg.seed)
     tok = load_tokenizer(cfg.model.name)
     special = special_ids(tok)
     model = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, "cpu", cfg.seed, lora_top=cfg.lora.top)
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]
     load_trainable(model.bottom, state["global_bottom"], source="checkpoint")
     load_trainable(model.top, state["top"], source="checkpoint")
     bottom = model.bottom.eval()
