@@ -4,7 +4,7 @@ Every handler of the ClientApp has the same shape: unpack the message (the desig
 module under :mod:`guardedtuning.wire`), build the client's :class:`ClientSetup` and
 :class:`~guardedtuning.privacy.client.ClientPrivacy` (:func:`client_privacy`), call the
 design's plain function (tensors in, tensors out, no Flower), and pack the reply
-(:func:`update_reply`, :func:`metrics_reply`). State that outlives a message lives in
+(:func:`update_reply`, :func:`reply`). State that outlives a message lives in
 ``context.state``: the privacy state (:func:`save_privacy`) and a design's round state
 (:func:`round_state`, :func:`keep_round_state`).
 """
