@@ -125,3 +125,13 @@ def test_backward_without_dp_is_the_plain_backward_through_the_clip():
     assert ClientPrivacy(seed=0, knobs=_cfg(**{"privacy.clip": 2.0, "privacy.mechanism": "none"}).privacy
                          ).transform() is None
     assert ClientPrivacy(seed=0, knobs=_cfg().privacy).local_loss(None, None, torch.device("cpu")) is None
+
+
+def test_client_privacy_needs_no_flower():
+    import subprocess
+    import sys
+
+    code = ("import sys, guardedtuning.privacy.client, guardedtuning.privacy.attacks.harness; "
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(('flwr', 'ray'))}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -3,17 +3,16 @@
 A :class:`ClientPrivacy` is what every design's client calls where a guarantee is at
 stake, instead of branching on whether DP-SGD is on:
 
-================================  ==================================================  ====================
-call                              with DP-SGD (``dp.enabled``)                        without
-================================  ==================================================  ====================
-:meth:`~ClientPrivacy.rows`       Poisson-sampled rows, from the private seed         fixed-size shuffled
-                                                                                      batches (public seed)
-:meth:`~ClientPrivacy.release`    token mechanism (noise from the private seed), then quantization (both)
-:meth:`~ClientPrivacy.backward`   per-example clip + Gaussian noise, accounted        plain backward
-:meth:`~ClientPrivacy.train`      local DP-SGD steps, accounted                       plain AdamW steps
-:meth:`~ClientPrivacy.budget_spent`  would the next steps pass ``dp.target-epsilon``  never
-:meth:`~ClientPrivacy.report`     the mechanism's figures, and epsilon so far         the mechanism's
-================================  ==================================================  ====================
+- :meth:`~ClientPrivacy.rows` / :meth:`~ClientPrivacy.batch`: Poisson-sampled rows from the
+  private seed under DP-SGD (``dp.enabled``); fixed-size shuffled batches (public seed) without;
+- :meth:`~ClientPrivacy.release` / :meth:`~ClientPrivacy.release_batch`: the token mechanism
+  (noise from the private seed), then ``privacy.quantize-bits``;
+- :meth:`~ClientPrivacy.backward` (split) and :meth:`~ClientPrivacy.train` (gradfree,
+  offsite): one DP-SGD step per batch (clipped, noised, accounted), or plain steps;
+- :meth:`~ClientPrivacy.budget_spent`, :meth:`~ClientPrivacy.charge`,
+  :meth:`~ClientPrivacy.epsilon`: the budget (never spent without DP-SGD);
+- :meth:`~ClientPrivacy.metrics`, :meth:`~ClientPrivacy.spent_metrics`,
+  :meth:`~ClientPrivacy.report`: what a reply says about it.
 
 No Flower here: the state that must survive between messages (the private seed, the
 accountant) goes out as a plain dict (:meth:`~ClientPrivacy.to_state`) and comes back in
