@@ -216,7 +216,7 @@ def table_round_bytes(sizes: list[int], *, max_weight: int, layers: int = 2) -> 
         for mw, packing, down_bits in configs:
             per_stage: dict[str, int] = {}
 
-            def tally(node: int, reply: Message, per_stage=per_stage) -> Message:
+            def tally(node: int, request: Message, reply: Message, per_stage=per_stage) -> Message:
                 if not reply.has_error():
                     st = _stage_of(reply)
                     per_stage[st] = per_stage.get(st, 0) + message_nbytes(reply)
