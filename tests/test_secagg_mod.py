@@ -141,6 +141,28 @@ def test_a_multi_message_round_seals_only_the_reply_that_carries_the_update():
         np.testing.assert_allclose(avg[k].numpy(), 0.01, atol=0.02 / 127)
 
 
+def test_a_reply_that_does_not_match_the_global_is_not_sent_and_the_round_goes_on():
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        a = msg.content["arrays"]
+        names = {k: ("renamed" if context.node_id == 1001 and k == "b" else k) for k in a.keys()}
+        return Message(RecordDict({"update": ArrayRecord({names[k]: Array(np.full(a[k].numpy().shape, 0.01,
+                                                                                  np.float32)) for k in a.keys()}),
+                                   "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    grid = LocalGrid(app, 4, {})
+    secure = SecureAggregation(AdapterFedAvg(clients_per_round=4, seed=0), num_sampled_clients=4, density=1.0,
+                               bits=8, clip=0.02, timeout=5.0)
+    ex = exchange(grid, secure.configure_train(1, zeros(), ConfigRecord({}), grid), timeout=5, poll=0.002)
+    assert ex.replies[1001].has_error() and "does not match the global arrays" in ex.replies[1001].error.reason
+    avg, metrics = secure.aggregate_train(1, ex.replies.values())
+    assert metrics["clients"] == 3 and metrics["dropped"] == 1
+    assert any("node 1001" in r and "does not match" in r for r in secure.rejections)
+    np.testing.assert_allclose(avg["w"].numpy(), 0.01, atol=0.02 / 127)
+
+
 def test_importing_the_secagg_package_does_not_import_torch():
     code = ("import sys; import guardedtuning.strategies.secagg as s; "
             "from guardedtuning.strategies.secagg import secagg_mod; "

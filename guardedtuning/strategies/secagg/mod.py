@@ -225,16 +225,17 @@ def seal_reply(content: RecordDict, state: RecordDict, *, node_id: int, seed: in
     if isinstance(weight, (bool, list)) or not isinstance(weight, (int, float)):
         raise MessageError(f"{source}: metric {WEIGHT_KEY!r} is {weight!r}, expected a number; the ClientApp "
                            "sends its example count with its update")
-    if UPDATE_KEY in content:
-        update = _arrays(_record(content, UPDATE_KEY, ArrayRecord, source=source, sender="ClientApp"))
+    key = UPDATE_KEY if UPDATE_KEY in content else ARRAYS_KEY
+    got = _arrays(_record(content, key, ArrayRecord, source=source, sender="ClientApp"))
+    glob = _arrays(_state(state, STATE_GLOBAL, ArrayRecord, node_id=node_id,
+                          hint="the global arrays are kept from the round's first training message"))
+    if set(got) != set(glob) or any(got[k].shape != glob[k].shape for k in glob):
+        raise MessageError(f"{source}: {key!r} does not match the global arrays it was sent (names "
+                           f"{sorted(set(got) ^ set(glob))[:3]} or shapes differ); it is not sent")
+    if key == UPDATE_KEY:
+        update = got
     else:
-        new = _arrays(_record(content, ARRAYS_KEY, ArrayRecord, source=source, sender="ClientApp"))
-        glob = _arrays(_state(state, STATE_GLOBAL, ArrayRecord, node_id=node_id,
-                              hint="the global arrays are kept from the round's first training message"))
-        if set(new) != set(glob) or any(new[k].shape != glob[k].shape for k in glob):
-            raise MessageError(f"{source}: 'arrays' do not match the global arrays it was sent "
-                               f"(names {sorted(set(new) ^ set(glob))[:3]} or shapes differ)")
-        update = {k: new[k].astype(np.float64) - glob[k].astype(np.float64) for k in glob}
+        update = {k: got[k].astype(np.float64) - glob[k].astype(np.float64) for k in glob}
     req = from_content(_state_content(state, node_id=node_id), MaskRequest, stage=COLLECT_MASKED,
                        server_round=params.server_round, source=f"state of node {node_id}")
     masked = seal_update(update, num_examples=float(weight), state=state, node_id=node_id, request=req, seed=seed)
