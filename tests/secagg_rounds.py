@@ -55,10 +55,13 @@ def run_round(
     params: RoundParams, inputs: Mapping[int, np.ndarray], *, drop: Mapping[str, set[int]] | None = None,
     client_params: Mapping[int, RoundParams] | None = None,
     tamper: Callable[[str, int, object], object] | None = None, server: ServerSecAgg | None = None,
+    late_input: bool = False,
 ) -> tuple[SecureSum, dict[int, ClientSecAgg], dict[int, np.ndarray]]:
     """One round in process. ``drop[stage]``: nodes that do not answer that stage
     (``advertise``, ``share-keys``, ``collect-masked``, ``unmask``). ``tamper(stage, node, reply)``
-    may replace a reply. Clients' states go through their records between stages."""
+    may replace a reply. Clients' states go through their records between stages.
+    ``late_input``: clients start without their input and get it at the masking stage (the
+    order of the client mod: key stages before training)."""
     drop = drop or {}
     srv = server or ServerSecAgg(params)
     r = params.server_round
@@ -67,7 +70,8 @@ def run_round(
     for v, x in inputs.items():
         if v in drop.get("advertise", set()):
             continue
-        clients[v], adv = ClientSecAgg.start(params=(client_params or {}).get(v, params), node=v, x=x)
+        clients[v], adv = ClientSecAgg.start(params=(client_params or {}).get(v, params), node=v,
+                                             x=None if late_input else x)
         adverts[v] = tamper("advertise", v, adv) if tamper else adv
 
     def step(stage: str, requests: dict, req_kind: type, rep_kind: type, method: str) -> dict:
@@ -77,7 +81,8 @@ def run_round(
                 continue
             cfg, arrays = clients[v].to_records()
             clients[v] = ClientSecAgg.from_records(cfg, arrays, params=clients[v].params)
-            rep = getattr(clients[v], method)(_wire(req, req_kind, stage, r))
+            extra = {"x": inputs[v]} if late_input and stage == COLLECT_MASKED else {}
+            rep = getattr(clients[v], method)(_wire(req, req_kind, stage, r), **extra)
             rep = tamper(stage, v, rep) if tamper else rep
             out[v] = _wire(rep, rep_kind, stage, r)
         return out

@@ -280,3 +280,30 @@ def test_the_server_never_reconstructs_both_secrets_of_one_client(monkeypatch):
     seeds = {o for o, w in rebuilt if w == "self-mask seed"}
     keys = {o for o, w in rebuilt if w == "mask key"}
     assert seeds == set(result.survivors) and keys == gone and not seeds & keys
+
+
+@pytest.mark.parametrize("drop", [{}, {"collect-masked": {101}}])
+def test_input_given_at_the_masking_stage_gives_the_same_exact_sum(drop):
+    """The client mod's order: keys and shares before training, the input only when masking."""
+    params = make_params(5, max_weight=4)
+    inputs = random_inputs(params, np.random.default_rng(3))
+    result, clients, _ = run_round(params, inputs, drop=drop, late_input=True)
+    survivors = [v for v in params.nodes if v not in drop.get("collect-masked", set())]
+    assert result.survivors == tuple(survivors)
+    assert np.array_equal(np.append(result.total, result.weight), _sum(inputs, survivors) % (1 << params.field_bits))
+    assert all(c.x is None for c in clients.values())  # the plain input is not kept once masked
+
+
+def test_an_input_given_twice_or_never_is_refused():
+    params = make_params(3)
+    x = random_inputs(params, np.random.default_rng(0))[101]
+    srv = ServerSecAgg(params)
+    starts = {v: ClientSecAgg.start(params=params, node=v, x=x if v == 101 else None) for v in params.nodes}
+    keys = srv.receive_advertise({v: adv for v, (_, adv) in starts.items()})
+    masks = srv.receive_shares({v: starts[v][0].share_keys(keys[v]) for v in params.nodes})
+    with pytest.raises(MessageError, match="an input was given twice"):
+        starts[101][0].masked_input(masks[101], x=x)
+    with pytest.raises(MessageError, match="no input to mask"):
+        starts[102][0].masked_input(masks[102])
+    with pytest.raises(MessageError, match="expected uint64"):
+        starts[103][0].masked_input(masks[103], x=x.astype(np.int64))
