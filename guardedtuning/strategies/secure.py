@@ -73,7 +73,7 @@ from guardedtuning.errors import MessageError
 from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
-from guardedtuning.strategies.secagg.mod import CODEC_KEY
+from guardedtuning.strategies.secagg.mod import ARRAYS_KEY, CODEC_KEY
 from guardedtuning.strategies.secagg.params import CONFIG_KEY, SETUP_KEY, SUPPORTS, RoundParams
 from guardedtuning.strategies.secagg.server import RoundRefused, ServerSecAgg
 from guardedtuning.strategies.secagg.wire import (
@@ -158,16 +158,20 @@ class SecureAggregation(Strategy):
     timeout, poll : float
         Per-stage reply timeout and pull interval in seconds (``comm.timeout``,
         ``comm.poll-interval``).
-    arrays_key : str
-        Key of the global arrays in the wrapped strategy's messages (Flower's
-        ``arrayrecord_key``; ``"arrays"``).
+
+    Notes
+    -----
+    The global arrays travel as ``arrays`` (Flower's default ``arrayrecord_key``), which is
+    what :data:`~guardedtuning.strategies.secagg.mod.secagg_mod` reads and hands on; the
+    one aggregated reply the wrapped strategy gets weighs by ``num-examples`` (Flower's
+    default ``weighted_by_key``).
     """
 
     def __init__(
         self, strategy: Strategy, *, num_sampled_clients: int, seed: int = 0, density: float = 0.05, bits: int = 8,
         clip: float = 0.05, support: str = "rand", explore: float = 0.5, degree: int = 0, threshold: int = 0,
         max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "bits", downlink_bits: int = 0,
-        timeout: float = 600.0, poll: float = 0.002, arrays_key: str = "arrays",
+        timeout: float = 600.0, poll: float = 0.002,
     ) -> None:
         checks = (
             ("num_sampled_clients", num_sampled_clients, num_sampled_clients >= 2,
@@ -191,7 +195,7 @@ class SecureAggregation(Strategy):
                 raise ValueError(f"`{name}` must be {allowed} but is {value!r}")
         field_bits(clients=num_sampled_clients, bits=bits, max_weight=max_weight)  # raises if over 64 bits
         self.strategy = strategy
-        self.num_sampled_clients, self.seed, self.arrays_key = num_sampled_clients, seed, arrays_key
+        self.num_sampled_clients, self.seed = num_sampled_clients, seed
         self.density, self.bits, self.clip, self.support, self.explore = density, bits, clip, support, explore
         self.degree, self.threshold, self.max_weight, self.norm_clip = degree, threshold, max_weight, norm_clip
         self.packing, self.downlink_bits, self.timeout, self.poll = packing, downlink_bits, timeout, poll
@@ -286,7 +290,7 @@ class SecureAggregation(Strategy):
             return {}
         levels, scales = encode_downlink({k: arrays[k].numpy() for k in arrays.keys()}, bits=self.downlink_bits)
         names = sorted(levels)
-        return {self.arrays_key: ArrayRecord({k: Array(levels[k]) for k in names}),
+        return {ARRAYS_KEY: ArrayRecord({k: Array(levels[k]) for k in names}),
                 CODEC_KEY: ConfigRecord({"bits": self.downlink_bits, "names": names,
                                          "scales": [scales[k] for k in names]})}
 
@@ -367,7 +371,7 @@ class SecureAggregation(Strategy):
             self._score = dense if self._score is None or self._score.size != dense.size else self._score + dense
         update = unflatten(dense, shapes={k: v.shape for k, v in rnd.current.items()})
         new = ArrayRecord({k: Array((rnd.current[k] + update[k]).astype(np.float32)) for k in sorted(update)})
-        one = Message(RecordDict({self.arrays_key: new, "metrics": MetricRecord({"num-examples": float(result.weight)})}),
+        one = Message(RecordDict({ARRAYS_KEY: new, "metrics": MetricRecord({"num-examples": float(result.weight)})}),
                       dst_node_id=0, message_type=MessageType.TRAIN)
         inner = getattr(self.strategy, "rejections", None)
         before = len(inner) if isinstance(inner, list) else 0
