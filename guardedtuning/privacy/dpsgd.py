@@ -104,6 +104,7 @@ class DPPlan:
     target_epsilon: float
     delta: float
     accountant: str = "rdp"
+    secure_mode: bool = False  # Opacus's floating-point-safe noise (DPOptimizer's secure_mode)
 
     @classmethod
     def from_config(cls, cfg: DPConfig, *, num_examples: int, batch_size: int, rounds: int,
@@ -115,7 +116,9 @@ class DPPlan:
                                      steps=steps, accountant=cfg.accountant)
         return cls(noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                    expected_batch_size=q * num_examples, planned_steps=steps,
-                   target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant)
+                   target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant,
+                   # a `dp.secure-mode` field, where the config has one
+                   secure_mode=bool(getattr(cfg, "secure_mode", False)))
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,13 +237,13 @@ class DPStep:
     """
 
     def __init__(self, bottom: nn.Module, plan: DPPlan, *, loss_reduction: str = "mean",
-                 secure_mode: bool = False) -> None:
+                 secure_mode: bool | None = None) -> None:
         from opacus import GradSampleModule
 
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' but is {loss_reduction!r}")
         self.plan = plan
-        self.secure_mode = secure_mode
+        self.secure_mode = plan.secure_mode if secure_mode is None else secure_mode
         self.bottom = bottom
         self.params = [p for p in bottom.parameters() if p.requires_grad]
         if not self.params:
