@@ -13,12 +13,12 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from guardedtuning.clients.client_app import app as client_app
-from guardedtuning.recipes import build_config
 from guardedtuning.errors import ConfigError
 from guardedtuning.models.output_adapter import build_gradfree_head
 from guardedtuning.models.parts import split_model
 from guardedtuning.privacy.dpsgd import DPPlan
 from guardedtuning.privacy.local_dpsgd import LocalDPStep, LossBatch, PerExampleLoss
+from guardedtuning.recipes import build_config
 from guardedtuning.server_app.server_app import execute
 from tests.local_grid import LocalGrid
 from tests.test_drivers import check_contract

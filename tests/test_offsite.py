@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from guardedtuning.clients.client_app import app as client_app
-from guardedtuning.recipes import build_config
 from guardedtuning.data.batches import encode
 from guardedtuning.errors import ConfigError, ModelLoadError
 from guardedtuning.models import emulator as em
 from guardedtuning.models.loading import kind_of, load_tokenizer
 from guardedtuning.models.lora import load_trainable, trainable_state
+from guardedtuning.recipes import build_config
 from guardedtuning.server_app.server_app import execute
 from tests.local_grid import LocalGrid
 from tests.test_drivers import check_contract
