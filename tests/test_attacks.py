@@ -90,6 +90,7 @@ def test_nearest_neighbour_recovers_clean_and_fails_under_noise(setup):
     assert noisy["asr"] < 0.1
 
 
+@pytest.mark.e2e  # slow: trains two inversion models
 def test_learned_inversion_mlp_and_transformer(setup):
     cfg, bottom, tok = setup
     aux = aux_batches(tokenize(tok, "encoder", _texts(160, seed=99), [0] * 160, max_length=24, label_names=("a",),
@@ -127,6 +128,7 @@ def test_optimization_attack_improves_on_its_candidates(setup):
 
 # ----------------------------------------------------------------------------- attribute inference
 
+@pytest.mark.e2e  # slow: trains the attribute classifiers
 def test_attribute_inference_well_above_chance_and_degrades(setup):
     cfg, bottom, tok = setup
     aux_rows, vic_rows = synthetic_rows(240, seed=99), synthetic_rows(80, seed=5)

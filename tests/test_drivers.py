@@ -36,6 +36,7 @@ def check_contract(record):
 
 @pytest.mark.parametrize(("recipe", "model"), [("split", "tiny-bert"), ("fedlora", "tiny-bert"),
                                                ("split", "tiny-llama")])
+@pytest.mark.e2e  # slow: three-round trainings of three recipe/model pairs
 def test_recipe_learns_and_writes_the_record(tiny_flat, recipe, model):
     record, grid = _run({**tiny_flat, "recipe": recipe, "model.name": model, "federation.rounds": 3})
     check_contract(record)
@@ -110,6 +111,7 @@ def _events(flat):
     return [json.loads(x) for x in (Path(flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e  # slow: an in-process training run
 def test_a_client_error_drops_that_client_for_the_round(tiny_flat):
     seen = {"n": 0}
 
@@ -154,6 +156,7 @@ def test_crash_resumes_from_the_last_checkpoint(tiny_flat):
     assert '"event": "resume", "time"' in events and '"round": 1}' in events
 
 
+@pytest.mark.e2e  # slow: two in-process runs compared
 def test_a_resumed_run_computes_what_an_uninterrupted_run_computes(tiny_flat, tmp_path):
     whole, _ = _run({**tiny_flat, "output.dir": str(tmp_path / "whole")})
     cfg = build_config(tiny_flat)
@@ -187,11 +190,13 @@ def test_when_every_client_fails_the_run_stops_with_the_reason(tiny_flat):
         _run(tiny_flat, tamper=tamper)
 
 
+@pytest.mark.e2e  # slow: an in-process training run
 def test_a_frozen_top_still_trains_the_bottom(tiny_flat):
     record, _ = _run({**tiny_flat, "model.name": "tiny-llama", "lora.top": False})
     assert len(record["history"]) == 2 and record["cost"]["rejected_replies"] == 0
 
 
+@pytest.mark.e2e  # slow: an in-process training run
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_flat):
     _run(tiny_flat)
     with pytest.raises(Exception, match="another config"):

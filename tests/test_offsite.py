@@ -92,6 +92,7 @@ def test_layer_counts_that_do_not_fit_fail_with_the_fix(tiny_flat):
         build_config(_flat(tiny_flat, **{"privacy.mechanism": "dchi"}))
 
 
+@pytest.mark.e2e  # slow: a distillation training
 def test_distillation_brings_the_emulator_closer_to_the_middle(tiny_flat):
     cfg = build_config(_flat(tiny_flat))
     full = em.full_sandwich(cfg.model, cfg.offsite, 3, cfg.seed)
@@ -107,6 +108,7 @@ def test_distillation_brings_the_emulator_closer_to_the_middle(tiny_flat):
     assert not any(p.requires_grad for p in emu.parameters())  # frozen again for the clients
 
 
+@pytest.mark.e2e  # slow: in-process rounds plus the full-FT yardstick
 def test_offsite_learns_and_reports_plug_in_emulator_and_full_ft(tiny_flat):
     record, grid = _run(_flat(tiny_flat, **{"train.lr": 1e-2}))
     check_contract(record)

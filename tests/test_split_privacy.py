@@ -73,6 +73,7 @@ def _run(flat, prepare=None):
     {"privacy.mechanism": "dchi", "privacy.eta": 200.0, "privacy.quantize-bits": 8},
     {"privacy.mechanism": "gaussian", "privacy.epsilon": 8.0, "privacy.clip": 5.0, "privacy.nopeek-weight": 0.5},
 ])
+@pytest.mark.e2e  # slow: several in-process rounds per mechanism (PrivTune builds its tables)
 def test_split_runs_with_each_token_mechanism(tiny_flat, knobs, tmp_path):
     flat = {**tiny_flat, **knobs, "privacy.cache-dir": str(tmp_path / "knn")}
     record, grid = _run(flat)
@@ -89,6 +90,7 @@ def test_split_runs_with_each_token_mechanism(tiny_flat, knobs, tmp_path):
     assert len(seeds) == 3
 
 
+@pytest.mark.e2e  # slow: in-process rounds with DP-SGD
 def test_dp_sgd_accounts_epsilon_per_round_within_the_target(tiny_flat):
     record, grid = _run({**tiny_flat, "dp.enabled": True, "dp.target-epsilon": 4.0, "federation.rounds": 2})
     eps = [r["epsilon"] for r in record["history"]]
@@ -111,6 +113,7 @@ def _spend(node_ids):
     return prepare
 
 
+@pytest.mark.e2e  # slow: in-process rounds with DP-SGD
 def test_a_client_whose_budget_is_spent_stops_and_says_so(tiny_flat):
     record, _ = _run({**tiny_flat, "dp.enabled": True}, prepare=_spend([1000]))
     events = [json.loads(x) for x in (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
@@ -166,6 +169,7 @@ def test_malformed_quantized_activations_drop_the_client_not_the_run(tiny_flat):
     assert all(np.isfinite(r["train_loss"]) for r in record["history"])
 
 
+@pytest.mark.e2e  # slow: a DP-SGD run, crashed and resumed
 def test_a_resumed_dp_run_charges_the_rounds_before_the_crash(tiny_flat, tmp_path):
     """Fresh accountants after a restart count every earlier round: epsilon continues, never restarts."""
     flat = {**tiny_flat, "dp.enabled": True, "federation.rounds": 2}
