@@ -171,14 +171,17 @@ def test_a_dp_step_clips_adds_noise_changes_lora_and_accounts(parts, dp_step):
                 q.copy_(start[n])
 
 
-def test_the_noise_has_the_planned_scale(parts, dp_step):
-    """Empty Poisson batch: the update is exactly N(0, (sigma C)^2) / expected batch size."""
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_the_noise_has_the_planned_scale(parts, dp_step, secure_mode):
+    """Empty Poisson batch: the update is exactly N(0, (sigma C)^2) / expected batch size (also in secure_mode)."""
     bottom = parts[0]
     params = [p for p in bottom.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     empty = Batch(*(torch.zeros((0, 4), dtype=torch.long) for _ in range(2)), torch.zeros(0, dtype=torch.long),
                   torch.zeros(0, dtype=torch.long))
-    dp_step(plan(noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0)).step(
+    step = dp_step(plan(noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=4.0))
+    step.secure_mode = secure_mode
+    step.step(
         torch.optim.SGD(params, lr=1.0), empty, torch.zeros(0, 4, 64),
         generator=torch.Generator().manual_seed(2), accountant=DPAccountant())
     moved = torch.cat([(s - p.detach()).flatten() for p, s in zip(params, start, strict=True)])

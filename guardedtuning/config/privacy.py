@@ -126,6 +126,8 @@ class DPConfig:
     accountant: str = _opt(
         "rdp", "`rdp` or `prv` (privacy accountant, per client; prv is tighter but costs ~0.3 s per step on CPU)"
     )
+    secure_mode: bool = _opt(False, "Opacus's secure_mode: DP noise that resists floating-point attacks "
+                                    "(4 Gaussian draws per value instead of 1)")
 
     def __post_init__(self) -> None:
         check_epsilon(self.target_epsilon, "dp.target-epsilon")

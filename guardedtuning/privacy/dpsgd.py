@@ -117,8 +117,7 @@ class DPPlan:
         return cls(noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                    expected_batch_size=q * num_examples, planned_steps=steps,
                    target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant,
-                   # a `dp.secure-mode` field, where the config has one
-                   secure_mode=bool(getattr(cfg, "secure_mode", False)))
+                   secure_mode=cfg.secure_mode)
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
