@@ -128,7 +128,6 @@ def test_optimization_attack_improves_on_its_candidates(setup):
 
 # ----------------------------------------------------------------------------- attribute inference
 
-@pytest.mark.e2e  # slow: trains the attribute classifiers
 def test_attribute_inference_well_above_chance_and_degrades(setup):
     cfg, bottom, tok = setup
     aux_rows, vic_rows = synthetic_rows(240, seed=99), synthetic_rows(80, seed=5)

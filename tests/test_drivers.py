@@ -111,7 +111,6 @@ def _events(flat):
     return [json.loads(x) for x in (Path(flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.e2e  # slow: an in-process training run
 def test_a_client_error_drops_that_client_for_the_round(tiny_flat):
     seen = {"n": 0}
 
@@ -196,7 +195,6 @@ def test_a_frozen_top_still_trains_the_bottom(tiny_flat):
     assert len(record["history"]) == 2 and record["cost"]["rejected_replies"] == 0
 
 
-@pytest.mark.e2e  # slow: an in-process training run
 def test_resume_refuses_a_checkpoint_of_another_config(tiny_flat):
     _run(tiny_flat)
     with pytest.raises(Exception, match="another config"):

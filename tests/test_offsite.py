@@ -92,7 +92,6 @@ def test_layer_counts_that_do_not_fit_fail_with_the_fix(tiny_flat):
         build_config(_flat(tiny_flat, **{"privacy.mechanism": "dchi"}))
 
 
-@pytest.mark.e2e  # slow: a distillation training
 def test_distillation_brings_the_emulator_closer_to_the_middle(tiny_flat):
     cfg = build_config(_flat(tiny_flat))
     full = em.full_sandwich(cfg.model, cfg.offsite, 3, cfg.seed)

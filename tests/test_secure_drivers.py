@@ -25,7 +25,6 @@ def _run(flat, tamper=None):
     return execute(cfg, grid), grid
 
 
-@pytest.mark.e2e  # slow: in-process secure rounds of two recipes
 @pytest.mark.parametrize("recipe", ["split", "fedlora"])
 def test_secure_rounds_update_the_global_adapter(tiny_flat, recipe):
     record, grid = _run(_flat(tiny_flat, recipe=recipe))
