@@ -179,14 +179,19 @@ def test_a_resumed_run_computes_what_an_uninterrupted_run_computes(tiny_flat, tm
     assert again["utility"]["value"] == resumed["utility"]["value"] and again["history"] == resumed["history"]
 
 
-def test_when_every_client_fails_the_run_stops_with_the_reason(tiny_flat):
+@pytest.mark.parametrize("secure", [False, True])
+def test_when_every_client_fails_the_run_stops_with_the_reason(tiny_flat, secure):
+    """Also under secure aggregation, where the first messages a client answers are the key stages."""
     from guardedtuning.errors import ClientsFailed
 
     def tamper(node, request, reply):
         return Message(Error(code=0, reason=f"DataError: partition {node} is broken"), reply_to=request)
 
+    flat = {**tiny_flat, "aggregation.secure": secure}
     with pytest.raises(ClientsFailed, match="round 1: no client could take part; first reason: .*partition 100. is broken"):
-        _run(tiny_flat, tamper=tamper)
+        _run(flat, tamper=tamper)
+    events = [json.loads(line) for line in (Path(flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
+    assert len([e for e in events if e["event"] == "dropped"]) == 3  # each sampled client, once
 
 
 @pytest.mark.e2e  # slow: an in-process training run

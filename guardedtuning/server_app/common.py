@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message
@@ -84,6 +85,7 @@ class ServerRun:
     rec: Recorder
     task: TaskData
     device: torch.device
+    per_round: int = 0  # clients a round samples, once they are connected (0: not yet known)
 
     @classmethod
     def create(cls, cfg: RunConfig, rec: Recorder) -> ServerRun:
@@ -164,16 +166,38 @@ class ServerRun:
         log.warning("round %d: node %s dropped from the round: %s", round_, node, reason)
         self.rec.event("dropped", round=round_, node=node, reason=reason)
 
-    def aggregate(self, strategy: Strategy, round_: int, ex: Exchange) -> ArrayRecord | None:
-        """The strategy's aggregate of a round's final replies; failures are dropped first."""
+    def aggregate(self, strategy: Strategy, round_: int, ex: Exchange, *, since: int = 0) -> ArrayRecord | None:
+        """The strategy's aggregate of a round's final replies (the new global arrays); failures are dropped first.
+
+        ``since``: how many of the strategy's ``rejections`` were there before the round was
+        configured (its key stages may reject clients too).
+        """
         for node, reason in ex.failures().items():
             self.drop(node, reason, round_)
         ok = ex.ok()
         self.count_update_bytes(ok)
-        rejections = getattr(strategy, "rejections", [])
-        before = len(rejections)
-        avg, metrics = strategy.aggregate_train(round_, ok.values())
-        for reason in rejections[before:]:
+        new, metrics = strategy.aggregate_train(round_, ok.values())
+        self._settle(strategy, round_, since, metrics)
+        return new
+
+    def unaggregated(self, strategy: Strategy, round_: int, *, since: int = 0) -> None:
+        """Account for a round that produced nothing to aggregate (refused, or every client left).
+
+        The secure stages that did run still cost bytes and may have rejected clients; a
+        round in which no sampled client could even advertise its keys stops the run with
+        the first reason, as a training exchange nobody answered does.
+        """
+        drain = getattr(strategy, "drain", None)
+        metrics = drain(round_) if drain is not None else None
+        reasons = self._settle(strategy, round_, since, metrics)
+        if metrics is not None and metrics.get("sampled", 0) and not metrics.get("advertised", 0):
+            first = reasons[0] if reasons else "no reply to the key stage"
+            raise ClientsFailed(f"round {round_}: no client could take part; first reason: {first}")
+
+    def _settle(self, strategy: Strategy, round_: int, since: int, metrics: Any) -> list[str]:
+        """Drop the strategy's new rejections and add the secure stages' cost; the rejections."""
+        reasons = list(getattr(strategy, "rejections", [])[since:])
+        for reason in reasons:
             self.drop(None, reason, round_)
         if metrics is not None and "secagg-bytes-up" in metrics:  # the secure stages' own messages
             led = self.rec.ledger
@@ -183,7 +207,7 @@ class ServerRun:
             led.server_s += float(metrics.get("server-s", 0.0))
             if metrics.get("refused"):
                 self.rec.event("refused", round=round_, reason="secure aggregation refused the round")
-        return avg
+        return reasons
 
     def wait_for_nodes(self, grid: Grid) -> int:
         """Wait until a round's worth of clients is connected; return how many a round samples.

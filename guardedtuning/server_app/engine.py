@@ -189,7 +189,7 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
         design.restore(state)
         first, resumed_after = done + 1, done
         log.info("resuming after round %d from %s", done, rec.checkpoint_path)
-    per_round = run.wait_for_nodes(grid)
+    per_round = run.per_round = run.wait_for_nodes(grid)
     fed = cfg.federation
     if per_round < fed.clients_per_round:  # fewer clients connected: plan the aggregation for those
         cfg = replace(cfg, federation=replace(fed, clients_per_round=per_round))
@@ -200,6 +200,7 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
         up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
         rnd = Round(grid, run, strategy, number, resumed_after)
         config = ConfigRecord(design.round_config(rnd))
+        since = len(getattr(strategy, "rejections", []))
         messages = list(strategy.configure_train(number, tensors_to_record(design.global_state()), config, grid))
         outcome = Outcome([], None)
         if not messages:  # the strategy refused the round (logged): the global state stays as it is
@@ -212,7 +213,11 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
             outcome = design.train(rnd, messages)
         final = outcome.final
         epsilon = run.note_privacy(final.ok()) if final is not None else None
-        new = run.aggregate(strategy, number, final) if final is not None else None
+        new = None
+        if final is not None:
+            new = run.aggregate(strategy, number, final, since=since)
+        else:
+            run.unaggregated(strategy, number, since=since)
         if new is not None:
             design.set_global(record_to_tensors(new, source="aggregate"))
         else:

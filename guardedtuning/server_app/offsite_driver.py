@@ -90,13 +90,13 @@ class FullReference:
                 instruction=task.instruction)
         return self._examples[pid]
 
-    def train_round(self, round_: int) -> None:
-        """Sampled partitions train from the reference's global adapters; plain FedAvg of their updates."""
+    def train_round(self, round_: int, clients: int) -> None:
+        """``clients`` sampled partitions train from the reference's global adapters; plain FedAvg of their updates."""
         t0 = time.perf_counter()
         cfg, steps = self.cfg, self.cfg.train.local_steps
         fed = cfg.federation
         pids = sorted(random.Random(cfg.seed * 100_003 + round_).sample(range(fed.num_clients),
-                                                                        min(fed.clients_per_round, fed.num_clients)))
+                                                                        min(clients, fed.num_clients)))
         updates = []
         for pid in pids:
             examples = self.examples(pid)
@@ -112,7 +112,8 @@ class FullReference:
                                               client=pid) for g in gsteps)
                 batches = (_loss_batch([examples[i] for i in r], pad) for r in rows)
                 dp_local_train(self.model, opt, batches,
-                               (make_generator(cfg.seed, STREAM_DP_NOISE, pid, g) for g in gsteps),
+                               (make_generator(cfg.seed, STREAM_DP_NOISE, pid, g, device=self.device)
+                                for g in gsteps),
                                plan=plan, accountant=DPAccountant(kind=cfg.dp.accountant), device=self.device)
             else:
                 batches = (collate([examples[i] for i in batch_indices(len(examples), cfg.train.batch_size, g,
@@ -262,7 +263,7 @@ def _evaluate(run: ServerRun, full: SandwichModel, emu: SandwichModel, reference
     extra["emulator_utility"] = emulated["utility"]
     extra["full_ft_utility"] = None
     if reference is not None:
-        reference.train_round(round_)
+        reference.train_round(round_, run.per_round or run.cfg.federation.clients_per_round)
         extra["full_ft_utility"] = run.evaluate(reference.model)["utility"]
     return plug, extra
 

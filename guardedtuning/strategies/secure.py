@@ -104,6 +104,7 @@ class _Round:
     types: dict[int, str]  # node -> message type of its training message
     current: dict[str, np.ndarray]
     server: ServerSecAgg
+    advertised: int = 0  # nodes whose key advertisement arrived and was valid
     rejections: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=lambda: {
         "secagg-bytes-down": 0.0, "secagg-bytes-up": 0.0, "stage-wall-s": 0.0, "server-s": 0.0})
@@ -201,6 +202,7 @@ class SecureAggregation(Strategy):
         self.packing, self.downlink_bits, self.timeout, self.poll = packing, downlink_bits, timeout, poll
         self.rejections: list[str] = []
         self._round: _Round | None = None
+        self._unfinished: _Round | None = None  # refused at a key stage: its cost is still to be collected
         self._score: np.ndarray | None = None  # accumulated public aggregates (top-k support)
 
     def summary(self) -> None:
@@ -243,7 +245,7 @@ class SecureAggregation(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._round = None
+        self._round = self._unfinished = None
         msgs = list(self.strategy.configure_train(server_round, arrays, config, grid))
         if not msgs:
             return []
@@ -263,10 +265,13 @@ class SecureAggregation(Strategy):
             sa_cfg, sa_setup = params.to_records()
             ask = to_content(AdvertiseRequest(), stage=ADVERTISE, server_round=r)
             ask[CONFIG_KEY], ask[SETUP_KEY] = sa_cfg, sa_setup
-            keys = srv.receive_advertise(self._stage(rnd, ADVERTISE, dict.fromkeys(params.nodes, ask), Advertise))
+            adverts = self._stage(rnd, ADVERTISE, dict.fromkeys(params.nodes, ask), Advertise)
+            rnd.advertised = len(adverts)
+            keys = srv.receive_advertise(adverts)
             masks = srv.receive_shares(self._stage(rnd, SHARE_KEYS, keys, SharesReply))
         except RoundRefused:
             self._publish(rnd)
+            self._unfinished = rnd
             return []
         finally:
             rnd.stats["server-s"] += time.perf_counter() - t0 - rnd.stats["stage-wall-s"]
@@ -343,6 +348,23 @@ class SecureAggregation(Strategy):
             except MessageError as exc:
                 rnd.reject(node, _hint(exc, msg))
         return out
+
+    def drain(self, server_round: int) -> MetricRecord | None:
+        """The key stages' cost of a round that will not be aggregated; None when no stage ran.
+
+        A round refused at a key stage (``configure_train`` sent nothing), or one whose
+        clients all left before their final reply, still cost the stages' messages; this
+        hands them over (``secagg-bytes-*``, ``server-s``), with ``sampled`` and
+        ``advertised`` (0 advertised of several sampled: no client could take part), and
+        publishes the round's rejections. The round's parameters are forgotten.
+        """
+        rnd = self._round or self._unfinished
+        self._round = self._unfinished = None
+        if rnd is None or rnd.params.server_round != server_round:
+            return None
+        self._publish(rnd)
+        return MetricRecord({**rnd.stats, "refused": 1, "clients": 0, "sampled": len(rnd.params.nodes),
+                             "advertised": rnd.advertised})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
