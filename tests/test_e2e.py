@@ -64,19 +64,16 @@ def test_central_ft_runs_in_process(tmp_path):
     assert record["history"][-1]["train_loss"] < record["history"][0]["train_loss"]
 
 
-def test_flwr_run_dot_as_the_readme_says(tmp_path):
-    """The README's `flwr run . local ...` (Flower starts its own local SuperLink, which we stop)."""
-    from guardedtuning.config import build_config, default_flat_config
-
+def _flwr_run_local(tmp_path: Path, flat: dict, *, supernodes: int) -> dict:
+    """`flwr run . local --stream` with ``flat`` as run config (Flower starts a local SuperLink, which we
+    stop by PID); the run's record."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    out = tmp_path / "run"
-    flat = {**TINY_CFG, "output.dir": str(out)}
     env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home)}
     repo = Path(__file__).resolve().parents[1]
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", ".", "local", "--stream", "--federation-config",
-           "num-supernodes=3", "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())]
+           f"num-supernodes={supernodes}", "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())]
     try:
         res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     finally:
@@ -86,7 +83,16 @@ def test_flwr_run_dot_as_the_readme_says(tmp_path):
             except ProcessLookupError:
                 pass
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    record = json.loads((out / "results.json").read_text())
+    return json.loads((Path(flat["output.dir"]) / "results.json").read_text())
+
+
+def test_flwr_run_dot_as_the_readme_says(tmp_path):
+    """The README's `flwr run . local ...` (Flower starts its own local SuperLink, which we stop)."""
+    from guardedtuning.config import build_config, default_flat_config
+
+    out = tmp_path / "run"
+    flat = {**TINY_CFG, "output.dir": str(out)}
+    record = _flwr_run_local(tmp_path, flat, supernodes=3)
     assert record["config"] == {**default_flat_config(), **build_config(flat).flat()}
     assert len(record["history"]) == 2
 
@@ -118,26 +124,10 @@ def test_flwr_run_dot_uses_the_same_defaults(tmp_path):
 def test_flwr_run_dot_with_flowers_default_two_supernodes(tmp_path):
     """`flwr run . local --stream` on Flower's default local federation (2 SuperNodes) with the guarded
     default's knobs (PrivTune, DP-SGD, secure aggregation): a 3-per-round run samples both, with a warning."""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     out = tmp_path / "run"
     sizes = {k: v for k, v in TINY_CFG.items() if k.startswith(("model.", "data.", "federation.", "train."))}
     flat = {**sizes, "federation.rounds": 1, "train.local-steps": 3, "privacy.noise-seed": 7, "output.dir": str(out)}
-    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home)}
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", ".", "local", "--stream", "--federation-config",
-           "num-supernodes=2", "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())]
-    try:
-        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        for pid in processes_with_env("FLWR_HOME", str(home)):  # the SuperLink flwr left running
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    record = json.loads((out / "results.json").read_text())
+    record = _flwr_run_local(tmp_path, flat, supernodes=2)
     assert record["recipe"] == "guarded" and len(record["history"]) == 1
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert [len(e["clients"]) for e in events if e["event"] == "round_start"] == [2]
