@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from guardedtuning.config import RunConfig, build_config
 from guardedtuning.data.batches import Batch, Example, batch_indices, collate
 from guardedtuning.models.loading import load_tokenizer
-from guardedtuning.privacy.client import ACCOUNTANT_KEY, SEED_KEY, ClientPrivacy, client_mechanism, partition_examples
+from guardedtuning.privacy.client import STATE_KEYS, ClientPrivacy, client_mechanism, partition_examples
 from guardedtuning.resources import gpu_peak_mb, peak_rss_mb
 from guardedtuning.wire.records import get_record, record_to_tensors, tensors_to_record
 
@@ -70,10 +70,13 @@ class ClientSetup:
     examples: list[Example]
     pad_id: int
 
-    def batch(self, priv: ClientPrivacy, step: int) -> Batch:
-        """The batch of global step ``step``, sampled as ``priv`` samples (Poisson under DP-SGD)."""
+    def batch(self, priv: ClientPrivacy, step: int, *, again: bool = False) -> Batch:
+        """The batch of global step ``step``, sampled as ``priv`` samples (Poisson under DP-SGD).
+
+        ``again``: the batch released at ``step`` once more (the backward's recomputation).
+        """
         return priv.batch(self.examples, step=step, batch_size=self.cfg.train.batch_size,
-                          public_seed=self.cfg.seed, pad_id=self.pad_id)
+                          public_seed=self.cfg.seed, pad_id=self.pad_id, again=again)
 
     def fixed_batch(self, step: int) -> Batch:
         """The fixed-size batch of global step ``step`` (a pure function of the config and the step)."""
@@ -105,16 +108,22 @@ def client_examples(context: Context, cfg: RunConfig) -> list[Example]:
     return partition_examples(cfg.data, cfg.seed, pid, n, cfg.model.name, cfg.model.max_length)
 
 
-def client_privacy(context: Context, setup: ClientSetup, *, round_: int = 1, resumed_after: int = 0) -> ClientPrivacy:
-    """This client's privacy, restored from ``context.state`` (and the new state saved there at once).
+def client_privacy(context: Context, setup: ClientSetup, *, round_: int = 1, resumed_after: int = 0,
+                   step: int = 0, steps: int | None = None, source: str = "message") -> ClientPrivacy:
+    """This client's privacy, restored from ``context.state``, the message admitted, the new state saved at once.
 
     ``resumed_after`` > 0: the run restarted after that round (see
-    :meth:`~guardedtuning.privacy.client.ClientPrivacy.for_client`).
+    :meth:`~guardedtuning.privacy.client.ClientPrivacy.for_client`). The message (step
+    ``step`` of ``round_``, asking for ``steps`` local steps where the design sends that)
+    must be the next one this client expects
+    (:meth:`~guardedtuning.privacy.client.ClientPrivacy.admit`, ``MessageError`` if not).
     """
     priv = ClientPrivacy.for_client(
         setup.cfg, pid=setup.pid, num_examples=len(setup.examples),
         mechanism=client_mechanism(setup.cfg, setup.pid, setup.num_partitions), state=privacy_state(context.state),
         round_=round_, resumed_after=resumed_after)
+    priv.admit(round_=round_, step=step, resumed_after=resumed_after, source=source, steps=steps,
+               planned_steps=setup.cfg.train.local_steps)
     save_privacy(context, priv)
     return priv
 
@@ -122,7 +131,7 @@ def client_privacy(context: Context, setup: ClientSetup, *, round_: int = 1, res
 def privacy_state(state: RecordDict) -> dict[str, dict[str, Any]]:
     """The privacy part of ``context.state`` as the plain dict ``ClientPrivacy`` reads."""
     out: dict[str, dict[str, Any]] = {}
-    for key in (SEED_KEY, ACCOUNTANT_KEY):
+    for key in STATE_KEYS:
         if key in state:
             record = state[key]
             out[key] = ({k: v.numpy() for k, v in record.items()} if isinstance(record, ArrayRecord)
@@ -131,7 +140,7 @@ def privacy_state(state: RecordDict) -> dict[str, dict[str, Any]]:
 
 
 def save_privacy(context: Context, priv: ClientPrivacy) -> None:
-    """Keep what ``priv`` must remember (private seed, accountant) in ``context.state``."""
+    """Keep what ``priv`` must remember (message sequence, kept rows, accountant) in ``context.state``."""
     for key, values in priv.to_state().items():
         if any(isinstance(v, np.ndarray) for v in values.values()):
             context.state[key] = ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})

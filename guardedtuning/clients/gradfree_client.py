@@ -20,7 +20,9 @@ Releasing every row each round keeps the server from learning which rows a step 
 row is released once per round, so the token mechanism's guarantee composes over rounds.
 
 State in ``context.state``: the round's starting adapter (``gradfree.start``, dropped at
-the end of the round), and, as in ``split``, the client's private seed and DP accountant.
+the end of the round), and, as in ``split``, the client's message sequence (``release``
+then ``train`` of one round, rounds increasing: a replayed stage is refused) and DP
+accountant. The noise of every release is a fresh draw.
 The messages: :mod:`guardedtuning.wire.gradfree`.
 """
 
@@ -151,7 +153,8 @@ def handle_gradfree(msg: Message, context: Context) -> Message:
     """Stage ``release`` (activations of every row up) or ``train`` (local head training, update up)."""
     clock, setup, source = Clock(), client_setup(context), f"{wire.MESSAGE_TYPE} message to node {context.node_id}"
     stage = wire.unpack_stage(msg, source=source)
-    priv = client_privacy(context, setup, round_=stage.round_, resumed_after=stage.resumed_after)
+    priv = client_privacy(context, setup, round_=stage.round_, resumed_after=stage.resumed_after,
+                          step=0 if stage.stage == wire.RELEASE else 1, source=source)
     handler = handle_release if stage.stage == wire.RELEASE else handle_train
     return handler(msg, context, setup, priv, stage, clock, source=source)
 

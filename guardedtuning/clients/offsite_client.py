@@ -8,8 +8,8 @@ its frozen weights by name, :func:`~guardedtuning.models.emulator.frozen_package
 client checks the digest, keeps the package on disk (``$GUARDEDTUNING_CACHE/offsite``,
 where a deployed client would keep it; in a simulation every Ray worker that serves the
 client finds it there), trains ``train.local-steps`` steps (plain AdamW, or DP-SGD with
-Poisson batches, the private seed and the persistent accountant of ``split`` under
-``dp.enabled``) and replies with the adapter update, sealed under secure aggregation.
+Poisson batches and DP noise from fresh OS entropy and the persistent accountant of
+``split`` under ``dp.enabled``; a replayed or stale round is refused) and replies with the adapter update, sealed under secure aggregation.
 Nothing else leaves the client: no activation, no label, no gradient.
 """
 
@@ -76,7 +76,7 @@ def handle_offsite_train(msg: Message, context: Context) -> Message:
     train = wire.unpack_train(msg, source=source)
     if train.package is not None:  # the client's first round: keep the emulator where later rounds find it
         store_package(train.package, train.digest, package_root())
-    priv = client_privacy(context, setup, round_=train.round_, resumed_after=train.resumed_after)
+    priv = client_privacy(context, setup, round_=train.round_, resumed_after=train.resumed_after, source=source)
     if priv.budget_spent(steps=setup.cfg.train.local_steps):
         return reply(msg, metrics=clock.metrics(**priv.spent_metrics()))
     with keeping_privacy(context, priv):

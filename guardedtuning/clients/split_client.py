@@ -13,8 +13,10 @@ client (:func:`split_step`):
    at ``s = S`` the bottom-LoRA update instead.
 
 State in ``context.state``: the round's adapter and optimizer (:data:`ROUND_KEYS`,
-dropped when the round ends), and the client's private seed and DP accountant
-(:mod:`guardedtuning.privacy.client`), which persist across rounds.
+dropped when the round ends), and the client's message sequence, the Poisson rows of
+the step it released last and its DP accountant (:mod:`guardedtuning.privacy.client`),
+which persist across rounds. A message that is not the next step (a replay, a skipped
+step, ``steps`` other than ``train.local-steps``) is refused before anything is computed.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def split_step(setup: ClientSetup, priv: ClientPrivacy, step: SplitStep, start: 
         if "split.optim" in state:
             load_optimizer_state(opt, bottom, state["split.optim"])
         g = base + step.step - 1
-        priv.backward(bottom, opt, setup.batch(priv, g), step.grad, device, step=g)
+        priv.backward(bottom, opt, setup.batch(priv, g, again=True), step.grad, device, step=g)
     if step.step < step.steps:
         g = base + step.step
         acts = priv.release_batch(bottom, setup.batch(priv, g), device, step=g)
@@ -102,7 +104,8 @@ def handle_split_step(msg: Message, context: Context) -> Message:
     """One merged step: backward of step s-1 (if any), then forward of step s (if any)."""
     clock, setup, source = Clock(), client_setup(context), f"{wire.MESSAGE_TYPE} message to node {context.node_id}"
     step = wire.unpack_step(msg, source=source)
-    priv = client_privacy(context, setup, round_=step.round_, resumed_after=step.resumed_after)
+    priv = client_privacy(context, setup, round_=step.round_, resumed_after=step.resumed_after, step=step.step,
+                          steps=step.steps, source=source)
     if step.step == 0 and priv.budget_spent(steps=step.steps):
         return reply(msg, metrics=clock.metrics(**priv.spent_metrics()))
     start = round_start_adapter(msg, context, source=source) if step.step == 0 else None

@@ -14,13 +14,21 @@ stake, instead of branching on whether DP-SGD is on:
 - :meth:`~ClientPrivacy.metrics`, :meth:`~ClientPrivacy.spent_metrics`,
   :meth:`~ClientPrivacy.report`: what a reply says about it.
 
-No Flower here: the state that must survive between messages (the private seed, the
-accountant) goes out as a plain dict (:meth:`~ClientPrivacy.to_state`) and comes back in
-through :meth:`~ClientPrivacy.for_client`; the ClientApp keeps it in ``context.state``.
+No Flower here: the state that must survive between messages (the message sequence, the
+Poisson rows of the last released step, the accountant) goes out as a plain dict
+(:meth:`~ClientPrivacy.to_state`) and comes back in through
+:meth:`~ClientPrivacy.for_client`; the ClientApp keeps it in ``context.state``.
 
-Which randomness a guarantee rests on (token noise, DP noise, Poisson sampling): all of
-it derives from the client's private seed, drawn once from the OS (``privacy.noise-seed
-= -1``) and never from the run's public ``seed`` (:mod:`.randomness`).
+Which randomness a guarantee rests on (token noise, DP noise, Poisson sampling): by
+default (``privacy.noise-seed = -1``) every draw takes a generator seeded from fresh OS
+entropy (:func:`~.randomness.fresh_generator`); nothing the server sends (round, step)
+enters a seed, so a replayed message cannot make the client draw the same noise twice.
+The one draw that must be repeated, a step's Poisson rows (the backward of split recomputes
+the batch it released), is kept in the state. :meth:`~ClientPrivacy.admit` refuses a
+message that is not the next one the client expects (a replayed or skipped round or
+step), so each step's release happens once. ``privacy.noise-seed >= 0`` derives every draw
+from that seed, (pid, step) instead: reproducible for tests and benchmarks, and void as a
+guarantee (the server knows or can replay the streams).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from guardedtuning.config import DataConfig, DPConfig, PrivacyConfig, RunConfig
 from guardedtuning.data.batches import Batch, Example, batch_indices, collate, tokenize_rows
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import load_task
+from guardedtuning.errors import MessageError
 from guardedtuning.models.loading import kind_of, load_tokenizer
 from guardedtuning.privacy.dchi import clip_tokens
 from guardedtuning.privacy.decorrelation import decorrelation_loss
@@ -51,13 +60,16 @@ from guardedtuning.privacy.randomness import (
     STREAM_DP_NOISE,
     STREAM_TOKEN_NOISE,
     derive_seed,
+    fresh_generator,
+    fresh_seed,
     make_generator,
-    private_seed,
 )
 from guardedtuning.training import backward_from_server, forward_activations, plain_steps
 
-SEED_KEY = "privacy.seed"
+SEQUENCE_KEY = "privacy.sequence"
+ROWS_KEY = "privacy.rows"
 ACCOUNTANT_KEY = "dp.accountant"
+STATE_KEYS = (SEQUENCE_KEY, ROWS_KEY, ACCOUNTANT_KEY)
 
 Released = dict[str, "np.ndarray | torch.Tensor"]
 
@@ -120,7 +132,8 @@ class ClientPrivacy:
     Parameters
     ----------
     seed
-        The client's private seed (every noise and sampling stream derives from it).
+        A fixed seed every noise and sampling stream derives from (``privacy.noise-seed >= 0``:
+        reproducible, no guarantee); unused when ``fresh``.
     mechanism
         The token mechanism applied to every released token vector.
     knobs
@@ -130,8 +143,13 @@ class ClientPrivacy:
         DP-SGD's plan and this client's accountant, both or neither.
     pid
         The client's partition id (a stream label, so clients' draws are independent).
-    keep_seed
-        Whether the seed was drawn privately and must persist (:meth:`to_state`).
+    fresh
+        Whether every draw takes fresh OS entropy (the default of :meth:`for_client`).
+    sequence
+        ``(round, step, resumed-after)`` of the last message :meth:`admit` accepted.
+    kept_rows
+        The Poisson rows drawn for one global step, ``{step: rows}`` (fresh draws under
+        DP-SGD), kept so that the backward recomputes the batch that was released.
     """
 
     seed: int
@@ -140,7 +158,9 @@ class ClientPrivacy:
     plan: DPPlan | None = None
     accountant: DPAccountant | None = None
     pid: int = 0
-    keep_seed: bool = False
+    fresh: bool = False
+    sequence: tuple[int, int, int] = (0, -1, 0)
+    kept_rows: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.plan is None) != (self.accountant is None):
@@ -165,17 +185,19 @@ class ClientPrivacy:
         if cfg.dp.enabled:
             plan = dp_plan(cfg.dp, num_examples, cfg.train.batch_size, cfg.federation.rounds, cfg.train.local_steps)
             accountant = DPAccountant(kind=cfg.dp.accountant)
-        needs_seed = cfg.privacy.mechanism != "none" or plan is not None
-        keep = False
-        if not needs_seed:
-            seed = 0
-        elif cfg.privacy.noise_seed >= 0:  # reproducible, and known to whoever knows the config
-            seed = derive_seed(cfg.privacy.noise_seed, pid)
-        else:
-            keep = True
-            seed = int(state[SEED_KEY]["seed"]) if SEED_KEY in state else private_seed()
+        needs_noise = cfg.privacy.mechanism != "none" or plan is not None
+        fixed = cfg.privacy.noise_seed >= 0  # reproducible, known to whoever knows the config: no guarantee
+        seed = derive_seed(cfg.privacy.noise_seed, pid) if needs_noise and fixed else 0
+        sequence = (0, -1, 0)
+        if SEQUENCE_KEY in state:
+            seq = state[SEQUENCE_KEY]
+            sequence = (int(seq["round"]), int(seq["step"]), int(seq["resumed"]))
+        kept: dict[int, np.ndarray] = {}
+        if ROWS_KEY in state:
+            kept = {int(np.asarray(state[ROWS_KEY]["step"]).reshape(-1)[0]):
+                    np.asarray(state[ROWS_KEY]["rows"], dtype=np.int64).reshape(-1)}
         priv = cls(seed=seed, mechanism=mechanism, knobs=cfg.privacy, plan=plan, accountant=accountant, pid=pid,
-                   keep_seed=keep)
+                   fresh=needs_noise and not fixed, sequence=sequence, kept_rows=kept)
         if accountant is not None:
             if ACCOUNTANT_KEY in state:
                 accountant.load_state_dict({k: np.asarray(v) for k, v in state[ACCOUNTANT_KEY].items()})
@@ -186,14 +208,60 @@ class ClientPrivacy:
     def to_state(self) -> dict[str, dict[str, Any]]:
         """What must survive until the client's next message: ``{key: {name: int | ndarray}}``.
 
-        The private seed (if drawn from the OS) and the accountant (once it counted a step).
+        The sequence of accepted messages (once :meth:`admit` accepted one), the Poisson rows
+        of the last fresh draw, and the accountant (once it counted a step). No seed: the
+        default draws none that outlives a draw.
         """
         out: dict[str, dict[str, Any]] = {}
-        if self.keep_seed:
-            out[SEED_KEY] = {"seed": int(self.seed)}
+        if self.sequence != (0, -1, 0):
+            out[SEQUENCE_KEY] = dict(zip(("round", "step", "resumed"), self.sequence, strict=True))
+        for step, rows in self.kept_rows.items():
+            out[ROWS_KEY] = {"step": np.asarray([step], dtype=np.int64), "rows": np.asarray(rows, dtype=np.int64)}
         if self.accountant is not None and self.accountant.steps > 0:
             out[ACCOUNTANT_KEY] = self.accountant.state_dict()
         return out
+
+    # ------------------------------------------------------------------ message sequence
+
+    def admit(self, *, round_: int, step: int, resumed_after: int, source: str, steps: int | None = None,
+              planned_steps: int | None = None) -> None:
+        """Accept a message for step ``step`` of round ``round_`` only if it is the next one expected.
+
+        Parameters
+        ----------
+        round_, step
+            The round and the step (or stage: 0 release, 1 train) the message asks for.
+        resumed_after
+            The message's ``resumed-after``: a restarted server re-sends the round after it.
+        source
+            The message, for the error.
+        steps, planned_steps
+            The message's ``steps`` and the plan's ``train.local-steps``; they must agree.
+
+        Raises
+        ------
+        MessageError
+            If ``steps`` is not the planned number, or the message is not the next one: step
+            0 must open a round later than the last one this client took part in (or the round
+            right after a new, larger ``resumed-after``: a restarted run), step s > 0 must
+            follow step s - 1 of the same round. A replayed or skipped step would let the
+            server ask for two releases of one step (e.g. under two adapters).
+        """
+        if steps is not None and planned_steps is not None and steps != planned_steps:
+            raise MessageError(f"{source}: `steps` is {steps} but this client plans train.local-steps = "
+                               f"{planned_steps}; a server asking for other step counts is refused")
+        last_round, last_step, resumed = self.sequence
+        if step == 0:
+            restart = resumed_after > resumed and round_ == resumed_after + 1
+            if round_ < 1 or round_ <= resumed_after or not (round_ > last_round or restart):
+                raise MessageError(
+                    f"{source}: step 0 of round {round_} (resumed-after {resumed_after}) is not the next round: "
+                    f"expected a round > {last_round}, or round {resumed_after + 1} only after a new restart "
+                    f"(resumed-after > {resumed}); a replayed or stale round is refused")
+        elif round_ != last_round or step != last_step + 1:
+            raise MessageError(f"{source}: step {step} of round {round_} is not the next step: expected step "
+                               f"{last_step + 1} of round {last_round} (or step 0 of a later round)")
+        self.sequence = (round_, step, max(resumed, resumed_after))
 
     # ------------------------------------------------------------------ DP-SGD budget
 
@@ -240,17 +308,32 @@ class ClientPrivacy:
 
     # ------------------------------------------------------------------ sampling
 
-    def rows(self, n: int, *, step: int, batch_size: int, public_seed: int) -> np.ndarray:
-        """Rows of global step ``step`` out of ``n``: Poisson-sampled under DP-SGD, else fixed-size batches."""
-        if self.plan is not None:
+    def rows(self, n: int, *, step: int, batch_size: int, public_seed: int, again: bool = False) -> np.ndarray:
+        """Rows of global step ``step`` out of ``n``: Poisson-sampled under DP-SGD, else fixed-size batches.
+
+        Under DP-SGD with fresh entropy the rows are a fresh draw, kept (:attr:`kept_rows`,
+        the last step only) so that ``again=True`` returns the rows drawn for ``step`` (the
+        backward's recomputation); ``again`` for a step not kept raises ``MessageError``.
+        """
+        if self.plan is None:
+            return batch_indices(n, batch_size, step, seed=public_seed, client=self.pid)
+        if not self.fresh:
             return poisson_batch_indices(n, sample_rate=self.plan.sample_rate, step=step, seed=self.seed,
                                          client=self.pid)
-        return batch_indices(n, batch_size, step, seed=public_seed, client=self.pid)
+        if again:
+            if step not in self.kept_rows:
+                raise MessageError(f"the rows of step {step} were not drawn (kept: {sorted(self.kept_rows)}); "
+                                   "a backward must follow the release of its step")
+            return self.kept_rows[step]
+        rows = poisson_batch_indices(n, sample_rate=self.plan.sample_rate, step=step, seed=fresh_seed(),
+                                     client=self.pid)
+        self.kept_rows = {step: rows}
+        return rows
 
     def batch(self, examples: Sequence[Example], *, step: int, batch_size: int, public_seed: int,
-              pad_id: int) -> Batch:
+              pad_id: int, again: bool = False) -> Batch:
         """The batch of global step ``step`` (:meth:`rows`); an empty Batch for an empty Poisson draw."""
-        idx = self.rows(len(examples), step=step, batch_size=batch_size, public_seed=public_seed)
+        idx = self.rows(len(examples), step=step, batch_size=batch_size, public_seed=public_seed, again=again)
         return collate([examples[i] for i in idx], pad_id) if len(idx) else _empty_batch()
 
     # ------------------------------------------------------------------ release
@@ -258,10 +341,10 @@ class ClientPrivacy:
     def release(self, h: torch.Tensor, mask: torch.Tensor, *, input_ids: torch.Tensor, step: int) -> Released:
         """What leaves the client for activations ``h`` (B, T, D): perturbed, maybe quantized, and the mask.
 
-        The noise stream is ``(seed, token noise, pid, step)``. Keys: ``mask`` (uint8) and
-        ``h``, or ``codes``/``scales``/``meta`` under ``privacy.quantize-bits``.
+        The noise is a fresh draw (:meth:`generator`). Keys: ``mask`` (uint8) and ``h``, or
+        ``codes``/``scales``/``meta`` under ``privacy.quantize-bits``.
         """
-        gen = make_generator(self.seed, STREAM_TOKEN_NOISE, self.pid, step)
+        gen = self.generator(STREAM_TOKEN_NOISE, step)
         h = self.mechanism.perturb(h, mask, generator=gen, input_ids=input_ids)
         out: Released = {"mask": mask.to(torch.uint8)}
         if self.knobs.quantize_bits:
@@ -269,6 +352,12 @@ class ClientPrivacy:
         else:
             out["h"] = h
         return out
+
+    def generator(self, stream: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """The generator of one draw: fresh OS entropy (``fresh``), else the stream ``(seed, stream, pid, step)``."""
+        if self.fresh:
+            return fresh_generator(device)
+        return make_generator(self.seed, stream, self.pid, step, device=device)
 
     def release_batch(self, bottom: nn.Module, batch: Batch, device: torch.device, *, step: int) -> Released:
         """The release of one batch through ``bottom`` (:meth:`release`), with the batch's labels.
@@ -320,8 +409,7 @@ class ClientPrivacy:
             return
         dp = DPStep(bottom, self.plan)
         try:
-            dp.step(opt, batch, grad_h, generator=make_generator(self.seed, STREAM_DP_NOISE, self.pid, step,
-                                                                 device=device),
+            dp.step(opt, batch, grad_h, generator=self.generator(STREAM_DP_NOISE, step, device),
                     accountant=self.accountant, device=device, extra_loss=extra, transform=transform)
         finally:
             dp.close()
@@ -331,13 +419,13 @@ class ClientPrivacy:
               dropout_seed: int | None = None) -> list[float]:
         """Local steps of ``model`` (with ``per_example_loss``) on ``batches``, one per global step in ``steps``.
 
-        Under DP-SGD: clipped, noised and accounted (noise stream ``(seed, DP noise, pid,
-        step)``). Without: plain steps on the batch mean, in train mode if ``train_mode``,
+        Under DP-SGD: clipped, noised (a fresh draw per step, :meth:`generator`) and
+        accounted. Without: plain steps on the batch mean, in train mode if ``train_mode``,
         with torch's global generator seeded to ``dropout_seed`` (restored afterwards) if given.
         Returns each non-empty step's mean loss.
         """
         if self.plan is not None and self.accountant is not None:
-            gens = (make_generator(self.seed, STREAM_DP_NOISE, self.pid, g, device=device) for g in steps)
+            gens = (self.generator(STREAM_DP_NOISE, g, device) for g in steps)
             return dp_local_train(model, opt, batches, gens, plan=self.plan, accountant=self.accountant,
                                   device=device)
         with torch.random.fork_rng(devices=[]) if dropout_seed is not None else contextlib.nullcontext():

@@ -23,11 +23,12 @@ One step (:meth:`DPStep.step`), replacing ``training.backward_from_server``:
 4. record the step in the accountant.
 
 Sampling: each example joins a step's batch independently with probability
-q = batch_size / n (:func:`poisson_batch_indices`), a pure function of (seed, client,
-step) so the forward of step s and its recomputation in step s + 1 agree. Batches vary in
-size and can be empty (then the update is noise only). The sampling seed, like the noise
-generator, must be private to the client: a server that knows which examples were
-sampled loses the amplification the accountant assumes (:mod:`.randomness`).
+q = batch_size / n (:func:`poisson_batch_indices`, a pure function of its seed, client and
+step). The client draws it with a fresh OS seed per step and keeps the rows in its state,
+so the forward of step s and its recomputation in step s + 1 agree
+(:meth:`~guardedtuning.privacy.client.ClientPrivacy.rows`). Batches vary in size and can be
+empty (then the update is noise only). The sampling seed, like the noise generator, must
+be unknown to the server and never repeat at its request (:mod:`.randomness`).
 
 Budget: the noise multiplier is set once from ``dp.target-epsilon``, ``dp.delta`` and the
 planned steps ``rounds x local steps`` at rate q, assuming the client is sampled in every
@@ -68,7 +69,8 @@ def sample_rate_for(*, batch_size: int, num_examples: int) -> float:
 def poisson_batch_indices(n: int, *, sample_rate: float, step: int, seed: int, client: int) -> np.ndarray:
     """Rows of global step ``step``: each of ``n`` rows kept independently with prob ``sample_rate``.
 
-    A pure function of (seed, client, step); ``seed`` must be the client's private seed.
+    A pure function of (seed, client, step); ``seed`` must be fresh OS entropy
+    (:func:`~guardedtuning.privacy.randomness.fresh_seed`) except for a reproducible test.
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1] but is {sample_rate}")

@@ -1,14 +1,20 @@
-"""Seeds and generators for privacy noise and DP sampling.
+"""Generators for privacy noise and DP sampling.
 
 Every random draw a guarantee rests on (d_chi noise, DP-SGD noise, Poisson sampling) takes
-a :class:`torch.Generator` or a seed, so tests can reproduce it. Which seed is used is a
-privacy decision, not a convenience:
+a :class:`torch.Generator` or a seed. Which one is used is a privacy decision, not a
+convenience:
 
-- the guarantee holds only if the party it protects against cannot predict the draws. A
-  seed derived from the run config (``seed``) is known to the server, which could then
-  subtract the noise and see which examples were sampled. Use :func:`private_seed` (OS
-  entropy) once per client, keep it in the client's own state and derive every stream
-  from it with :func:`make_generator`;
+- the guarantee holds only if the party it protects against can neither predict nor
+  repeat the draws. A seed derived from the run config (``seed``) is known to the server,
+  which could subtract the noise; a stream keyed by anything the server sends (the round,
+  the step) can be replayed: the server asks for the same step twice with two adapters and
+  the difference of the releases is the difference of the clean activations. So every draw
+  of a client takes a generator seeded from fresh OS entropy (:func:`fresh_generator`,
+  :func:`fresh_seed`: :mod:`secrets`, a new seed per draw), and what must be recomputed
+  later (a step's Poisson rows) is kept in the client's state, not re-derived;
+- :func:`make_generator` (a stream of a fixed seed) is for ``privacy.noise-seed >= 0``,
+  an explicit opt-in for tests and benchmarks that voids the guarantee, and for the
+  server's own draws;
 - torch's CPU generator is a Mersenne Twister, not a cryptographic generator: good
   against an honest-but-curious server that does not attack the generator itself, not
   against one that does (Opacus's ``secure_mode`` addresses that with torchcsprng).
@@ -32,8 +38,23 @@ def private_seed() -> int:
     return secrets.randbits(63)
 
 
+def fresh_seed() -> int:
+    """A new 63-bit seed from the OS's CSPRNG, for one draw (:func:`private_seed`, named for its use)."""
+    return private_seed()
+
+
+def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded from fresh OS entropy: use it for one draw, then drop it.
+
+    Nothing the server sends enters its seed, so no message can make two draws equal.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(fresh_seed())
+    return gen
+
+
 def client_seed(noise_seed: int) -> int:
-    """``privacy.noise-seed``: -1 draws a private seed, ``>= 0`` is used as given (reproducible)."""
+    """``privacy.noise-seed``: -1 draws a private seed, ``>= 0`` is used as given (reproducible, no guarantee)."""
     return private_seed() if noise_seed < 0 else noise_seed
 
 
