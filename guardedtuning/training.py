@@ -27,6 +27,7 @@ Layer: plain torch over ``data``/``models``; the privacy layer
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,8 @@ from torch import nn
 from guardedtuning.data.batches import Batch
 from guardedtuning.errors import MessageError
 from guardedtuning.models.split import IGNORE, Top
+
+log = logging.getLogger(__name__)
 
 
 def trainable_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -218,6 +221,22 @@ def _pad_to(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
     return F.pad(t, spec, value=value)
 
 
+class NonFiniteClients(ValueError):
+    """Raised by :func:`top_step` *before* the top's optimizer steps: these clients poisoned the pass.
+
+    Attributes
+    ----------
+    reasons : dict of int to str
+        The position in ``acts`` of each offending client, and why (its mean loss or its
+        activation gradient is NaN/inf). The caller drops those clients and runs the step again
+        on the others; the top is unchanged.
+    """
+
+    def __init__(self, reasons: dict[int, str]) -> None:
+        super().__init__("; ".join(f"client {i}: {r}" for i, r in reasons.items()))
+        self.reasons = reasons
+
+
 def top_step(
     top: Top,
     opt: torch.optim.Optimizer | None,
@@ -234,7 +253,32 @@ def top_step(
     The top runs in train mode (its dropout and LoRA dropout on); with ``opt=None``
     (nothing on the top trains) it only computes the gradients the clients need.
 
-    Returns each client's activation gradient (its own (B, T, D) shape) and mean loss.
+    One client's rows cannot reach another's loss (attention stays within a row), so a
+    non-finite loss or activation gradient names its client. Such a client is refused
+    before anything steps (:class:`NonFiniteClients`); a non-finite top gradient that no
+    client's own figures explain skips the optimizer step (logged), so the top never
+    takes a NaN.
+
+    Parameters
+    ----------
+    top : Top
+        The server's part of the model.
+    opt : torch.optim.Optimizer or None
+        The top's optimizer; None when nothing on the top trains.
+    acts : list of ClientActs
+        Each client's checked activations (non-empty batches).
+    device : torch.device
+        Where the top runs.
+
+    Returns
+    -------
+    tuple of (list of torch.Tensor, list of float)
+        Each client's activation gradient (its own (B, T, D) shape) and mean loss.
+
+    Raises
+    ------
+    NonFiniteClients
+        When some clients' mean loss or activation gradient is NaN/inf; the top is unchanged.
     """
     width = max(a.h.shape[1] for a in acts)
     sizes = [a.h.shape[0] for a in acts]
@@ -253,11 +297,25 @@ def top_step(
     finally:
         top.eval()
     per_client = torch.stack([chunk.mean() for chunk in per_example.split(sizes)])  # (C,)
+    bad = {i: f"its mean loss on the top is {float(x)} (non-finite)"
+           for i, x in enumerate(per_client.detach()) if not bool(torch.isfinite(x))}
+    if bad:
+        raise NonFiniteClients(bad)
     per_client.sum().backward()
-    if opt is not None:
-        for p in trainable_params(top).values():
-            if p.grad is not None:
-                p.grad.div_(len(acts))
-        opt.step()
     grads = [g[:, :t].detach().cpu() for g, t in zip(h.grad.split(sizes), lengths, strict=True)]  # type: ignore[union-attr]
+    bad = {i: "its activation gradient from the top is non-finite" for i, g in enumerate(grads)
+           if not bool(torch.isfinite(g).all())}
+    if bad:
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        raise NonFiniteClients(bad)
+    if opt is not None:
+        params = [p for p in trainable_params(top).values() if p.grad is not None]
+        if all(bool(torch.isfinite(p.grad).all()) for p in params):  # type: ignore[arg-type]
+            for p in params:
+                p.grad.div_(len(acts))  # type: ignore[union-attr]
+            opt.step()
+        else:
+            log.warning("top step skipped: the top's gradient is non-finite (no single client's loss is)")
+            opt.zero_grad(set_to_none=True)
     return grads, [float(x) for x in per_client.detach()]

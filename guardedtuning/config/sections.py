@@ -205,7 +205,7 @@ class AggregationConfig:
     explore: float = _opt(0.5, "secure, topk: fraction of the support drawn at random")
     degree: int = _opt(0, "secure: neighbours per client in the masking graph; 0 = O(log n)")
     threshold: int = _opt(0, "secure: shares needed to unmask, and the fewest survivors a round accepts; 0 = auto")
-    max_weight: int = _opt(1024, "secure: cap on a client's weight (example count) folded into the sum")
+    max_weight: int = _opt(1024, "cap on a client's weight (example count), plain FedAvg and secure")
     norm_clip: float = _opt(0.0, "secure: L2 clip of each client's sent update before quantization (0 = off)")
     packing: str = _opt("bits", "secure: `bits` (exactly m bits a value) or `word` (smallest uint word)")
     downlink_bits: int = _opt(0, "secure: quantize the global adapters sent to clients (0 = fp32)")

@@ -36,7 +36,7 @@ def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
     """
     a = cfg.aggregation
     n = cfg.federation.clients_per_round
-    fedavg = AdapterFedAvg(clients_per_round=n, seed=cfg.seed, message_type=message_type)
+    fedavg = AdapterFedAvg(clients_per_round=n, seed=cfg.seed, message_type=message_type, max_weight=a.max_weight)
     if not a.secure:
         return fedavg
     from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree

@@ -91,7 +91,8 @@ class GradfreeDesign(Design):
         released: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for node, msg in ok.items():
             try:
-                released[node] = unpack_release(msg, hidden=self.hidden, max_rows=len(run.task.train))
+                released[node] = unpack_release(msg, hidden=self.hidden, max_rows=len(run.task.train),
+                                                max_length=cfg.model.max_length)
             except MessageError as exc:
                 failures[node] = str(exc)
                 rnd.drop(node, str(exc))

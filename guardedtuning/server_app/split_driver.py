@@ -13,7 +13,9 @@ A round, for the sampled clients C and local steps S (S + 1 round trips):
   assembled model is evaluated on the held-out split.
 
 A client whose reply is an error, late or malformed is dropped for the rest of the
-round (logged and counted); the round goes on with the others.
+round (logged and counted); the round goes on with the others. So is a client whose
+activations make its loss or gradient on the top non-finite: it is dropped before the
+top's optimizer steps, and the step is taken on the others' activations alone.
 """
 
 from __future__ import annotations
@@ -31,20 +33,45 @@ from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import split_model
 from guardedtuning.server_app.common import ServerRun
 from guardedtuning.server_app.engine import Design, Outcome, Round, run_rounds
-from guardedtuning.training import ClientActs, make_optimizer, top_step
+from guardedtuning.training import ClientActs, NonFiniteClients, make_optimizer, top_step
 from guardedtuning.wire.split import MESSAGE_TYPE, step_message, unpack_acts
 
 
-def top_step_nonempty(top: torch.nn.Module, opt: torch.optim.Optimizer | None, acts: dict[int, ClientActs],
-                      device: torch.device) -> tuple[dict[int, torch.Tensor], list[float]]:
-    """:func:`top_step` over the clients that sent rows; an empty batch gets an empty gradient."""
+def top_step_nonempty(
+    top: torch.nn.Module, opt: torch.optim.Optimizer | None, acts: dict[int, ClientActs], device: torch.device,
+) -> tuple[dict[int, torch.Tensor], list[float], dict[int, str]]:
+    """:func:`top_step` over the clients that sent rows; an empty batch gets an empty gradient.
+
+    Parameters
+    ----------
+    top, opt, device
+        As :func:`~guardedtuning.training.top_step` takes them.
+    acts : dict of int to ClientActs
+        Each node's checked activations.
+
+    Returns
+    -------
+    tuple
+        The gradient of each node kept, the mean loss of each non-empty batch kept, and the
+        nodes dropped (with the reason) because their loss or gradient on the top was
+        non-finite; the top stepped on the kept clients only.
+    """
     full = {n: a for n, a in acts.items() if a.h.shape[0] > 0}
     grads: dict[int, torch.Tensor] = {n: torch.zeros_like(a.h) for n, a in acts.items() if n not in full}
     losses: list[float] = []
-    if full:
-        g, losses = top_step(top, opt, list(full.values()), device)
+    dropped: dict[int, str] = {}
+    while full:
+        try:
+            g, losses = top_step(top, opt, list(full.values()), device)
+        except NonFiniteClients as exc:  # the top is unchanged: drop them, step on the others
+            nodes = list(full)
+            for i, reason in exc.reasons.items():
+                dropped[nodes[i]] = f"reply of node {nodes[i]}: {reason}; dropped before the top's step"
+                del full[nodes[i]]
+            continue
         grads.update(zip(full, g, strict=True))
-    return grads, losses
+        break
+    return grads, losses, dropped
 
 
 class SplitDesign(Design):
@@ -106,8 +133,13 @@ class SplitDesign(Design):
                     rnd.give_up_if_nobody(0, failures, spent)
                 return Outcome(losses, None)
             t0 = time.perf_counter()
-            grads, client_losses = top_step_nonempty(self.model.top, self.top_opt, acts, run.device)
+            grads, client_losses, poisoned = top_step_nonempty(self.model.top, self.top_opt, acts, run.device)
             run.rec.ledger.server_s += time.perf_counter() - t0
+            for node, reason in poisoned.items():
+                rnd.drop(node, reason)
+                del acts[node]
+            if not acts:
+                return Outcome(losses, None)
             if client_losses:
                 losses.append(statistics.fmean(client_losses))
             rnd.step_event(step, steps, losses[-1:], ex, len(acts))
@@ -120,7 +152,8 @@ class SplitDesign(Design):
         for node, msg in ok.items():
             try:
                 acts[node] = unpack_acts(msg, hidden=self.hidden, max_batch=self.max_batch,
-                                         num_labels=self.num_labels, kind=self.model.kind)
+                                         num_labels=self.num_labels, kind=self.model.kind,
+                                         max_length=self.run.cfg.model.max_length)
             except MessageError as exc:
                 failures[node] = str(exc)
                 rnd.drop(node, str(exc))

@@ -11,7 +11,12 @@ or ``arrays`` (the client's new weights: a plain Flower ClientApp; its update is
 ``arrays`` minus what was sent), and ``metrics`` with ``num-examples``. A reply is
 rejected, with the reason logged and counted, when it is an error, comes twice from one
 node, carries neither record, lacks ``metrics``, or holds a tensor with the wrong name,
-shape or dtype, or a NaN; the rest of the round goes on.
+shape or dtype, or a NaN, or a value that would leave float32's range once added to the
+global arrays (a float64 1e300, say); the rest of the round goes on. A reply's weight is
+its ``num-examples`` capped at ``max_weight`` (``aggregation.max-weight``, as under secure
+aggregation), so no client can make the mean its own update by claiming a huge count.
+Since the new global arrays are a convex combination of the accepted clients' ``global +
+update``, each of them finite in float32, the aggregate is finite too.
 """
 
 from __future__ import annotations
@@ -58,11 +63,18 @@ class AdapterFedAvg(Strategy):
     message_type : str
         Type of the first message of a round: ``"train"`` (local training) or
         ``"train.split"`` (the first step of split learning).
+    max_weight : float
+        Cap on one reply's weight (its ``num-examples``): ``aggregation.max-weight``.
     """
 
-    def __init__(self, *, clients_per_round: int, seed: int, message_type: str = MessageType.TRAIN) -> None:
+    def __init__(self, *, clients_per_round: int, seed: int, message_type: str = MessageType.TRAIN,
+                 max_weight: float = 1024) -> None:
         if clients_per_round < 1:
             raise ValueError(f"`clients_per_round` must be a positive integer but is {clients_per_round}")
+        if not max_weight >= 1:
+            raise ValueError(f"`max_weight` must be >= 1 but is {max_weight}; set aggregation.max-weight to a "
+                             "positive integer")
+        self.max_weight = float(max_weight)
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.message_type = message_type
@@ -89,6 +101,9 @@ class AdapterFedAvg(Strategy):
     def check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], float, MetricRecord]:
         """The reply's update (``update``, or ``arrays`` minus the sent global), weight and metrics.
 
+        The weight is ``num-examples`` capped at :attr:`max_weight`; the update is float64,
+        finite, and ``global + update`` is finite in float32.
+
         Raises
         ------
         MessageError
@@ -108,6 +123,7 @@ class AdapterFedAvg(Strategy):
         weight = metric_value(metrics, WEIGHT_KEY, source=source)
         if weight <= 0:
             raise MessageError(f"{source}: {WEIGHT_KEY} is {weight}, expected > 0")
+        weight = min(weight, self.max_weight)  # aggregation.max-weight
         keys = set(update.keys())
         if keys != set(self._expected):
             raise MessageError(f"{source}: {key} tensors {sorted(keys ^ set(self._expected))[:3]} "
@@ -122,6 +138,12 @@ class AdapterFedAvg(Strategy):
             if not np.isfinite(arr).all():
                 raise MessageError(f"{source}: {key} {k!r} holds NaN or inf")
             arrays[k] = arr.astype(np.float64) if is_update else arr.astype(np.float64) - self._current[k]
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = np.isfinite(arrays[k]).all() and np.isfinite((self._current[k] + arrays[k])
+                                                                      .astype(np.float32)).all()
+            if not finite:
+                raise MessageError(f"{source}: {key} {k!r} holds values beyond float32's range (largest "
+                                   f"|value| {float(np.max(np.abs(arr))):.3g}); updates must be float32-finite")
         return arrays, weight, metrics
 
     def aggregate_train(
@@ -147,7 +169,12 @@ class AdapterFedAvg(Strategy):
             return None, None
         total = sum(w for _, w, _ in accepted)
         avg = {k: sum(a[k] * (w / total) for a, w, _ in accepted) for k in self._expected}
-        out = ArrayRecord({k: Array((self._current[k] + v).astype(np.float32)) for k, v in avg.items()})
+        new = {k: (self._current[k] + v).astype(np.float32) for k, v in avg.items()}
+        if not all(np.isfinite(v).all() for v in new.values()):  # cannot happen (convex combination): a guard
+            self.rejections.append(f"round {server_round}: the aggregate is non-finite; the global model stays")
+            log.warning("round %d: %s", server_round, self.rejections[-1])
+            return None, None
+        out = ArrayRecord({k: Array(v) for k, v in new.items()})
         metrics = MetricRecord({WEIGHT_KEY: total, "clients": len(accepted)})
         return out, metrics
 

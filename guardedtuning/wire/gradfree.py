@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from guardedtuning.errors import MessageError
 from guardedtuning.wire.records import config_value, get_record, record_to_tensors, tensors_to_record
-from guardedtuning.wire.split import acts_record, dequantize, resumed_after_of
+from guardedtuning.wire.split import MAX_SEQUENCE, acts_record, checked_activations, dequantize, resumed_after_of
 
 MESSAGE_TYPE = "train.gradfree"
 RELEASE, TRAIN = "release", "train"
@@ -63,8 +63,32 @@ def release_record(acts: dict[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
     return acts_record(acts)
 
 
-def unpack_release(msg: Message, *, hidden: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A client's released activations (N, T, D) and mask (N, T), checked; anything else in them is refused."""
+def unpack_release(msg: Message, *, hidden: int, max_rows: int,
+                   max_length: int = MAX_SEQUENCE) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's released activations and mask, checked; anything else in them is refused.
+
+    Parameters
+    ----------
+    msg : Message
+        The client's ``release`` reply.
+    hidden : int
+        The hidden size D.
+    max_rows : int
+        The most rows N a client may release (its partition's size at most).
+    max_length : int
+        ``model.max-length``: T may not exceed it.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``h`` float32 (N, T, D), finite, each token's norm <= :data:`~guardedtuning.wire.split.MAX_TOKEN_NORM`,
+        and ``mask`` long (N, T) of 0/1.
+
+    Raises
+    ------
+    MessageError
+        When the release holds other arrays, or is malformed or out of bounds (the reason names it).
+    """
     source = f"reply of node {msg.metadata.src_node_id}"
     record = get_record(msg.content, ACTS_KEY, ArrayRecord, source=source, sender="ClientApp")
     names = set(record.keys())
@@ -74,13 +98,14 @@ def unpack_release(msg: Message, *, hidden: int, max_rows: int) -> tuple[torch.T
     acts = record_to_tensors(record, source=source)
     h = dequantize(record, source=source) if "codes" in names else acts["h"]
     mask = acts["mask"]
-    if not h.is_floating_point() or h.dim() != 3 or h.shape[2] != hidden or not 1 <= h.shape[0] <= max_rows:
-        raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, expected float "
-                           f"(N, T, {hidden}) with 1 <= N <= {max_rows}")
-    if tuple(mask.shape) != tuple(h.shape[:2]) or not bool(((mask == 0) | (mask == 1)).all()):
-        raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)}, expected {tuple(h.shape[:2])} "
-                           "of 0/1")
-    return h.float(), mask.long()
+    h = checked_activations(h, source=source, hidden=hidden, max_length=max_length, what="N")
+    if not 1 <= h.shape[0] <= max_rows:
+        raise MessageError(f"{source}: a release of {h.shape[0]} rows, expected 1 <= N <= {max_rows}")
+    if mask.is_floating_point() or mask.is_complex() or tuple(mask.shape) != tuple(h.shape[:2]) or not bool(
+            ((mask == 0) | (mask == 1)).all()):
+        raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)} / dtype {mask.dtype}, "
+                           f"expected integer {tuple(h.shape[:2])} of 0/1")
+    return h, mask.long()
 
 
 def train_message(node: int, round_: int, z: torch.Tensor, resumed_after: int) -> Message:

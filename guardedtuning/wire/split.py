@@ -105,10 +105,97 @@ def acts_record(arrays: dict[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
     return out
 
 
-def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, kind: str) -> ClientActs:
+MAX_TOKEN_NORM = 1e6
+"""Largest L2 norm the server accepts for one released token vector (after the cast to float32).
+
+A generous constant, not a privacy parameter: hidden states of the supported models have
+per-token norms of at most a few thousand, and the token noise of any sensible
+``privacy.*`` setting adds far less than 1e6 (Gaussian/laplace noise of scale
+``privacy.clip * sqrt(2 ln(1.25/delta)) / epsilon`` per coordinate stays below 1e4 for
+``epsilon >= 0.1``, ``clip <= 1`` and D <= 4096). At 1e6 the top's attention logits are at
+most ~1e12, far from float32's 3.4e38, so an accepted vector cannot overflow the top's
+first layer; what still overflows later is caught by the top step
+(:func:`guardedtuning.training.top_step` drops the sender). See docs/recipes.md.
+"""
+MAX_SEQUENCE = 4096
+"""Ceiling on T when the caller passes no ``max_length`` (the drivers pass ``model.max-length``)."""
+
+
+def checked_activations(h: torch.Tensor, *, source: str, hidden: int, max_length: int,
+                        what: str = "B") -> torch.Tensor:
+    """Released activations as float32, checked after the cast: (rows, T, ``hidden``), T <= ``max_length``.
+
+    Parameters
+    ----------
+    h : torch.Tensor
+        The decoded activations, any float dtype (float64 values beyond float32 become inf in the cast).
+    source : str
+        Who sent them, for the error message.
+    hidden : int
+        The model's hidden size D.
+    max_length : int
+        ``model.max-length``: the longest sequence a client tokenizes.
+    what : str
+        The name of the row dimension in the error message (``B`` or ``N``).
+
+    Returns
+    -------
+    torch.Tensor
+        ``h`` as float32; every value finite and every token's L2 norm <= :data:`MAX_TOKEN_NORM`.
+
+    Raises
+    ------
+    MessageError
+        On a wrong dtype or shape, T > ``max_length``, or a value that is non-finite after the
+        cast or a token norm beyond :data:`MAX_TOKEN_NORM`.
+    """
+    if not h.is_floating_point() or h.dim() != 3 or h.shape[2] != hidden:
+        raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, "
+                           f"expected float ({what}, T, {hidden})")
+    if not h.shape[1] <= max_length:
+        raise MessageError(f"{source}: activations have sequence length T = {h.shape[1]}, expected at most {max_length} "
+                           "(`model.max-length`); the client must truncate to it")
+    h = h.to(torch.float32)  # float64 beyond float32's range becomes inf here: checked below
+    if not bool(torch.isfinite(h).all()):
+        raise MessageError(f"{source}: activations are non-finite after the cast to float32 (a value beyond "
+                           f"+-3.4e38 or NaN/inf); send float32 token vectors of norm <= {MAX_TOKEN_NORM:g}")
+    if h.numel():
+        worst = float(h.double().norm(dim=-1).max())
+        if not worst <= MAX_TOKEN_NORM:
+            raise MessageError(f"{source}: a token vector has L2 norm {worst:.3g}, beyond MAX_TOKEN_NORM = "
+                               f"{MAX_TOKEN_NORM:g} (wire/split.py); the client's activations are corrupt")
+    return h
+
+
+def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, kind: str,
+                max_length: int = MAX_SEQUENCE) -> ClientActs:
     """A client's released activations, checked before they touch the top.
 
-    ``num_labels`` is the number of classes (encoders) or the vocabulary size (decoders).
+    Parameters
+    ----------
+    msg : Message
+        The client's reply.
+    hidden : int
+        The hidden size D.
+    max_batch : int
+        The most rows a batch may have (0 rows is an empty Poisson batch under DP-SGD).
+    num_labels : int
+        The number of classes (encoders) or the vocabulary size (decoders).
+    kind : str
+        ``"encoder"`` or ``"decoder"``.
+    max_length : int
+        ``model.max-length``: T may not exceed it.
+
+    Returns
+    -------
+    ClientActs
+        ``h`` float32 (B, T, D), finite, each token's norm <= :data:`MAX_TOKEN_NORM`
+        (:func:`checked_activations`); ``mask`` (B, T) of 0/1; checked labels.
+
+    Raises
+    ------
+    MessageError
+        When anything in the reply is missing, malformed or out of bounds (the reason names it).
     """
     source = f"reply of node {msg.metadata.src_node_id}"
     record = get_record(msg.content, ACTS_KEY, ArrayRecord, source=source, sender="ClientApp")
@@ -119,13 +206,16 @@ def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, k
         if key not in acts:
             raise MessageError(f"{source}: activations record lacks {key!r}")
     h, mask, labels = acts["h"], acts["mask"], acts["labels"]
-    if not h.is_floating_point() or h.dim() != 3 or h.shape[2] != hidden:
-        raise MessageError(f"{source}: activations have shape {tuple(h.shape)} / dtype {h.dtype}, "
-                           f"expected float (B, T, {hidden})")
+    h = checked_activations(h, source=source, hidden=hidden, max_length=max_length)
     b, t = h.shape[0], h.shape[1]
     if not 0 <= b <= max_batch:  # 0: an empty Poisson batch under DP-SGD
         raise MessageError(f"{source}: batch of {b} rows, expected 0..{max_batch}")
+    if mask.is_floating_point() or labels.is_floating_point() or mask.is_complex():
+        raise MessageError(f"{source}: mask and labels must be integer arrays but are {mask.dtype} / {labels.dtype}")
     if b == 0:
+        if mask.numel() or labels.numel():
+            raise MessageError(f"{source}: an empty batch carries {mask.numel()} mask and {labels.numel()} label "
+                               "values, expected none")
         return ClientActs(h, mask.reshape(0, t), labels.reshape(0) if kind == "encoder" else labels.reshape(0, t))
     if tuple(mask.shape) != (b, t) or not bool(((mask == 0) | (mask == 1)).all()):
         raise MessageError(f"{source}: attention mask has shape {tuple(mask.shape)}, expected ({b}, {t}) of 0/1")
@@ -154,10 +244,12 @@ def dequantize(record: ArrayRecord, *, source: str) -> torch.Tensor:
         if scales.dtype != np.float32 or scales.shape != codes.shape[:2] or not np.isfinite(scales).all():
             raise ValueError(f"scales {scales.dtype} {scales.shape} (finite float32 (B, T) expected)")
         bits, dim = int(meta[0]), int(meta[1])
+        if bits not in (4, 8):
+            raise ValueError(f"{bits}-bit codes (4 or 8 expected)")
         if codes.shape[2] != (dim if bits == 8 else (dim + 1) // 2):
             raise ValueError(f"{codes.shape[2]} code columns for {bits}-bit values of dimension {dim}")
         h = dequantize_activations(QuantizedActivations.from_arrays(arrays))
-    except (KeyError, ValueError, IndexError, TypeError) as exc:
+    except (KeyError, ValueError, IndexError, TypeError, RuntimeError) as exc:
         raise MessageError(f"{source}: quantized activations cannot be decoded ({exc})") from exc
     if not torch.isfinite(h).all():
         raise MessageError(f"{source}: quantized activations decode to non-finite values")
