@@ -1,4 +1,4 @@
-"""ClientPrivacy: the private seed, the release path, DP-SGD sampling and budget, persistence (no Flower)."""
+"""ClientPrivacy: fresh randomness, the message sequence, the release path, DP-SGD sampling and budget, persistence (no Flower)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from flwr.app import RecordDict
 from guardedtuning.clients.common import privacy_state, save_privacy
 from guardedtuning.config import build_config
 from guardedtuning.data.batches import batch_indices
-from guardedtuning.privacy.client import ACCOUNTANT_KEY, SEED_KEY, ClientPrivacy
+from guardedtuning.errors import MessageError
+from guardedtuning.privacy.client import ACCOUNTANT_KEY, ROWS_KEY, SEQUENCE_KEY, ClientPrivacy
 from guardedtuning.privacy.dpsgd import DPAccountant, poisson_batch_indices
 from guardedtuning.privacy.mechanisms import DChiMechanism, NoMechanism
 from guardedtuning.privacy.randomness import STREAM_TOKEN_NOISE, derive_seed, make_generator
@@ -25,13 +26,30 @@ def _open(cfg, state=None, **kw):
                                     mechanism=kw.pop("mechanism", NoMechanism()), state=state or {}, **kw)
 
 
-def test_the_private_seed_is_drawn_once_and_persists():
+def test_by_default_every_draw_is_fresh_and_no_seed_is_kept():
     cfg = _cfg()
-    first = _open(cfg)
-    saved = first.to_state()
-    assert saved == {SEED_KEY: {"seed": first.seed}}
-    again = _open(cfg, saved)
-    assert again.seed == first.seed and _open(cfg).seed != first.seed  # a fresh state draws a fresh seed
+    first = _open(cfg, mechanism=DChiMechanism(eta=5.0))
+    assert first.fresh and first.to_state() == {}
+    h, mask, ids = torch.zeros(1, 4, 8), torch.ones(1, 4, dtype=torch.long), torch.arange(4).reshape(1, 4)
+    one = first.release(h, mask, input_ids=ids, step=0)["h"]
+    assert not torch.equal(one, first.release(h, mask, input_ids=ids, step=0)["h"])  # same step, new noise
+
+
+def test_the_sequence_admits_only_the_next_message_and_persists():
+    priv = _open(_cfg())
+    priv.admit(round_=1, step=0, resumed_after=0, source="m")
+    priv.admit(round_=1, step=1, resumed_after=0, source="m")
+    again = _open(_cfg(), priv.to_state())
+    assert again.to_state()[SEQUENCE_KEY] == {"round": 1, "step": 1, "resumed": 0}
+    for round_, step in ((1, 1), (1, 0), (1, 3), (2, 1), (0, 0)):
+        with pytest.raises(MessageError, match="not the next"):
+            again.admit(round_=round_, step=step, resumed_after=0, source="m")
+    again.admit(round_=3, step=0, resumed_after=0, source="m")  # a client not sampled in round 2
+    with pytest.raises(MessageError, match="`steps` is 4 but"):
+        again.admit(round_=4, step=0, resumed_after=0, source="m", steps=4, planned_steps=6)
+    again.admit(round_=2, step=0, resumed_after=1, source="m")  # restarted after round 1: round 2 re-sent
+    with pytest.raises(MessageError, match="not the next round"):
+        again.admit(round_=2, step=0, resumed_after=1, source="m")
 
 
 def test_a_fixed_noise_seed_is_derived_per_client_and_not_stored():
@@ -67,14 +85,17 @@ def test_release_is_the_mechanism_on_the_private_stream_then_quantized():
     assert set(quantized) == {"codes", "scales", "meta", "mask"} and quantized["codes"].dtype == np.uint8
 
 
-def test_rows_are_poisson_from_the_private_seed_only_under_dp():
+def test_rows_are_poisson_only_under_dp_fresh_by_default_and_seeded_on_opt_in():
     plain = _open(_cfg())
     np.testing.assert_array_equal(plain.rows(40, step=5, batch_size=8, public_seed=0),
                                   batch_indices(40, 8, 5, seed=0, client=3))
     dp = _open(_cfg(**{"dp.enabled": True}))
-    np.testing.assert_array_equal(dp.rows(40, step=5, batch_size=8, public_seed=0),
-                                  poisson_batch_indices(40, sample_rate=dp.plan.sample_rate, step=5, seed=dp.seed,
-                                                        client=3))
+    rows = dp.rows(40, step=5, batch_size=8, public_seed=0)
+    np.testing.assert_array_equal(dp.to_state()[ROWS_KEY]["rows"], rows)  # kept for the backward
+    fixed = _open(_cfg(**{"dp.enabled": True, "privacy.noise-seed": 11}))
+    np.testing.assert_array_equal(fixed.rows(40, step=5, batch_size=8, public_seed=0),
+                                  poisson_batch_indices(40, sample_rate=fixed.plan.sample_rate, step=5,
+                                                        seed=fixed.seed, client=3))
 
 
 def test_a_resumed_client_without_its_accountant_charges_the_rounds_before_the_restart():
@@ -85,7 +106,7 @@ def test_a_resumed_client_without_its_accountant_charges_the_rounds_before_the_r
     assert _open(cfg, round_=2, resumed_after=5).accountant.steps == cfg.train.local_steps  # min(resumed, round - 1)
     # a client that kept its accountant is not charged again
     kept = _open(cfg, fresh.to_state(), round_=3, resumed_after=2)
-    assert kept.accountant.steps == 2 * cfg.train.local_steps and kept.seed == fresh.seed
+    assert kept.accountant.steps == 2 * cfg.train.local_steps
 
 
 def test_budget_and_report_under_dp():
@@ -104,6 +125,8 @@ def test_state_round_trips_through_context_state():
     cfg = _cfg(**{"dp.enabled": True})
     priv = _open(cfg)
     priv.charge(steps=3)
+    priv.admit(round_=2, step=0, resumed_after=1, source="m")
+    rows = priv.rows(40, step=6, batch_size=8, public_seed=0)
     state = RecordDict()
 
     class Ctx:  # the one attribute save_privacy reads
@@ -115,8 +138,10 @@ def test_state_round_trips_through_context_state():
     back = privacy_state(state)
     acc = DPAccountant()
     acc.load_state_dict(back[ACCOUNTANT_KEY])
-    assert int(back[SEED_KEY]["seed"]) == priv.seed and acc.steps == 3
-    assert _open(cfg, back).accountant.steps == 3
+    assert acc.steps == 3
+    again = _open(cfg, back)
+    assert again.accountant.steps == 3 and again.sequence == (2, 0, 1)
+    np.testing.assert_array_equal(again.rows(40, step=6, batch_size=8, public_seed=0, again=True), rows)
 
 
 def test_backward_without_dp_is_the_plain_backward_through_the_clip():
