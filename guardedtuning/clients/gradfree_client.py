@@ -90,8 +90,9 @@ def release_rows(bottom: Bottom, batch: Batch, priv: ClientPrivacy, device: torc
                  round_: int) -> Released:
     """Perturbed activations (and mask) of every row of ``batch``, in chunks of ``chunk`` rows; no labels.
 
-    Each chunk goes through :meth:`ClientPrivacy.release` (noise stream ``(round - 1) *
-    chunks + c``); quantized chunks concatenate row-wise, since their scales are per token.
+    Each chunk goes through :meth:`ClientPrivacy.release` (fresh noise; with a fixed
+    ``privacy.noise-seed`` the stream ``(round - 1) x chunks + c``); quantized chunks
+    concatenate row-wise, since their scales are per token.
     """
     starts = list(range(0, len(batch), chunk))
     parts = []

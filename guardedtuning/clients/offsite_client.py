@@ -52,7 +52,7 @@ def offsite_train(setup: ClientSetup, priv: ClientPrivacy, train: OffsiteTrain, 
     """``train.local-steps`` steps of the adapters on the emulator from ``start``; the update and the losses.
 
     Plain AdamW in train mode with dropout seeded by (seed, client, round), or DP-SGD on
-    Poisson batches from the private seed (:meth:`ClientPrivacy.train`).
+    Poisson batches and noise from fresh OS entropy (:meth:`ClientPrivacy.train`).
     """
     cfg, device = setup.cfg, setup.device
     model = client_emulator(cfg.model, cfg.offsite, cfg.lora, load_task(cfg.data, cfg.seed).num_labels,

@@ -79,8 +79,8 @@ class PrivacyConfig:
     quantize_bits: int = _opt(0, "uplink activation quantization: 0 (off), 8 or 4 bits")
     noise_seed: int = _opt(
         -1,
-        "-1 draws each client's noise and sampling seed from the OS (needed for the guarantee); "
-        ">= 0 makes them reproducible, and known to anyone who knows the run config",
+        "-1 draws every noise and sampling draw from fresh OS entropy (needed for the guarantee); "
+        ">= 0 makes them reproducible for tests and benchmarks, which voids the guarantee",
     )
 
     def __post_init__(self) -> None:
