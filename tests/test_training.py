@@ -107,3 +107,25 @@ def test_optimizer_state_round_trip_continues_exactly():
     step(b, opt_b2)
     for (n, pa), (_, pb) in zip(trainable_state(a).items(), trainable_state(b).items(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_top_step_refuses_a_non_finite_client_before_anything_steps():
+    """A client whose loss overflows is named (NonFiniteClients) and the top, and its optimizer, are unchanged."""
+    import pytest
+
+    from guardedtuning.training import NonFiniteClients
+
+    model = _model()
+    b = _batch(model, ["good movie", "awful"], [2, 0])
+    good = ClientActs(forward_activations(model.bottom, b, torch.device("cpu")), b.attention_mask, b.labels)
+    bad = ClientActs(torch.full_like(good.h, 3e38), b.attention_mask, b.labels)
+    opt = make_optimizer(model.top, lr=0.1)
+    before = trainable_state(model.top)
+    with pytest.raises(NonFiniteClients) as info:
+        top_step(model.top, opt, [good, bad], torch.device("cpu"))
+    assert set(info.value.reasons) == {1} and "non-finite" in info.value.reasons[1]
+    after = trainable_state(model.top)
+    assert all(torch.equal(before[n], after[n]) for n in before) and not opt.state
+    grads, losses = top_step(model.top, opt, [good], torch.device("cpu"))  # the others alone: a finite step
+    assert bool(torch.isfinite(grads[0]).all()) and np.isfinite(losses).all()
+    assert any(not torch.equal(before[n], v) for n, v in trainable_state(model.top).items())
