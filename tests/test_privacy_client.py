@@ -60,6 +60,9 @@ def test_a_fixed_noise_seed_is_derived_per_client_and_not_stored():
 def test_no_mechanism_and_no_dp_need_no_seed():
     priv = _open(_cfg(**{"privacy.mechanism": "none"}))
     assert priv.seed == 0 and priv.to_state() == {} and not priv.dp
+    priv.admit(round_=1, step=0, resumed_after=0, source="m")  # no noise to protect: no sequence kept
+    priv.admit(round_=1, step=0, resumed_after=0, source="m")
+    assert priv.to_state() == {} and not priv.ordered
     assert priv.budget_spent(steps=10**6) is False and priv.epsilon() is None and priv.metrics() == {}
 
 

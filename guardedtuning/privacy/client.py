@@ -147,6 +147,9 @@ class ClientPrivacy:
         Whether every draw takes fresh OS entropy (the default of :meth:`for_client`).
     sequence
         ``(round, step, resumed-after)`` of the last message :meth:`admit` accepted.
+    ordered
+        Whether :meth:`admit` enforces the sequence: on whenever there is noise to protect (a
+        token mechanism or DP-SGD); without, a replay would only show what the server sees anyway.
     kept_rows
         The Poisson rows drawn for one global step, ``{step: rows}`` (fresh draws under
         DP-SGD), kept so that the backward recomputes the batch that was released.
@@ -160,6 +163,7 @@ class ClientPrivacy:
     pid: int = 0
     fresh: bool = False
     sequence: tuple[int, int, int] = (0, -1, 0)
+    ordered: bool = True
     kept_rows: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -197,7 +201,7 @@ class ClientPrivacy:
             kept = {int(np.asarray(state[ROWS_KEY]["step"]).reshape(-1)[0]):
                     np.asarray(state[ROWS_KEY]["rows"], dtype=np.int64).reshape(-1)}
         priv = cls(seed=seed, mechanism=mechanism, knobs=cfg.privacy, plan=plan, accountant=accountant, pid=pid,
-                   fresh=needs_noise and not fixed, sequence=sequence, kept_rows=kept)
+                   fresh=needs_noise and not fixed, sequence=sequence, ordered=needs_noise, kept_rows=kept)
         if accountant is not None:
             if ACCOUNTANT_KEY in state:
                 accountant.load_state_dict({k: np.asarray(v) for k, v in state[ACCOUNTANT_KEY].items()})
@@ -245,11 +249,14 @@ class ClientPrivacy:
             0 must open a round later than the last one this client took part in (or the round
             right after a new, larger ``resumed-after``: a restarted run), step s > 0 must
             follow step s - 1 of the same round. A replayed or skipped step would let the
-            server ask for two releases of one step (e.g. under two adapters).
+            server ask for two releases of one step (e.g. under two adapters). The
+            sequence is enforced only when ``ordered`` (there is noise to protect).
         """
         if steps is not None and planned_steps is not None and steps != planned_steps:
             raise MessageError(f"{source}: `steps` is {steps} but this client plans train.local-steps = "
                                f"{planned_steps}; a server asking for other step counts is refused")
+        if not self.ordered:
+            return
         last_round, last_step, resumed = self.sequence
         if step == 0:
             restart = resumed_after > resumed and round_ == resumed_after + 1
