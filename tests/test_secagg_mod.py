@@ -169,3 +169,32 @@ def test_importing_the_secagg_package_does_not_import_torch():
             "assert callable(secagg_mod); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_one_client_shifts_the_secure_mean_by_at_most_its_clip_and_max_weight():
+    """The bound docs/privacy-evaluation.md states: a client running the shipped mod, sending +1e6 with
+    num-examples 1e12, moves each coordinate of the mean by at most 2 * clip * M / (M + W)."""
+    # M = 1 makes the bound (0.008) tighter than an uncapped 1e12 weight would keep (~0.01)
+    clip, max_weight, honest_step, honest_weight = 0.02, 1, 0.01, 1.0
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        a = msg.content["arrays"]
+        bad = context.node_id == 1000
+        step, weight = (1e6, 1e12) if bad else (honest_step, honest_weight)
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(a[k].numpy() + np.float32(step))
+                                                          for k in a.keys()}),
+                                   "metrics": MetricRecord({"num-examples": weight})}), reply_to=msg)
+
+    secure = SecureAggregation(fedavg(), num_sampled_clients=5, seed=3, density=1.0, bits=8, clip=clip,
+                               max_weight=max_weight, timeout=5.0)
+    result = secure.start(LocalGrid(app, 5, {}), zeros(), num_rounds=1, timeout=5)
+    assert result.train_metrics_clientapp[1]["clients"] == 5  # the attacker's reply was aggregated
+    total = 4 * honest_weight
+    bound = 2 * clip * max_weight / (max_weight + total)
+    quant = clip / 127
+    for k in SHAPES:
+        shift = np.abs(result.arrays[k].numpy() - honest_step)
+        assert shift.max() <= bound + quant
+        assert shift.min() >= 0.5 * (clip - honest_step) * max_weight / (max_weight + total)  # it did push
