@@ -121,10 +121,11 @@ def test_every_client_handler_is_thin():
 @pytest.mark.parametrize("name", RECIPE_NAMES)
 def test_each_recipe_builds_and_validates_its_own_config(name):
     from guardedtuning import recipes
+    from guardedtuning.recipes.base import resolve
 
     cfg = recipes.config_for(name)
     assert cfg.recipe == name
     recipe = recipes.get(name)
     recipe.validate(cfg)
-    assert (recipe.driver.partition(":")[2]) and callable(__import__("guardedtuning.recipes.base", fromlist=["x"])
-                                                           .resolve(recipe.driver))
+    assert callable(resolve(recipe.driver))
+    assert all(callable(resolve(path)) for path in recipe.handlers.values())

@@ -19,7 +19,7 @@ from typing import Any
 from guardedtuning.config import RunConfig
 from guardedtuning.config import build_config as build_structural
 from guardedtuning.errors import ConfigError
-from guardedtuning.recipes.base import ADAPTER_UPDATES, RELEASED_ACTIVATIONS, Recipe
+from guardedtuning.recipes.base import ADAPTER_UPDATES, RELEASED_ACTIVATIONS, Recipe, resolve
 
 DEFAULT = "guarded"
 
@@ -77,6 +77,4 @@ def message_handlers() -> dict[str, Any]:
         for mtype, path in recipe.handlers.items():
             if out.setdefault(mtype, path) != path:
                 raise RuntimeError(f"message type {mtype!r} has two handlers: {out[mtype]} and {path}")
-    from guardedtuning.recipes.base import resolve
-
     return {mtype: resolve(path) for mtype, path in out.items()}

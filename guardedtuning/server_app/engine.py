@@ -141,7 +141,7 @@ class Design(ABC):
 
     @abstractmethod
     def set_global(self, state: dict[str, torch.Tensor]) -> None:
-        """Install the aggregated global state (also into the model that is evaluated)."""
+        """Install a global state (also into the model that is evaluated): the aggregate, or a checkpoint's."""
 
     def round_config(self, rnd: Round) -> dict[str, Any]:
         """The ``config`` record of the round's first message (beside what the strategy adds)."""
@@ -169,7 +169,7 @@ class Design(ABC):
 
     @abstractmethod
     def restore(self, state: dict[str, Any]) -> None:
-        """Load :meth:`checkpoint`'s output."""
+        """Load :meth:`checkpoint`'s output (the global state through :meth:`set_global`)."""
 
     def finish(self) -> None:
         """After the last round (e.g. a design's own block of the record); nothing by default."""
@@ -222,7 +222,6 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
             design.set_global(record_to_tensors(new, source="aggregate"))
         else:
             log.warning("round %d: no valid update; the %s are unchanged", number, design.what)
-            design.set_global(design.global_state())
         metrics, extra = design.evaluate(rnd)
         rec.add_round(number, utility=metrics["utility"],
                       train_loss=statistics.fmean(outcome.losses) if outcome.losses else None, epsilon=epsilon,

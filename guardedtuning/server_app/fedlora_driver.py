@@ -54,7 +54,7 @@ class FedLoraDesign(Design):
         return {"global": self.state}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.state = state["global"]
+        self.set_global(state["global"])
 
 
 def run_fedlora(grid: Grid, run: ServerRun) -> dict[str, float]:

@@ -116,7 +116,7 @@ class GradfreeDesign(Design):
         return {"global_head": self.state}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.state = state["global_head"]
+        self.set_global(state["global_head"])
 
 
 def run_gradfree(grid: Grid, run: ServerRun) -> dict[str, float]:

@@ -225,7 +225,7 @@ class OffsiteDesign(Design):
         return {"global": self.state, "reference": self.reference.state if self.reference is not None else None}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.state = state["global"]
+        self.set_global(state["global"])
         if self.reference is not None and state.get("reference") is not None:
             self.reference.state = state["reference"]
 

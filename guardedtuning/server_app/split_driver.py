@@ -115,7 +115,7 @@ class SplitDesign(Design):
                 "top_opt": self.top_opt.state_dict() if self.top_opt is not None else None}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.bottom = state["global_bottom"]
+        self.set_global(state["global_bottom"])
         load_trainable(self.model.top, state["top"], source="checkpoint")
         if self.top_opt is not None:
             self.top_opt.load_state_dict(state["top_opt"])
