@@ -33,14 +33,9 @@ STREAM_DP_NOISE = 2
 STREAM_DP_SAMPLING = 3
 
 
-def private_seed() -> int:
-    """A 63-bit seed from the operating system's entropy source."""
-    return secrets.randbits(63)
-
-
 def fresh_seed() -> int:
-    """A new 63-bit seed from the OS's CSPRNG, for one draw (:func:`private_seed`, named for its use)."""
-    return private_seed()
+    """A new 63-bit seed from the operating system's CSPRNG (:mod:`secrets`), for one draw."""
+    return secrets.randbits(63)
 
 
 def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -51,11 +46,6 @@ def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(fresh_seed())
     return gen
-
-
-def client_seed(noise_seed: int) -> int:
-    """``privacy.noise-seed``: -1 draws a private seed, ``>= 0`` is used as given (reproducible, no guarantee)."""
-    return private_seed() if noise_seed < 0 else noise_seed
 
 
 def derive_seed(seed: int, *stream: int) -> int:
