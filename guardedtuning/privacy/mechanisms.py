@@ -9,11 +9,20 @@ One interface, :class:`TokenMechanism`, with thin subclasses:
 - :class:`GaussianMechanism` and :class:`LaplaceMechanism`: (epsilon, delta)- and
   epsilon-DP baselines per token vector, calibrated to the L2 clip.
 
-Every mechanism treats each token vector (one row of ``h`` (B, T, D)) as the unit of
-privacy: the guarantees below are *local and per token vector*; a sequence of T tokens
-composes (T times the epsilon for the DP baselines). Padding positions are released as
-zeros: at a cut after k >= 1 blocks they attend to the real tokens and would otherwise
-carry them out unprotected (the top masks them as keys and the loss ignores them).
+Every mechanism treats each released position (one row of ``h`` (B, T, D)) as the unit
+of privacy: the guarantees below are *local, per released position and per release*.
+At a cut after k >= 1 blocks each position's vector depends on the whole sequence, so
+the neighbouring inputs are any two sequences, and the bound is on the distance of the
+two vectors released at that position (``2 * clip`` at most): it is not a bound on one
+token's identity alone. A sequence of T positions composes (T times the epsilon), and an
+example released R times in a run composes by basic composition: R times the
+per-release figure at each position (``describe(releases=R)`` states the composed
+epsilon; the run's record says how often an example is released). Where no clip bounds
+the distance, or eta differs across tokens (PrivTune importance), the record's
+``calibration`` says ``no bound`` and why instead of a calibration line. Padding positions
+are released as zeros: at a cut after k >= 1 blocks they attend to the real tokens and
+would otherwise carry them out unprotected (the top masks them as keys and the loss
+ignores them).
 
 Call it in the client's split step, before release::
 
@@ -45,15 +54,44 @@ from guardedtuning.privacy.dchi import clip_tokens, sample_dchi_noise
 DESCRIBE_KEYS = (
     "mechanism", "eta", "eta_min", "eta_max", "clip", "rho", "mean_shift_bound",
     "epsilon", "delta", "sigma", "laplace_scale", "calibration",
+    "unit", "composition", "releases", "epsilon_run", "importance",
 )
 
+UNIT = ("per released position: each cut vector depends on the whole sequence, so neighbours are any two "
+        "sequences and the distance is between the two vectors released at that position")
+COMPOSITION = ("basic composition per release: an example released R times in a run gets R x the per-release "
+               "epsilon at each position (R x eta x distance for d_chi); R is the number of releases of that "
+               "example (see the record's scope), a sequence of T positions T x that")
+IMPORTANCE = ("per-token eta from token importance computed on the client's own labelled rows: eta_t can be read "
+              "back from a release (the noise norm is D / eta_t on average), so a release shows which tokens the "
+              "client's labels make class-discriminative; no bound covers this (derive importance from public "
+              "data, or set privacy.importance-strength=0)")
 
-def _describe(**values: Any) -> dict[str, Any]:
-    """The same keys for every mechanism; ``None`` where a figure does not apply."""
+
+def _describe(*, releases: int | None = None, **values: Any) -> dict[str, Any]:
+    """The same keys for every mechanism; ``None`` where a figure does not apply.
+
+    With ``releases`` (R >= 1) the per-release ``epsilon`` is also composed over R releases
+    (``epsilon_run = R * epsilon``, basic composition); a mechanism with a noise (anything
+    but ``none``) states its unit and how composition is counted.
+    """
     unknown = set(values) - set(DESCRIBE_KEYS)
     if unknown:
         raise KeyError(f"unknown describe() keys {sorted(unknown)}")
-    return {k: values.get(k) for k in DESCRIBE_KEYS}
+    if releases is not None and (isinstance(releases, bool) or not isinstance(releases, int) or releases < 1):
+        raise ValueError(f"releases must be an integer >= 1 (how often an example is released) but is {releases!r}")
+    out = {k: values.get(k) for k in DESCRIBE_KEYS}
+    if out["mechanism"] != "none":
+        out["unit"], out["composition"] = UNIT, COMPOSITION
+        if releases is not None:
+            out["releases"] = releases
+            out["epsilon_run"] = releases * out["epsilon"] if out["epsilon"] is not None else None
+    return out
+
+
+def no_bound(reason: str) -> str:
+    """The ``calibration`` of a mechanism that states no epsilon: ``no bound: <reason>``."""
+    return f"no bound: {reason}"
 
 
 class TokenMechanism(ABC):
@@ -90,8 +128,12 @@ class TokenMechanism(ABC):
                  generator: torch.Generator) -> torch.Tensor: ...
 
     @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """Figures for ``results.json``: keys :data:`DESCRIBE_KEYS`, ``None`` where n/a."""
+    def describe(self, *, releases: int | None = None) -> dict[str, Any]:
+        """Figures for ``results.json``: keys :data:`DESCRIBE_KEYS`, ``None`` where n/a.
+
+        ``releases``: how many times an example is released in the run; with it,
+        ``epsilon_run`` is the per-release epsilon composed over them (basic composition).
+        """
 
 
 class NoMechanism(TokenMechanism):
@@ -107,8 +149,8 @@ class NoMechanism(TokenMechanism):
                  generator: torch.Generator) -> torch.Tensor:
         return h
 
-    def describe(self) -> dict[str, Any]:
-        return _describe(mechanism=self.name)
+    def describe(self, *, releases: int | None = None) -> dict[str, Any]:
+        return _describe(mechanism=self.name, calibration=no_bound("no mechanism: the activations are released as is"))
 
 
 class DChiMechanism(TokenMechanism):
@@ -132,10 +174,16 @@ class DChiMechanism(TokenMechanism):
         return x + sample_dchi_noise(tuple(x.shape[:-1]), dim=x.shape[-1], eta=self.eta, generator=generator,
                                      device=x.device, dtype=x.dtype)
 
-    def describe(self) -> dict[str, Any]:
-        eps = 2 * self.eta * self.clip if self.clip > 0 else None
+    def describe(self, *, releases: int | None = None) -> dict[str, Any]:
+        if self.clip > 0:
+            eps: float | None = 2 * self.eta * self.clip
+            cal = (f"d_chi, per released position and release: eta * ||x - x'|| <= 2 * eta * clip = {eps:.6g} "
+                   "(clipped vectors are at most 2 * clip apart)")
+        else:
+            eps, cal = None, no_bound("no clip bounds ||x - x'||: d_chi gives exp(eta * ||x - x'||) per release, "
+                                      "which is unbounded over inputs (set privacy.clip > 0 for an epsilon)")
         return _describe(mechanism=self.name, eta=self.eta, eta_min=self.eta, eta_max=self.eta,
-                         clip=self.clip or None, epsilon=eps, calibration="d_chi: eta * ||x - x'||")
+                         clip=self.clip or None, epsilon=eps, calibration=cal, releases=releases)
 
 
 class PrivTuneMechanism(TokenMechanism):
@@ -203,13 +251,24 @@ class PrivTuneMechanism(TokenMechanism):
     def uniform_eta(self) -> bool:
         return self.token_eta is None or bool((self.token_eta == self.token_eta[0]).all())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, releases: int | None = None) -> dict[str, Any]:
         lo = float(self.token_eta.min()) if self.token_eta is not None else self.eta
         hi = float(self.token_eta.max()) if self.token_eta is not None else self.eta
-        eps = hi * (2 * self.clip + 2 * self.rho) if self.clip > 0 and self.uniform_eta else None
+        uniform = self.uniform_eta
+        eps = hi * (2 * self.clip + 2 * self.rho) if self.clip > 0 and uniform else None
+        if not uniform:
+            cal = no_bound(f"eta differs across tokens ({lo:.4g} to {hi:.4g}, importance scaling): two d_chi "
+                           "densities of different eta have an unbounded ratio, so positions holding tokens of "
+                           "different importance are not bounded (set privacy.importance-strength=0)")
+        elif self.clip <= 0:
+            cal = no_bound("no clip bounds ||x - x'||: d_chi gives exp(eta * (||x - x'|| + 2 rho)) per release, "
+                           "which is unbounded over inputs (set privacy.clip > 0 for an epsilon)")
+        else:
+            cal = (f"d_chi with mean shift, per released position and release: eta * (||x - x'|| + 2 rho) <= "
+                   f"eta * (2 * clip + 2 * rho) = {eps:.6g}")
         return _describe(mechanism=self.name, eta=self.eta, eta_min=lo, eta_max=hi, clip=self.clip or None,
-                         rho=self.rho, mean_shift_bound=2 * self.rho, epsilon=eps,
-                         calibration="d_chi: eta * (||x - x'|| + 2 rho)")
+                         rho=self.rho, mean_shift_bound=2 * self.rho, epsilon=eps, calibration=cal,
+                         importance=None if uniform else IMPORTANCE, releases=releases)
 
 
 def gaussian_delta(*, sigma: float, epsilon: float, sensitivity: float) -> float:
@@ -288,9 +347,11 @@ class GaussianMechanism(TokenMechanism):
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         return x + (self.sigma * noise).to(x.dtype)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, releases: int | None = None) -> dict[str, Any]:
         return _describe(mechanism=self.name, clip=self.clip, epsilon=self.epsilon, delta=self.delta,
-                         sigma=self.sigma, calibration="analytic Gaussian (Balle & Wang 2018), L2 sensitivity 2*clip")
+                         sigma=self.sigma, releases=releases,
+                         calibration="analytic Gaussian (Balle & Wang 2018), L2 sensitivity 2*clip, per released "
+                                     "position and release (R releases: R x epsilon and R x delta, basic composition)")
 
 
 class LaplaceMechanism(TokenMechanism):
@@ -323,10 +384,11 @@ class LaplaceMechanism(TokenMechanism):
         e = torch.empty((2, *x.shape), dtype=torch.float32, device=x.device).exponential_(1.0, generator=generator)
         return x + (self.scale(self.dim) * (e[0] - e[1])).to(x.dtype)  # Exp - Exp ~ Laplace(1)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, releases: int | None = None) -> dict[str, Any]:
         return _describe(mechanism=self.name, clip=self.clip, epsilon=self.epsilon,
-                         laplace_scale=self.scale(self.dim) if self.dim else None,
-                         calibration="Laplace per coordinate, L1 sensitivity 2*clip*sqrt(D)")
+                         laplace_scale=self.scale(self.dim) if self.dim else None, releases=releases,
+                         calibration="Laplace per coordinate, L1 sensitivity 2*clip*sqrt(D), per released position "
+                                     "and release")
 
 
 def make_mechanism(

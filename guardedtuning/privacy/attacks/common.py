@@ -65,8 +65,27 @@ def soft_embed(bottom: Bottom, word_vectors: torch.Tensor) -> torch.Tensor:
 
 
 def bottom_from_vectors(bottom: Bottom, word_vectors: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Cut activations (B, T, D) for word vectors (B, T, D): the relaxed forward of the bottom."""
-    return bottom.blocks.run(soft_embed(bottom, word_vectors), attention_mask)
+    """Released-shape activations (B, T, k) for word vectors (B, T, D): the relaxed forward of the bottom.
+
+    It runs the bottom's own ``forward`` with its ``embed`` replaced by the soft embedding of
+    ``word_vectors``, so whatever the bottom does after the blocks (e.g. a client-side
+    projection to a lower release dimension) is applied too.
+    """
+    embedded = soft_embed(bottom, word_vectors)
+    dummy = torch.zeros(attention_mask.shape, dtype=torch.long, device=attention_mask.device)
+    bottom.embed = lambda _ids: embedded  # type: ignore[method-assign]  # instance attribute, removed below
+    try:
+        return bottom(dummy, attention_mask)
+    finally:
+        del bottom.embed
+
+
+def release_dim(bottom: Bottom) -> int:
+    """The dimension of the vectors ``bottom`` outputs (its hidden size, or a lower release dimension)."""
+    with torch.no_grad():
+        device = bottom.word_embeddings().device
+        ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+        return int(bottom(ids, torch.ones_like(ids)).shape[-1])
 
 
 @torch.no_grad()
