@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from guardedtuning import codecs as C
 from guardedtuning.errors import MessageError
 from guardedtuning.strategies.secagg import ClientSecAgg, RoundRefused, ServerSecAgg
+from guardedtuning.strategies.secagg.keys import new_identity, round_keys_statement, sign
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight, unpack_masked
 from guardedtuning.strategies.secagg.wire import (
     SHARE_KEYS,
@@ -23,7 +24,7 @@ from guardedtuning.strategies.secagg.wire import (
     from_content,
     to_content,
 )
-from tests.secagg_rounds import make_params, random_inputs, run_round
+from tests.secagg_rounds import HONEST_CLIENTS, make_params, random_inputs, run_round
 
 
 def _sum(inputs, nodes):
@@ -117,9 +118,12 @@ def test_a_client_with_other_parameters_makes_the_round_refused_not_wrong():
     params = make_params(5)
     other = dataclasses.replace(params, clip=2.0)  # another context: its pair masks do not cancel
     inputs = random_inputs(params, np.random.default_rng(6))
-    # caught early: the context is bound into the share encryption, so nobody can open its shares
-    with pytest.raises(RoundRefused, match="refused"):
-        run_round(params, inputs, client_params={params.nodes[0]: other})
+    # caught at once: the context is bound into the signature of its round keys, so the server rejects it
+    # at advertise, and the others' sum stays exact
+    srv = ServerSecAgg(params)
+    result, _, _ = run_round(params, inputs, client_params={params.nodes[0]: other}, server=srv)
+    assert any(f"node {params.nodes[0]}" in r and "not signed" in r for r in srv.rejections)
+    assert np.array_equal(result.total, _sum(inputs, params.nodes[1:])[:-1])
 
 
 def test_a_garbled_masked_vector_inside_the_field_makes_the_round_refused_not_wrong():
@@ -185,7 +189,11 @@ def test_duplicate_public_keys_are_rejected():
     def tamper(stage, node, rep):
         if stage == "advertise":
             copied.setdefault("adv", rep)
-            return copied["adv"] if node == params.nodes[1] else rep
+            if node == params.nodes[1]:  # node 1 advertises node 0's round keys, signed with its own identity
+                sk, pk = new_identity()
+                adv = copied["adv"]
+                sig = sign(sk, round_keys_statement(context=params.context, node=node, c_pk=adv.c_pk, s_pk=adv.s_pk))
+                return dataclasses.replace(adv, id_pk=pk, sig=sig)
         return rep
 
     srv = ServerSecAgg(params)
@@ -194,30 +202,36 @@ def test_duplicate_public_keys_are_rejected():
     assert np.array_equal(result.total, _sum(inputs, params.nodes[2:])[:-1])
 
 
-def _client_after_masking(params, inputs):
-    node = params.nodes[0]
-    client, _ = ClientSecAgg.start(params=params, node=node, x=inputs[node])
-    return client, node
-
-
 def test_client_refuses_a_missed_stage_and_unsafe_requests():
-    params = make_params(5)
+    params = make_params(7)  # t = 4, quorum 4
     inputs = random_inputs(params, np.random.default_rng(10))
-    client, node = _client_after_masking(params, inputs)
+    node = params.nodes[0]
+    client, _ = ClientSecAgg.start(params=params, node=node, x=inputs[node], policy=HONEST_CLIENTS)
     with pytest.raises(MessageError, match="a stage was missed"):
         client.masked_input(MaskRequest(mask_with=[], srcs=[], cts=[]))
-    # run a real round in which this client skips the unmask stage, to get it in the 'masked' state
-    _, clients, _ = run_round(params, inputs, drop={"unmask": {node}})
-    c = clients[node]
-    nb = c.mask_with
+    # a real round in which two neighbours drop before masking and this client skips the unmask stage:
+    # it is left in the 'signed' state, with the request the server sent it
+    others = [v for v in params.nodes if v != node]
+    gone = set(others[4:])
+    sent: dict = {}
+
+    def keep(stage, v, req):
+        if stage == "unmask" and v == node:
+            sent["req"] = req
+        return req
+
+    _, clients, _ = run_round(params, inputs, drop={"collect-masked": gone, "unmask": {node}}, tamper_request=keep)
+    c, req = clients[node], sent["req"]
+    nb = [v for v in c.mask_with if v not in gone]
+    assert c.stage == "signed" and req.dropped == sorted(gone)
     with pytest.raises(MessageError, match="survivor and dropped"):
-        c.unmask(UnmaskRequest(survivors=[node, nb[0]], dropped=[nb[0]], num_survivors=5))
+        c.unmask(dataclasses.replace(req, dropped=[*req.dropped, nb[0]]))
     with pytest.raises(MessageError, match="fewer than the threshold"):
-        c.unmask(UnmaskRequest(survivors=[node], dropped=nb[:1], num_survivors=params.threshold - 1))
+        c.unmask(dataclasses.replace(req, num_survivors=params.threshold - 1))
     with pytest.raises(MessageError, match="did not mask with"):
-        c.unmask(UnmaskRequest(survivors=[node, 999], dropped=[], num_survivors=5))
-    reply = c.unmask(UnmaskRequest(survivors=[node, *nb[:2]], dropped=nb[2:], num_survivors=5))
-    assert reply.b_nodes == sorted([node, *nb[:2]]) and reply.s_nodes == sorted(nb[2:])
+        c.unmask(dataclasses.replace(req, survivors=[*req.survivors, 999]))
+    reply = c.unmask(req)
+    assert reply.b_nodes == sorted([node, *nb]) and reply.s_nodes == sorted(gone)
     assert node not in reply.s_nodes  # never its own mask key
 
 
@@ -226,11 +240,12 @@ def test_client_refuses_keys_of_non_neighbours():
     node = params.nodes[0]
     stranger = next(v for v in params.nodes if v not in params.graph[node] and v != node)
     x = fold_weight(np.zeros(params.length - 1, np.uint8), weight=1, max_weight=params.max_weight)
-    client, _ = ClientSecAgg.start(params=params, node=node, x=x)
+    client, _ = ClientSecAgg.start(params=params, node=node, x=x, policy=HONEST_CLIENTS)
     from guardedtuning.strategies.secagg.wire import KeysRequest
     keys = list(params.graph[node][:3]) + [stranger]
     with pytest.raises(MessageError, match="non-neighbours"):
-        client.share_keys(KeysRequest(nodes=keys, c_pks=[b"a" * 32] * 4, s_pks=[b"b" * 32] * 4))
+        client.share_keys(KeysRequest(nodes=keys, c_pks=[b"a" * 32] * 4, s_pks=[b"b" * 32] * 4,
+                                      id_pks=[bytes([i]) * 32 for i in range(4)], sigs=[b"s" * 64] * 4))
 
 
 def test_client_state_round_trips_through_records():
@@ -239,13 +254,15 @@ def test_client_state_round_trips_through_records():
     _, clients, _ = run_round(params, inputs, drop={"unmask": {params.nodes[0]}})
     c = clients[params.nodes[0]]
     cfg, arrays = c.to_records()
-    back = ClientSecAgg.from_records(cfg, arrays, params=params)
-    assert (back.stage, back.secrets, back.peers, back.held, back.mask_with) == \
-        (c.stage, c.secrets, c.peers, c.held, c.mask_with)
+    back = ClientSecAgg.from_records(cfg, arrays, params=params, identity=c.identity, pins=c.pins)
+    assert (back.stage, back.secrets, back.peers, back.held, back.mask_with, back.signed) == \
+        (c.stage, c.secrets, c.peers, c.held, c.mask_with, c.signed)
+    assert back.stage == "signed" and back.signed == list(params.nodes)
 
 
 def test_wire_rejects_missing_keys_wrong_stage_and_misaligned_lists():
-    req = UnmaskRequest(survivors=[1, 2], dropped=[3], num_survivors=2)
+    req = UnmaskRequest(survivors=[1, 2], dropped=[3], num_survivors=2, signers=[1, 2], signer_pks=[b"k" * 32] * 2,
+                        signatures=[b"s" * 64] * 2)
     content = to_content(req, stage="unmask", server_round=4)
     with pytest.raises(MessageError, match="a stage was missed"):
         from_content(content, UnmaskRequest, stage=SHARE_KEYS, server_round=4, source="t")
@@ -298,7 +315,8 @@ def test_an_input_given_twice_or_never_is_refused():
     params = make_params(3)
     x = random_inputs(params, np.random.default_rng(0))[101]
     srv = ServerSecAgg(params)
-    starts = {v: ClientSecAgg.start(params=params, node=v, x=x if v == 101 else None) for v in params.nodes}
+    starts = {v: ClientSecAgg.start(params=params, node=v, x=x if v == 101 else None, policy=HONEST_CLIENTS)
+              for v in params.nodes}
     keys = srv.receive_advertise({v: adv for v, (_, adv) in starts.items()})
     masks = srv.receive_shares({v: starts[v][0].share_keys(keys[v]) for v in params.nodes})
     with pytest.raises(MessageError, match="an input was given twice"):

@@ -45,7 +45,7 @@ def fake_app(*, nan_node: int | None = None) -> ClientApp:
     return app
 
 
-STAGES = ("advertise", "share-keys", "unmask")  # the stage messages (collect-masked rides on training)
+STAGES = ("advertise", "share-keys", "consistency", "unmask")  # the stage messages (collect-masked rides on training)
 
 
 def stage_name(msg: Message) -> str | None:
@@ -132,7 +132,8 @@ def test_no_reply_the_server_sees_holds_the_update():
         assert stage_name(reply) == "collect-masked"
     adverts = [m for m in grid.received if stage_name(m) == "advertise"]
     assert len(adverts) == 5
-    assert all(set(m.content["secagg-stage"].keys()) == {"stage", "server-round", "c-pk", "s-pk"} for m in adverts)
+    assert all(set(m.content["secagg-stage"].keys()) == {"stage", "server-round", "c-pk", "s-pk", "id-pk", "sig"}
+               for m in adverts)
 
 
 def test_two_rounds_carry_the_residual_and_stay_exact():
@@ -201,7 +202,7 @@ def test_bytes_accounting_equals_the_serialized_payloads():
     strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
     _, _, (_, metrics) = run_one_round(strategy, grid)
     stage_msgs = [m for m in grid.sent if stage_name(m) in STAGES]
-    assert len(stage_msgs) == 15 and len(rec.up) == 15
+    assert len(stage_msgs) == 20 and len(rec.up) == 20  # 4 stages x 5 clients
     assert metrics["secagg-bytes-down"] == sum(message_nbytes(m) for m in stage_msgs)
     assert metrics["secagg-bytes-up"] == sum(rec.up)
     assert metrics["dense-bytes"] == 5 * 4 * SIZE
@@ -281,12 +282,14 @@ def test_the_mod_refuses_out_of_order_use():
     with pytest.raises(MessageError, match="advertise stage must run first"):
         mod.client_stage("share-keys", RecordDict(), state, node_id=1)
     strategy = SecureSparseFedAvg(clients_per_round=3, seed=0, timeout=0.2)
-    params = strategy.round_params(1, [1000, 1001, 1002], SIZE)
+    params = strategy.round_params(1, [1000, 1001, 1002], SIZE, run_id=1)
     ask = to_content(AdvertiseRequest(), stage="advertise", server_round=1)
     ask[CONFIG_KEY], ask[SETUP_KEY] = params.to_records()
     with pytest.raises(MessageError, match="not among the round's participants"):
-        mod.advertise(ask, RecordDict(), node_id=4242)
-    mod.advertise(ask, state, node_id=1000)
+        mod.advertise(ask, RecordDict(), node_id=4242, run_id=1)
+    with pytest.raises(MessageError, match="names run 1, but this client is in run 2"):
+        mod.advertise(ask, RecordDict(), node_id=1000, run_id=2)  # the graph seed derives from the run id
+    mod.advertise(ask, state, node_id=1000, run_id=1)
     with pytest.raises(MessageError, match="not a request this client answers alone"):
         mod.client_stage("collect-masked", RecordDict(), state, node_id=1000)
     training = to_content(request, stage="collect-masked", server_round=1)

@@ -37,7 +37,7 @@ def test_secure_rounds_update_the_global_adapter(tiny_flat, recipe):
     assert adapter_bytes < record["cost"]["client_state_bytes_max"] <= 4 * adapter_bytes + 64 * 1024
     # the mod answered the key and unmask stages (they ride on the round's own message type)
     stages = {m.content["secagg-stage"]["stage"] for m in grid.sent if "secagg-stage" in m.content}
-    assert stages == {"advertise", "share-keys", "collect-masked", "unmask"}
+    assert stages == {"advertise", "share-keys", "collect-masked", "consistency", "unmask"}
     assert {m.metadata.message_type for m in grid.sent} == {"train.split" if recipe == "split" else "train"}
     assert not [m for m in grid.sent if m.content.get("secagg-stage", {}).get("stage") == "collect-masked"
                 and "arrays" not in m.content]  # the mask request rides on the round's first message

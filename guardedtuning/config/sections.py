@@ -203,8 +203,20 @@ class AggregationConfig:
     clip: float = _opt(0.05, "secure: quantization range [-clip, clip] of a sent value")
     support: str = _opt("rand", "secure: `rand` (rand-k from a public round seed) or `topk` (of the public aggregate)")
     explore: float = _opt(0.5, "secure, topk: fraction of the support drawn at random")
-    degree: int = _opt(0, "secure: neighbours per client in the masking graph; 0 = O(log n)")
-    threshold: int = _opt(0, "secure: shares needed to unmask, and the fewest survivors a round accepts; 0 = auto")
+    degree: int = _opt(
+        0, "secure: neighbours per client in the masking graph; 0 = the smallest that meets security-bits and "
+           "collusion (complete graph up to 10 clients; docs/threat-model.md)"
+    )
+    threshold: int = _opt(
+        0, "secure: shares needed to unmask, and the fewest survivors a round accepts; 0 = the smallest safe one "
+           "(> (degree + 1) / 2 and >= colluders + 2)"
+    )
+    security_bits: int = _opt(
+        40, "secure: sigma, the graph lets colluders unmask a client with probability <= 2^-sigma; >= 40 (the clients')"
+    )
+    collusion: float = _opt(
+        1 / 3, "secure: fraction of a round's clients that may collude with the server, in [1/3, 1) (clients assume 1/3)"
+    )
     max_weight: int = _opt(1024, "cap on a client's weight (example count), plain FedAvg and secure")
     norm_clip: float = _opt(0.0, "secure: L2 clip of each client's sent update before quantization (0 = off)")
     packing: str = _opt("bits", "secure: `bits` (exactly m bits a value) or `word` (smallest uint word)")
@@ -225,6 +237,12 @@ class AggregationConfig:
             raise _fail("aggregation.degree", self.degree, "an integer >= 0 (0 picks O(log n))")
         if not (self.threshold == 0 or self.threshold >= 2):
             raise _fail("aggregation.threshold", self.threshold, "0 (auto) or an integer >= 2")
+        if not 40 <= self.security_bits <= 256:  # 40: the clients' own floor (secagg_mod's Policy)
+            raise _fail("aggregation.security-bits", self.security_bits,
+                        "an integer in [40, 256] (clients refuse rounds planned for less than 40 bits)")
+        if not 1 / 3 - 1e-9 <= self.collusion < 1:  # 1/3: what the clients assume (secagg_mod's Policy)
+            raise _fail("aggregation.collusion", self.collusion,
+                        "a fraction in [1/3, 1) (clients refuse rounds planned for less collusion than 1/3)")
         if self.max_weight < 1:
             raise _fail("aggregation.max-weight", self.max_weight, "a positive integer")
         if self.norm_clip < 0:

@@ -39,22 +39,16 @@ def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
     fedavg = AdapterFedAvg(clients_per_round=n, seed=cfg.seed, message_type=message_type, max_weight=a.max_weight)
     if not a.secure:
         return fedavg
-    from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
+    from guardedtuning.strategies.secure import check_settings
 
-    degree = effective_degree(n, a.degree)
-    t = a.threshold or auto_threshold(degree)
-    if t > min(n, degree + 1):
-        raise ConfigError(
-            f"`aggregation.threshold` {t} exceeds what {n} clients per round with masking degree {degree} "
-            f"can meet (at most {min(n, degree + 1)}): every round would be refused; lower "
-            "aggregation.threshold (0 = auto) or raise federation.clients-per-round"
-        )
+    # degree, threshold and quorum the clients would refuse (or no round could meet) fail here, by key
+    check_settings(n=n, degree=a.degree, threshold=a.threshold, security_bits=a.security_bits, collusion=a.collusion)
     try:
         return SecureAggregation(
             fedavg, num_sampled_clients=n, seed=cfg.seed, density=a.density, bits=a.bits, clip=a.clip,
             support=a.support, explore=a.explore, degree=a.degree, threshold=a.threshold, max_weight=a.max_weight,
             norm_clip=a.norm_clip, packing=a.packing, downlink_bits=a.downlink_bits, timeout=cfg.comm.timeout,
-            poll=cfg.comm.poll_interval,
+            poll=cfg.comm.poll_interval, security_bits=a.security_bits, collusion=a.collusion,
         )
     except ValueError as exc:  # e.g. the field would need more than 64 bits
         raise ConfigError(f"aggregation.* settings do not fit together: {exc}; lower aggregation.bits, "

@@ -16,8 +16,9 @@
 2. The caller runs the round's training messages (Flower's ``Strategy.start()`` does one
    ``send_and_receive``; our drivers may run many exchanges, split learning). The mod
    seals the final reply: it carries the masked update instead of the update.
-3. ``aggregate_train(server_round, replies)`` takes the final replies, asks the survivors
-   for the shares that remove the masks (``unmask``, one exchange on the round's grid),
+3. ``aggregate_train(server_round, replies)`` takes the final replies, has the survivors
+   sign the survivor set (``consistency``) and asks them, with the signatures, for the
+   shares that remove the masks (``unmask``): two exchanges on the round's grid,
    and hands the wrapped strategy *one* reply: the new global arrays (sent global plus
    the unmasked weighted mean update) with ``num-examples`` the survivors' total weight,
    as Flower's own SecAgg+ workflow hands its strategy one aggregated result. It returns
@@ -69,9 +70,9 @@ from guardedtuning.codecs import (
     top_k_support,
     unflatten,
 )
-from guardedtuning.errors import MessageError
+from guardedtuning.errors import ConfigError, MessageError
 from guardedtuning.strategies.fedavg import AdapterFedAvg
-from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree
+from guardedtuning.strategies.secagg.graph import COLLUSION, SECURITY_BITS, Policy, min_degree, round_shape
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
 from guardedtuning.strategies.secagg.mod import ARRAYS_KEY, CODEC_KEY
 from guardedtuning.strategies.secagg.params import CONFIG_KEY, SETUP_KEY, SUPPORTS, RoundParams
@@ -79,11 +80,13 @@ from guardedtuning.strategies.secagg.server import RoundRefused, ServerSecAgg
 from guardedtuning.strategies.secagg.wire import (
     ADVERTISE,
     COLLECT_MASKED,
+    CONSISTENCY,
     SHARE_KEYS,
     STAGE_KEY,
     UNMASK,
     Advertise,
     AdvertiseRequest,
+    ConsistencyReply,
     MaskedReply,
     SharesReply,
     UnmaskReply,
@@ -140,17 +143,24 @@ class SecureAggregation(Strategy):
     explore : float
         Random fraction of a top-k support, in [0, 1].
     degree : int
-        Neighbours per client in the masking graph; 0 picks ``O(log n)``; ``>= n - 1`` is
-        the complete graph (plain SecAgg).
+        Neighbours per client in the masking graph; 0 picks the smallest that meets
+        ``security_bits`` and ``collusion`` (:func:`~.secagg.graph.min_degree`); ``>= n - 1``
+        is the complete graph (plain SecAgg). Below that minimum: ``ConfigError``.
     threshold : int
         Shares needed to reconstruct a secret and the fewest survivors a round accepts;
-        0 picks a strict majority of ``degree + 1``. At least 2.
+        0 picks the smallest safe one (``> (degree + 1) / 2``, ``>= C + 2``). Below it: ``ConfigError``.
+    security_bits : int
+        ``sigma``: the graph lets colluders unmask a client with probability at most ``2**-sigma``.
+        At least the clients' own (``secagg_mod``: 40), or they refuse every round.
+    collusion : float
+        ``gamma``: the fraction of a round's clients that may collude with the server, in
+        [1/3, 1) (the clients assume 1/3). Sets the quorum ``floor((n + C) / 2) + 1`` of
+        signatures of the survivor set a client needs before revealing shares.
     max_weight : int
         Cap on a client's weight (its example count). The field needs
         ``bit_length(num_sampled_clients * max_weight * (2**bits - 2))`` bits, at most 64.
     norm_clip : float
-        L2 clip of each client's sent values before quantization, for central DP (0: off).
-        With central DP use ``max_weight=1``: a weight multiplies a client's contribution.
+        L2 clip of each client's sent values before quantization (0: off).
     packing : str
         ``"bits"``: masked values bit-packed, exactly ``m`` bits each (smallest);
         ``"word"``: as the smallest uint word holding ``m`` bits (uint8/16/32/64).
@@ -172,7 +182,7 @@ class SecureAggregation(Strategy):
         self, strategy: Strategy, *, num_sampled_clients: int, seed: int = 0, density: float = 0.05, bits: int = 8,
         clip: float = 0.05, support: str = "rand", explore: float = 0.5, degree: int = 0, threshold: int = 0,
         max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "bits", downlink_bits: int = 0,
-        timeout: float = 600.0, poll: float = 0.002,
+        timeout: float = 600.0, poll: float = 0.002, security_bits: int = SECURITY_BITS, collusion: float = COLLUSION,
     ) -> None:
         checks = (
             ("num_sampled_clients", num_sampled_clients, num_sampled_clients >= 2,
@@ -195,6 +205,9 @@ class SecureAggregation(Strategy):
             if not ok:
                 raise ValueError(f"`{name}` must be {allowed} but is {value!r}")
         field_bits(clients=num_sampled_clients, bits=bits, max_weight=max_weight)  # raises if over 64 bits
+        check_settings(n=num_sampled_clients, degree=degree, threshold=threshold, security_bits=security_bits,
+                       collusion=collusion, feasible=False)
+        self.security_bits, self.collusion = security_bits, collusion
         self.strategy = strategy
         self.num_sampled_clients, self.seed = num_sampled_clients, seed
         self.density, self.bits, self.clip, self.support, self.explore = density, bits, clip, support, explore
@@ -206,24 +219,29 @@ class SecureAggregation(Strategy):
         self._score: np.ndarray | None = None  # accumulated public aggregates (top-k support)
 
     def summary(self) -> None:
-        log.info("SecureAggregation: density %s, %d bits, clip %s, support %s, degree %s, threshold %s, around:",
-                 self.density, self.bits, self.clip, self.support, self.degree or "auto", self.threshold or "auto")
+        log.info("SecureAggregation: density %s, %d bits, clip %s, support %s, degree %s, threshold %s, "
+                 "security %d bits, collusion %.3g, around:", self.density, self.bits, self.clip, self.support,
+                 self.degree or "auto", self.threshold or "auto", self.security_bits, self.collusion)
         self.strategy.summary()
 
     def round_seed(self, server_round: int) -> bytes:
-        """The public 256-bit seed of a round (support, graph)."""
+        """The public 256-bit seed of a round's rand-k support (the graph's seed derives from the run id)."""
         return hashlib.sha256(b"gt-secagg/round/" + self.seed.to_bytes(8, "little", signed=True)
                               + server_round.to_bytes(8, "little")).digest()
 
-    def round_params(self, server_round: int, nodes: list[int], size: int) -> RoundParams | None:
+    def round_params(self, server_round: int, nodes: list[int], size: int, run_id: int = 0) -> RoundParams | None:
         """The round's public parameters, or None (logged) when the round cannot be secure."""
         n = len(nodes)
-        degree = effective_degree(n, self.degree)
-        t = self.threshold or auto_threshold(degree)
-        if n < 2 or t > degree + 1:
-            log.warning("round %d skipped: %d clients, degree %d, threshold %d; secure aggregation needs at least "
-                        "threshold <= degree + 1 and 2 clients (lower aggregation.threshold or connect more clients)",
-                        server_round, n, degree, t)
+        degree, t, quorum = round_shape(n, degree=self.degree, threshold=self.threshold,
+                                        security_bits=self.security_bits, collusion=self.collusion)
+        if n < 2 or t > degree + 1 or quorum > n:
+            log.warning("round %d skipped: %d clients, degree %d, threshold %d, quorum %d; secure aggregation needs "
+                        "threshold <= degree + 1, quorum <= clients and 2 clients (lower aggregation.threshold or "
+                        "connect more clients)", server_round, n, degree, t, quorum)
+            return None
+        problem = Policy(self.security_bits, self.collusion).problem(n=n, degree=degree, threshold=t, quorum=quorum)
+        if problem:  # fewer clients than planned: an override may be below this round's minimum
+            log.warning("round %d skipped: %s", server_round, problem)
             return None
         seed = self.round_seed(server_round)
         if self.support == "topk":
@@ -235,7 +253,7 @@ class SecureAggregation(Strategy):
             return RoundParams(server_round=server_round, nodes=tuple(nodes), degree=degree, threshold=t, size=size,
                                density=self.density, support_mode=self.support, support=sup, bits=self.bits,
                                clip=self.clip, norm_clip=self.norm_clip, max_weight=self.max_weight,
-                               packing=self.packing, seed=seed)
+                               packing=self.packing, seed=seed, run_id=run_id, quorum=quorum)
         except ValueError as exc:  # e.g. more clients than num_sampled_clients: the field exceeds 64 bits
             log.warning("round %d skipped: %s", server_round, exc)
             return None
@@ -255,7 +273,7 @@ class SecureAggregation(Strategy):
             return []
         current = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
         size = int(sum(v.size for v in current.values()))
-        params = self.round_params(server_round, sorted(types), size)
+        params = self.round_params(server_round, sorted(types), size, run_id=msgs[0].metadata.run_id)
         if params is None:
             return []
         rnd = _Round(params=params, grid=grid, types=types, current=current, server=ServerSecAgg(params))
@@ -377,7 +395,8 @@ class SecureAggregation(Strategy):
         masked = self._masked(rnd, replies)
         t0, wall0 = time.perf_counter(), stats["stage-wall-s"]
         try:
-            unmask = srv.receive_masked(masked)
+            consistency = srv.receive_masked(masked)
+            unmask = srv.receive_consistency(self._stage(rnd, CONSISTENCY, consistency, ConsistencyReply))
             result = srv.receive_unmask(self._stage(rnd, UNMASK, unmask, UnmaskReply))
         except RoundRefused:
             result = None
@@ -416,6 +435,44 @@ class SecureAggregation(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def check_settings(*, n: int, degree: int, threshold: int, security_bits: int, collusion: float,
+                   feasible: bool = True) -> None:
+    """Refuse, naming the key, the value, the minimum and the fix, settings the clients would refuse.
+
+    ``n`` is the clients sampled per round; ``degree`` / ``threshold`` 0 are automatic;
+    ``feasible``: also refuse a threshold or quorum that no round of ``n`` clients can meet.
+    Raises :class:`~guardedtuning.errors.ConfigError` (a ``ValueError``).
+    """
+    if not 1 <= security_bits <= 256 or security_bits < SECURITY_BITS:
+        raise ConfigError(f"`aggregation.security-bits` is {security_bits}, below the clients' minimum "
+                          f"{SECURITY_BITS} (secagg_mod's policy; they would refuse every round); set it to "
+                          f">= {SECURITY_BITS}")
+    if not COLLUSION - 1e-9 <= collusion < 1:
+        raise ConfigError(f"`aggregation.collusion` is {collusion}, outside [{COLLUSION:.4g}, 1): the clients assume "
+                          f"up to {COLLUSION:.4g} of a round colludes and refuse less; set it in that range")
+    policy = Policy(security_bits, collusion)
+    why = f"for {n} clients per round at aggregation.security-bits={security_bits}, aggregation.collusion={collusion:.4g}"
+    d, t, q = round_shape(n, degree=degree, threshold=threshold, security_bits=security_bits, collusion=collusion)
+    d_min = min(min_degree(n, security_bits, collusion), max(n - 1, 0))
+    if degree and d < d_min:
+        raise ConfigError(f"`aggregation.degree` is {degree}, below the minimum {d_min} {why} (docs/threat-model.md); "
+                          f"set aggregation.degree=0 (picks it) or >= {d_min}")
+    _, t_auto, _ = round_shape(n, degree=d, security_bits=security_bits, collusion=collusion)
+    if threshold and threshold < t_auto:
+        raise ConfigError(f"`aggregation.threshold` is {threshold}, below the minimum {t_auto} for degree {d} {why} "
+                          f"(t > (degree + 1) / 2 and t >= colluders + 2); set aggregation.threshold=0 (picks it) "
+                          f"or >= {t_auto}")
+    if t > min(n, d + 1) or q > n:
+        if not feasible:
+            return  # every round is skipped (logged) when it comes
+        raise ConfigError(f"`aggregation.threshold` {t} (quorum {q}) exceeds what {n} clients per round with masking "
+                          f"degree {d} can meet (at most {min(n, d + 1)}): every round would be refused; lower "
+                          "aggregation.threshold (0 = auto) or raise federation.clients-per-round")
+    problem = policy.problem(n=n, degree=d, threshold=t, quorum=q)
+    if problem:
+        raise ConfigError(f"aggregation.degree / aggregation.threshold: {problem}")
 
 
 def _hint(exc: MessageError, reply: Message) -> str:

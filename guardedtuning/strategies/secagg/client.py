@@ -6,15 +6,23 @@ run before training (the secure-aggregation mod), with :meth:`ClientSecAgg.maske
 Each stage method takes the server's request and returns the reply. Before answering, every method checks
 that it is the expected stage and that the request cannot break the guarantee:
 
-- ``share_keys``: the keys offered are of graph neighbours only;
+- ``start``: the round's degree, threshold and quorum are at least what the client's
+  :class:`~.graph.Policy` (security parameter, collusion fraction) requires;
+- ``share_keys``: the keys offered are of graph neighbours only, each signed by the
+  neighbour's identity key, and that identity key is the one pinned for the neighbour
+  when this client first saw it (trust on first use);
 - ``masked_input``: the client masks with neighbours whose keys it holds, and enough of
   them (``threshold - 1``) hold its shares for it to be recovered;
-- ``unmask``: it reveals a neighbour's self-mask share (survivor) *or* its mask-key share
-  (dropped), never both, only for nodes it masked with, and only if at least
-  ``threshold`` clients survived. It never reveals its own mask-key share.
+- ``consistency``: it signs the survivor set it is told (it must be among them, and
+  there must be at least ``quorum``);
+- ``unmask``: it reveals only after seeing ``quorum`` valid signatures (by pinned
+  identity keys) of the very set it signed, and only for that set: a neighbour's
+  self-mask share (survivor) *or* its mask-key share (dropped), never both, only for
+  nodes it masked with. It never reveals its own mask-key share.
 
-Its state (keys, seeds, shares, input) is held as bytes, int lists and one uint64 array,
-so it fits a Flower ``context.state`` (:meth:`to_records` / :meth:`from_records`).
+Its round state (keys, seeds, shares, input) is held as bytes, int lists and one uint64
+array, so it fits a Flower ``context.state`` (:meth:`to_records` / :meth:`from_records`);
+the identity key and the pins outlive the round and are kept by the caller (the mod).
 """
 
 from __future__ import annotations
@@ -26,12 +34,28 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.secagg.keys import channel_key, commitment, new_keypair, open_sealed, pair_seeds, seal
+from guardedtuning.strategies.secagg.graph import Policy
+from guardedtuning.strategies.secagg.keys import (
+    channel_key,
+    commitment,
+    identity_public,
+    new_identity,
+    new_keypair,
+    open_sealed,
+    pair_seeds,
+    round_keys_statement,
+    seal,
+    sign,
+    survivors_statement,
+    verify,
+)
 from guardedtuning.strategies.secagg.masking import mask_input, pack_masked
 from guardedtuning.strategies.secagg.params import RoundParams
 from guardedtuning.strategies.secagg.shamir import SHARE_BYTES, share_from_bytes, split_secret
 from guardedtuning.strategies.secagg.wire import (
     Advertise,
+    ConsistencyReply,
+    ConsistencyRequest,
     KeysRequest,
     MaskedReply,
     MaskRequest,
@@ -40,7 +64,7 @@ from guardedtuning.strategies.secagg.wire import (
     UnmaskRequest,
 )
 
-ADVERTISED, SHARED, MASKED, DONE = "advertised", "shared", "masked", "done"
+ADVERTISED, SHARED, MASKED, SIGNED, DONE = "advertised", "shared", "masked", "signed", "done"
 _BYTES = ("c-sk", "c-pk", "s-sk", "s-pk", "b", "own-b", "own-s")
 
 
@@ -49,34 +73,68 @@ class ClientSecAgg:
 
     def __init__(self, *, params: RoundParams, node: int, stage: str, secrets: dict[str, bytes],
                  x: np.ndarray | None, peers: dict[int, tuple[bytes, bytes]] | None = None,
-                 held: dict[int, tuple[bytes, bytes]] | None = None, mask_with: list[int] | None = None) -> None:
+                 held: dict[int, tuple[bytes, bytes]] | None = None, mask_with: list[int] | None = None,
+                 identity: bytes | None = None, pins: dict[int, bytes] | None = None,
+                 signed: list[int] | None = None) -> None:
         self.params, self.node, self.stage = params, node, stage
         self.secrets = secrets
         self.x = x
         self.peers = peers or {}
         self.held = held or {}
         self.mask_with = mask_with or []
+        self.identity = identity if identity is not None else new_identity()[0]
+        self.pins = pins if pins is not None else {}  # node -> identity public key, pinned at first sight
+        self.signed = signed or []  # the survivor set this client signed
 
     @property
     def source(self) -> str:
         return f"secure aggregation at node {self.node}, round {self.params.server_round}"
 
     @classmethod
-    def start(cls, *, params: RoundParams, node: int, x: np.ndarray | None = None) -> tuple[ClientSecAgg, Advertise]:
+    def start(cls, *, params: RoundParams, node: int, x: np.ndarray | None = None, identity: bytes | None = None,
+              pins: dict[int, bytes] | None = None, policy: Policy | None = None) -> tuple[ClientSecAgg, Advertise]:
         """New keys and self-mask seed for ``node``; its input ``x`` now or at :meth:`masked_input`.
 
-        ``x``: uint64, ``params.length`` values (weight times levels, then the weight). The
-        secure-aggregation mod starts a client before it has trained (the key stages run
-        first) and hands the input to :meth:`masked_input`.
+        Parameters
+        ----------
+        params : RoundParams
+            The round's public parameters; refused (:class:`MessageError`) if ``policy`` finds them unsafe.
+        node : int
+            This client's node id.
+        x : numpy.ndarray, optional
+            uint64, ``params.length`` values (weight times levels, then the weight). The
+            secure-aggregation mod starts a client before it has trained (the key stages run
+            first) and hands the input to :meth:`masked_input`.
+        identity : bytes, optional
+            This client's long-term Ed25519 private key (a fresh one when omitted).
+        pins : dict of int to bytes, optional
+            node -> identity public key pinned at first sight; updated in place as new nodes are seen.
+        policy : Policy, optional
+            The security parameter and collusion fraction this client assumes (default :class:`Policy`).
         """
         if node not in params.graph:
             raise MessageError(f"node {node} is not a participant of round {params.server_round}")
+        problem = (policy or Policy()).problem(n=len(params.nodes), degree=params.degree,
+                                               threshold=params.threshold, quorum=params.quorum)
+        if problem:
+            raise MessageError(f"secure aggregation at node {node}, round {params.server_round} refused: {problem}")
         if x is not None:
             x = _checked_input(params, node, x)
         c_sk, c_pk = new_keypair()
         s_sk, s_pk = new_keypair()
         secrets = {"c-sk": c_sk, "c-pk": c_pk, "s-sk": s_sk, "s-pk": s_pk, "b": os.urandom(32)}
-        return cls(params=params, node=node, stage=ADVERTISED, secrets=secrets, x=x), Advertise(c_pk, s_pk)
+        client = cls(params=params, node=node, stage=ADVERTISED, secrets=secrets, x=x, identity=identity, pins=pins)
+        id_pk = identity_public(client.identity)
+        client._pin(node, id_pk, "its own identity key")
+        sig = sign(client.identity, round_keys_statement(context=params.context, node=node, c_pk=c_pk, s_pk=s_pk))
+        return client, Advertise(c_pk=c_pk, s_pk=s_pk, id_pk=id_pk, sig=sig)
+
+    def _pin(self, node: int, id_pk: bytes, what: str) -> None:
+        """Pin ``node``'s identity key at first sight; refuse one that differs from the pinned key."""
+        pinned = self.pins.setdefault(node, id_pk)
+        if pinned != id_pk:
+            raise MessageError(f"{self.source}: {what} (node {node}) is not the identity key pinned for node {node} "
+                               "when this client first saw it; the server may be substituting keys; refused")
 
     def _expect(self, stage: str, name: str) -> None:
         if self.stage != stage:
@@ -92,6 +150,13 @@ class ClientSecAgg:
         if len(req.nodes) + 1 < p.threshold:
             raise MessageError(f"{self.source}: only {len(req.nodes)} neighbours advertised, "
                                f"{p.threshold - 1} are needed to hold this client's shares")
+        if len(set(req.id_pks)) != len(req.id_pks) or identity_public(self.identity) in req.id_pks:
+            raise MessageError(f"{self.source}: two neighbours offered with one identity key; refused")
+        for v, c_pk, s_pk, id_pk, sig in zip(req.nodes, req.c_pks, req.s_pks, req.id_pks, req.sigs, strict=True):
+            self._pin(v, id_pk, "the identity key relayed for a neighbour")
+            if not verify(id_pk, sig, round_keys_statement(context=p.context, node=v, c_pk=c_pk, s_pk=s_pk)):
+                raise MessageError(f"{self.source}: node {v}'s round keys are not signed by its identity key (a "
+                                   "substituted or altered key); refused")
         holders = sorted([*req.nodes, me])
         xs = [p.x_of(h) for h in holders]
         b_sh = split_secret(self.secrets["b"], xs=xs, threshold=p.threshold)
@@ -157,9 +222,47 @@ class ClientSecAgg:
         self.stage = MASKED
         return MaskedReply(y=pack_masked(y, bits=p.field_bits, packing=p.packing), undecryptable=undecryptable)
 
+    def consistency(self, req: ConsistencyRequest) -> ConsistencyReply:
+        """Sign the survivor set the server tells this client (SecAgg+'s consistency check)."""
+        self._expect(MASKED, "consistency")
+        p, me = self.params, self.node
+        surv = set(req.survivors)
+        if me not in surv:
+            raise MessageError(f"{self.source}: the survivor set does not list this client; refused")
+        if not surv <= set(p.nodes):
+            raise MessageError(f"{self.source}: the survivor set names non-participants {sorted(surv - set(p.nodes))[:5]}"
+                               "; refused")
+        if len(surv) < p.quorum:
+            raise MessageError(f"{self.source}: {len(surv)} survivors, fewer than the quorum {p.quorum}; refused")
+        self.signed = sorted(surv)
+        self.stage = SIGNED
+        return ConsistencyReply(sig=sign(self.identity, survivors_statement(context=p.context, node=me,
+                                                                           survivors=self.signed)))
+
+    def _check_signatures(self, req: UnmaskRequest) -> None:
+        """At least ``quorum`` valid signatures, by pinned identity keys, of the set this client signed."""
+        p, me, signed = self.params, self.node, self.signed
+        if sorted(req.survivors) != sorted((set(self.mask_with) & set(signed)) | {me}) or \
+                sorted(req.dropped) != sorted(set(self.mask_with) - set(signed)) or req.num_survivors != len(signed):
+            raise MessageError(f"{self.source}: the unmask request's survivors / dropped differ from the survivor set "
+                               "this client signed; refused")
+        if not set(req.signers) <= set(signed):
+            raise MessageError(f"{self.source}: signatures from nodes outside the signed survivor set; refused")
+        if len(set(req.signer_pks)) != len(req.signer_pks):
+            raise MessageError(f"{self.source}: two signers with one identity key; refused")
+        statement = {v: survivors_statement(context=p.context, node=v, survivors=signed) for v in req.signers}
+        for v, pk, sig in zip(req.signers, req.signer_pks, req.signatures, strict=True):
+            self._pin(v, pk, "the identity key relayed for a signer")
+            if not verify(pk, sig, statement[v]):
+                raise MessageError(f"{self.source}: node {v}'s signature is not of the survivor set this client "
+                                   "signed (the server told clients different sets, or altered one); refused")
+        if len(req.signers) < p.quorum:
+            raise MessageError(f"{self.source}: {len(req.signers)} signatures of the survivor set, fewer than the "
+                               f"quorum {p.quorum}; refused")
+
     def unmask(self, req: UnmaskRequest) -> UnmaskReply:
-        """Reveal survivors' self-mask shares and dropped neighbours' mask-key shares."""
-        self._expect(MASKED, "unmask")
+        """Reveal survivors' self-mask shares and dropped neighbours' mask-key shares, once the set is agreed."""
+        self._expect(SIGNED, "unmask")
         p, me = self.params, self.node
         surv, drop = set(req.survivors), set(req.dropped)
         if me not in surv:
@@ -172,6 +275,7 @@ class ClientSecAgg:
         if req.num_survivors < max(p.threshold, len(surv)):
             raise MessageError(f"{self.source}: {req.num_survivors} survivors, fewer than the threshold "
                                f"{p.threshold}; refused")
+        self._check_signatures(req)
         b_nodes = sorted(v for v in surv if v == me or v in self.held)
         b_shares = [self.secrets["own-b"] if v == me else self.held[v][0] for v in b_nodes]
         s_nodes = sorted(v for v in drop if v in self.held)
@@ -183,7 +287,8 @@ class ClientSecAgg:
 
     def to_records(self) -> tuple[ConfigRecord, ArrayRecord]:
         """The state as a ConfigRecord and an ArrayRecord (for ``context.state``)."""
-        cfg = ConfigRecord({"node": self.node, "stage": self.stage, "mask-with": list(self.mask_with)})
+        cfg = ConfigRecord({"node": self.node, "stage": self.stage, "mask-with": list(self.mask_with),
+                            "signed": list(self.signed)})
         for key in _BYTES:
             cfg[key] = self.secrets.get(key, b"")
         peers = sorted(self.peers)
@@ -198,8 +303,10 @@ class ClientSecAgg:
         return cfg, arrays
 
     @classmethod
-    def from_records(cls, cfg: ConfigRecord, arrays: ArrayRecord, *, params: RoundParams) -> ClientSecAgg:
-        """Inverse of :meth:`to_records`; a :class:`MessageError` if the state is damaged."""
+    def from_records(cls, cfg: ConfigRecord, arrays: ArrayRecord, *, params: RoundParams,
+                     identity: bytes | None = None, pins: dict[int, bytes] | None = None) -> ClientSecAgg:
+        """Inverse of :meth:`to_records` (with the long-term ``identity`` and ``pins``); a :class:`MessageError`
+        if the state is damaged."""
         def get(key: str, typ: type, item: type | None = None) -> Any:
             v: Any = cfg.get(key)
             ok = isinstance(v, typ)
@@ -216,7 +323,8 @@ class ClientSecAgg:
                                              get("held-s", list, bytes), strict=True)}
         x = arrays["x"].numpy() if "x" in arrays else None
         return cls(params=params, node=get("node", int), stage=get("stage", str), secrets=secrets, x=x,
-                   peers=peers, held=held, mask_with=list(get("mask-with", list, int)))
+                   peers=peers, held=held, mask_with=list(get("mask-with", list, int)), identity=identity, pins=pins,
+                   signed=list(get("signed", list, int)))
 
 
 def _checked_input(params: RoundParams, node: int, x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,9 @@
   the route, so the server cannot re-route a ciphertext.
 - A share commitment (SHA-256, truncated to 128 bits) lets the server check a share a
   holder reveals against what the owner sent, and reject a wrong one by name.
+- Ed25519 (RFC 8032) identity keys: each client signs its round public keys and the
+  survivor set it was told (:func:`round_keys_statement`, :func:`survivors_statement`), so
+  its neighbours can tell a relayed key or set from one the server made up.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -28,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 KEY_BYTES = 32
 TAG_BYTES = 16
 COMMIT_BYTES = 16
+SIG_BYTES = 64
 _NONCE = bytes(12)
 
 
@@ -104,3 +109,43 @@ def commitment(*, context: bytes, owner: int, holder: int, kind: bytes, share: b
     """128-bit commitment to the share of ``owner``'s secret ``kind`` held by ``holder``."""
     return hashlib.sha256(b"gt-secagg/commit/" + kind + b"/" + context + _ids(owner, holder) + share).digest()[
         :COMMIT_BYTES]
+
+
+# ---------------------------------------------------------------------------- identity keys (Ed25519)
+
+def new_identity() -> tuple[bytes, bytes]:
+    """A fresh Ed25519 identity key pair as raw bytes ``(private, public)``, 32 bytes each."""
+    sk = Ed25519PrivateKey.generate()
+    return sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption()), identity_public(sk)
+
+
+def identity_public(private: bytes | Ed25519PrivateKey) -> bytes:
+    """The raw Ed25519 public key of a raw (or loaded) private key."""
+    sk = private if isinstance(private, Ed25519PrivateKey) else Ed25519PrivateKey.from_private_bytes(private)
+    return sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def sign(private: bytes, statement: bytes) -> bytes:
+    """Ed25519 signature (64 bytes) of ``statement``."""
+    return Ed25519PrivateKey.from_private_bytes(private).sign(statement)
+
+
+def verify(public: bytes, signature: bytes, statement: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s Ed25519 signature of ``statement`` (False for malformed keys)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, statement)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def round_keys_statement(*, context: bytes, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a client signs at ``advertise``: its two round keys, bound to the round context and its node id."""
+    return b"gt-secagg/v2/round-keys/" + context + _ids(node) + c_pk + s_pk
+
+
+def survivors_statement(*, context: bytes, node: int, survivors: list[int]) -> bytes:
+    """What a client signs at ``consistency``: the survivor set it was told, bound to the round and its node id."""
+    digest = hashlib.sha256(b"".join(v.to_bytes(8, "little") for v in sorted(survivors))).digest()
+    return b"gt-secagg/v2/survivors/" + context + _ids(node) + digest

@@ -20,11 +20,14 @@ message                       the mod
 stage ``advertise``           checks and keeps the round's public parameters (``secagg`` /
                               ``secagg-setup``), makes the round's keys; replies its two public
                               keys (the app is not called)
-stage ``share-keys``          replies its sealed shares (the app is not called)
+stage ``share-keys``          checks the neighbours' signed keys against their pinned identity
+                              keys; replies its sealed shares (the app is not called)
 stage ``collect-masked``      the round's first training message: keeps the mask request,
                               hands the app a plain ``arrays`` record (decoded if the strategy
                               quantized it, ``arrays-codec``) and seals the app's reply
-stage ``unmask``              reveals the shares the round needs, forgets the round
+stage ``consistency``         signs the survivor set it is told (the app is not called)
+stage ``unmask``              checks a quorum of signatures of that set; reveals the shares the
+                              round needs, forgets the round
 no stage, a secure round on   a later message of the round (split learning sends many): the
                               app's reply is sealed if it carries ``update`` or ``arrays``,
                               else passed on as is
@@ -44,8 +47,11 @@ State (``context.state``): ``secagg.setup`` / ``secagg.setup-arrays`` (the round
 parameters), ``secagg.client`` / ``secagg.client-arrays`` (keys, shares, masked input),
 ``secagg.mask-request`` and ``secagg.global`` (between the round's first training
 message and its sealed reply) and ``secagg.residual`` (error feedback, kept across
-rounds). Every problem raises :class:`~guardedtuning.errors.MessageError`, which Flower
-turns into an error reply. Imports no torch.
+rounds), ``secagg.identity`` (the client's long-term Ed25519 identity key, made at its
+first secure round) and ``secagg.pins`` (the identity key of every node it has seen,
+pinned at first sight); the last three outlive a round. Every problem raises
+:class:`~guardedtuning.errors.MessageError`, which Flower turns into an error reply.
+Imports no torch.
 """
 
 from __future__ import annotations
@@ -60,16 +66,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from guardedtuning.codecs import compress_update, decode_downlink, flatten
 from guardedtuning.errors import MessageError
 from guardedtuning.strategies.secagg.client import SHARED, ClientSecAgg
+from guardedtuning.strategies.secagg.graph import Policy
+from guardedtuning.strategies.secagg.keys import new_identity
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight
 from guardedtuning.strategies.secagg.params import CONFIG_KEY, SETUP_KEY, RoundParams
 from guardedtuning.strategies.secagg.wire import (
     ADVERTISE,
     COLLECT_MASKED,
+    CONSISTENCY,
     MASKED_KEY,
     SHARE_KEYS,
     STAGE_KEY,
     UNMASK,
     AdvertiseRequest,
+    ConsistencyRequest,
     KeysRequest,
     MaskRequest,
     UnmaskRequest,
@@ -82,12 +92,14 @@ STATE_SETUP, STATE_SETUP_ARRAYS = "secagg.setup", "secagg.setup-arrays"
 STATE_CLIENT, STATE_CLIENT_ARRAYS = "secagg.client", "secagg.client-arrays"
 STATE_MASK_REQUEST, STATE_GLOBAL = "secagg.mask-request", "secagg.global"
 STATE_RESIDUAL = "secagg.residual"
+STATE_IDENTITY, STATE_PINS = "secagg.identity", "secagg.pins"
 ROUND_STATE = (STATE_SETUP, STATE_SETUP_ARRAYS, STATE_CLIENT, STATE_CLIENT_ARRAYS, STATE_MASK_REQUEST, STATE_GLOBAL)
 CODEC_KEY = "arrays-codec"
 ARRAYS_KEY, UPDATE_KEY, METRICS_KEY, WEIGHT_KEY = "arrays", "update", "metrics", "num-examples"
 SENDER = "SecureAggregation strategy"
 R = TypeVar("R", ConfigRecord, ArrayRecord)
-_REQUESTS = {SHARE_KEYS: (KeysRequest, "share_keys"), UNMASK: (UnmaskRequest, "unmask")}
+_REQUESTS = {SHARE_KEYS: (KeysRequest, "share_keys"), CONSISTENCY: (ConsistencyRequest, "consistency"),
+             UNMASK: (UnmaskRequest, "unmask")}
 
 
 # ---------------------------------------------------------------------------- the mod
@@ -101,10 +113,16 @@ class SecAggMod:
         ``(node_id, server_round) -> int`` seeding the stochastic rounding of the sent
         values; fresh OS entropy when omitted (the default, and what deployments use).
         Only tests pass it, to compare the aggregate with a plaintext computation.
+    policy : Policy, optional
+        The security parameter and collusion fraction this client assumes
+        (:class:`~guardedtuning.strategies.secagg.graph.Policy`: 40 bits, 1/3 by default); it
+        refuses a round whose degree, threshold or quorum falls short of them.
     """
 
-    def __init__(self, *, rounding_seed: Callable[[int, int], int] | None = None) -> None:
+    def __init__(self, *, rounding_seed: Callable[[int, int], int] | None = None,
+                 policy: Policy | None = None) -> None:
         self.rounding_seed = rounding_seed
+        self.policy = policy or Policy()
 
     def __call__(self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         if msg.metadata.message_type.split(".")[0] != "train":
@@ -113,7 +131,8 @@ class SecAggMod:
         if STAGE_KEY in content:
             stage, _ = stage_of(content, source=f"secure-aggregation message to node {node}")
             if stage == ADVERTISE:
-                return Message(advertise(content, state, node_id=node), reply_to=msg)
+                return Message(advertise(content, state, node_id=node, run_id=context.run_id, policy=self.policy),
+                               reply_to=msg)
             if stage != COLLECT_MASKED:
                 return Message(client_stage(stage, content, state, node_id=node), reply_to=msg)
             msg = copy.copy(msg)  # the app gets its own view; the message as received stays as it is
@@ -137,10 +156,13 @@ secagg_mod = SecAggMod()
 
 # ---------------------------------------------------------------------------- the stages
 
-def advertise(content: RecordDict, state: RecordDict, *, node_id: int) -> RecordDict:
-    """Stage ``advertise``: keep the round's public parameters, make its keys, return the public keys.
+def advertise(content: RecordDict, state: RecordDict, *, node_id: int, run_id: int,
+              policy: Policy | None = None) -> RecordDict:
+    """Stage ``advertise``: check and keep the round's public parameters, make its keys, return them signed.
 
-    Any unfinished earlier round is forgotten (the error-feedback residual is kept).
+    The parameters must name this client's run (``run_id``, its ``context.run_id``: the
+    graph seed derives from it) and meet ``policy``. Any unfinished earlier round is
+    forgotten (the error-feedback residual, the identity key and the pins are kept).
     """
     source = f"advertise request to node {node_id}"
     cfg = _record(content, CONFIG_KEY, ConfigRecord, source=source)
@@ -149,8 +171,12 @@ def advertise(content: RecordDict, state: RecordDict, *, node_id: int) -> Record
     from_content(content, AdvertiseRequest, stage=ADVERTISE, server_round=params.server_round, source=source)
     if node_id not in params.graph:
         raise MessageError(f"{source}: node {node_id} is not among the round's participants")
+    if params.run_id != run_id:
+        raise MessageError(f"{source}: the round names run {params.run_id}, but this client is in run {run_id} "
+                           "(the graph seed derives from the run id); refused")
     forget_round(state)
-    client, advert = ClientSecAgg.start(params=params, node=node_id)
+    identity, pins = _identity(state), _pins(state)
+    client, advert = ClientSecAgg.start(params=params, node=node_id, identity=identity, pins=pins, policy=policy)
     state[STATE_SETUP], state[STATE_SETUP_ARRAYS] = cfg, setup
     _save(client, state)
     return to_content(advert, stage=ADVERTISE, server_round=params.server_round)
@@ -168,10 +194,9 @@ def client_stage(stage: str, content: RecordDict, state: RecordDict, *, node_id:
     req = from_content(content, kind, stage=stage, server_round=params.server_round,
                        source=f"{stage} request to node {node_id}")
     reply = getattr(client, method)(req)
+    _save(client, state)  # the pins (signers seen at unmask) outlive the round
     if stage == UNMASK:
         forget_round(state)
-    else:
-        _save(client, state)
     return to_content(reply, stage=stage, server_round=params.server_round)
 
 
@@ -362,11 +387,37 @@ def _params(state: RecordDict, *, node_id: int) -> RoundParams:
 def _client(state: RecordDict, params: RoundParams, *, node_id: int, hint: str) -> ClientSecAgg:
     return ClientSecAgg.from_records(_state(state, STATE_CLIENT, ConfigRecord, node_id=node_id, hint=hint),
                                      _state(state, STATE_CLIENT_ARRAYS, ArrayRecord, node_id=node_id, hint=hint),
-                                     params=params)
+                                     params=params, identity=_identity(state), pins=_pins(state))
+
+
+def _identity(state: RecordDict) -> bytes:
+    """The client's long-term identity key, made (and kept in ``state``) at its first secure round."""
+    rec = state.get(STATE_IDENTITY) if STATE_IDENTITY in state else None
+    if isinstance(rec, ConfigRecord) and isinstance(rec.get("sk"), bytes) and len(rec["sk"]) == 32:
+        return rec["sk"]
+    if rec is not None:
+        raise MessageError(f"state {STATE_IDENTITY!r} is damaged; this client's identity key is lost, and its "
+                           "neighbours pinned it: start a new run")
+    sk, _ = new_identity()
+    state[STATE_IDENTITY] = ConfigRecord({"sk": sk})
+    return sk
+
+
+def _pins(state: RecordDict) -> dict[int, bytes]:
+    """node -> identity public key, as pinned at first sight (kept in ``state``)."""
+    rec = state.get(STATE_PINS) if STATE_PINS in state else None
+    if rec is None:
+        return {}
+    nodes, keys = (rec.get("nodes"), rec.get("keys")) if isinstance(rec, ConfigRecord) else (None, None)
+    if not isinstance(nodes, list) or not isinstance(keys, list) or len(nodes) != len(keys):
+        raise MessageError(f"state {STATE_PINS!r} is damaged; the pinned identity keys are lost: start a new run")
+    return dict(zip(nodes, keys, strict=True))
 
 
 def _save(client: ClientSecAgg, state: RecordDict) -> None:
     state[STATE_CLIENT], state[STATE_CLIENT_ARRAYS] = client.to_records()
+    nodes = sorted(client.pins)
+    state[STATE_PINS] = ConfigRecord({"nodes": nodes, "keys": [client.pins[v] for v in nodes]})
 
 
 def _clear(state: RecordDict, keys: tuple[str, ...]) -> None:

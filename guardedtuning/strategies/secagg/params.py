@@ -4,9 +4,13 @@ The server fixes them in ``configure_train`` and sends them in the round's first
 message (a ``secagg`` ConfigRecord plus a ``secagg-setup`` ArrayRecord holding the
 participant ids and, for a top-k support, its indices). Every client derives the
 same graph, support and field from them, and binds their SHA-256 digest (the
-*context*) into every key it derives: a server that sent two clients different
-parameters would get pair masks that do not cancel, which the range check on the
-unmasked sum catches, instead of a wrong aggregate.
+*context*) into every key it derives and every statement it signs: a server that sent
+two clients different parameters would get pair masks that do not cancel, which the
+range check on the unmasked sum catches, instead of a wrong aggregate.
+
+The graph's seed is not the server's: it is :func:`~.graph.graph_seed` of the run id
+(which the client checks against its own ``context.run_id``) and the round; ``seed``
+only draws the rand-k support, which is public and data-independent anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from guardedtuning.codecs import max_level, rand_k_support, support_digest, support_size, word_dtype
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.secagg.graph import effective_degree, neighbour_graph
+from guardedtuning.strategies.secagg.graph import effective_degree, graph_seed, neighbour_graph
 from guardedtuning.strategies.secagg.masking import PACKINGS, field_bits
 
 SUPPORTS = ("rand", "topk")
@@ -60,7 +64,11 @@ class RoundParams:
     packing : str
         ``"word"`` (smallest numpy word) or ``"bits"`` (exactly ``field_bits`` per value).
     seed : bytes
-        32-byte public round seed (support, graph).
+        32-byte public round seed of the rand-k support.
+    run_id : int
+        The Flower run id; with ``server_round`` it seeds the graph (:func:`~.graph.graph_seed`).
+    quorum : int
+        Signatures on one survivor set a client needs before it reveals shares (0: ``threshold``).
     """
 
     server_round: int
@@ -77,9 +85,13 @@ class RoundParams:
     max_weight: int
     packing: str
     seed: bytes = field(repr=False)
+    run_id: int = 0
+    quorum: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.nodes)
+        if self.quorum == 0:
+            object.__setattr__(self, "quorum", self.threshold)
         if list(self.nodes) != sorted(set(self.nodes)):
             raise ValueError("`nodes` must be sorted and distinct")
         if self.degree != effective_degree(n, self.degree):
@@ -87,6 +99,10 @@ class RoundParams:
         if not 2 <= self.threshold <= self.degree + 1:
             raise ValueError(f"`threshold` must be in [2, degree + 1 = {self.degree + 1}] but is {self.threshold}; "
                              "lower aggregation.threshold or raise aggregation.degree")
+        if not self.threshold <= self.quorum <= n:
+            raise ValueError(f"`quorum` must be in [threshold = {self.threshold}, {n} clients] but is {self.quorum}")
+        if not 0 <= self.run_id < 2**64:
+            raise ValueError(f"`run_id` must be a 64-bit unsigned integer but is {self.run_id}")
         if self.support_mode not in SUPPORTS:
             raise ValueError(f"`support_mode` must be one of {SUPPORTS} but is {self.support_mode!r}")
         if self.packing not in PACKINGS:
@@ -122,14 +138,15 @@ class RoundParams:
 
     @cached_property
     def graph(self) -> dict[int, tuple[int, ...]]:
-        return neighbour_graph(self.nodes, degree=self.degree, seed=self.seed)
+        return neighbour_graph(self.nodes, degree=self.degree, seed=graph_seed(self.run_id, self.server_round))
 
     @cached_property
     def context(self) -> bytes:
         """SHA-256 of every public parameter: bound into all derived keys."""
-        h = hashlib.sha256(b"gt-secagg/v1/")
-        h.update(struct.pack("<qqqqqdqddq", self.server_round, len(self.nodes), self.degree, self.threshold,
-                             self.size, self.density, self.bits, self.clip, self.norm_clip, self.max_weight))
+        h = hashlib.sha256(b"gt-secagg/v2/")
+        h.update(struct.pack("<Qqqqqqqdqddq", self.run_id, self.server_round, len(self.nodes), self.degree,
+                             self.threshold, self.quorum, self.size, self.density, self.bits, self.clip,
+                             self.norm_clip, self.max_weight))
         h.update(np.asarray(self.nodes, dtype="<u8").tobytes())
         h.update(self.support_mode.encode() + b"/" + self.packing.encode() + b"/" + self.seed)
         h.update(support_digest(self.support))
@@ -141,7 +158,7 @@ class RoundParams:
             "server-round": self.server_round, "degree": self.degree, "threshold": self.threshold,
             "size": self.size, "density": self.density, "support-mode": self.support_mode, "bits": self.bits,
             "clip": self.clip, "norm-clip": self.norm_clip, "max-weight": self.max_weight,
-            "packing": self.packing, "seed": self.seed,
+            "packing": self.packing, "seed": self.seed, "run-id": self.run_id.to_bytes(8, "little"), "quorum": self.quorum,
         })
         arrays = ArrayRecord({"nodes": Array(np.asarray(self.nodes, dtype=np.uint64))})
         if self.support_mode == "topk":
@@ -178,6 +195,7 @@ class RoundParams:
                        degree=val("degree", int), threshold=val("threshold", int), size=size, density=density,
                        support_mode=mode, support=support, bits=val("bits", int), clip=val("clip", float),
                        norm_clip=val("norm-clip", float), max_weight=val("max-weight", int),
-                       packing=val("packing", str), seed=seed)
+                       packing=val("packing", str), seed=seed, run_id=int.from_bytes(val("run-id", bytes)[:8], "little"),
+                       quorum=val("quorum", int))
         except ValueError as exc:
             raise MessageError(f"{source}: bad secure-aggregation parameters: {exc}") from exc

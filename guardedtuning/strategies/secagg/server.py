@@ -6,9 +6,16 @@ the next stage's requests (node -> payload), until :meth:`ServerSecAgg.receive_u
 returns the :class:`SecureSum`. A reply that breaks the protocol is rejected with its
 reason in :attr:`ServerSecAgg.rejections` (and the log), and its node counts as dropped.
 
+The server checks each client's signature of its round keys (against the identity key
+it advertised) and relays the keys with the signatures, so clients can check them too;
+after the masked uploads it tells every survivor the one survivor set, collects their
+signatures of it and relays them (SecAgg+'s consistency round): a client reveals shares
+only after ``quorum`` signatures of the set it signed.
+
 The server reconstructs the self-mask seed of survivors only and the mask key of
 dropped clients only, so it never holds what would unmask one client's input. A round
-is refused (:class:`RoundRefused`) as soon as fewer than ``threshold`` clients remain,
+is refused (:class:`RoundRefused`) as soon as fewer than ``threshold`` clients remain
+(``quorum`` after the masked uploads),
 or a secret to be reconstructed has fewer than ``threshold`` verified shares, before
 any share is asked for; and after unmasking when the sum is outside the range honest
 inputs can produce (masks that did not cancel), so a wrong aggregate is never returned.
@@ -24,13 +31,24 @@ import numpy as np
 
 from guardedtuning.codecs import max_level
 from guardedtuning.errors import GuardedTuningError
-from guardedtuning.strategies.secagg.keys import agree, commitment, new_keypair, pair_seeds, public_key_of
+from guardedtuning.strategies.secagg.keys import (
+    agree,
+    commitment,
+    new_keypair,
+    pair_seeds,
+    public_key_of,
+    round_keys_statement,
+    survivors_statement,
+    verify,
+)
 from guardedtuning.strategies.secagg.masking import pair_sign, reduce, unpack_masked
 from guardedtuning.strategies.secagg.params import RoundParams
 from guardedtuning.strategies.secagg.prg import expand
 from guardedtuning.strategies.secagg.shamir import combine_secret, share_from_bytes
 from guardedtuning.strategies.secagg.wire import (
     Advertise,
+    ConsistencyReply,
+    ConsistencyRequest,
     KeysRequest,
     MaskedReply,
     MaskRequest,
@@ -81,7 +99,9 @@ class ServerSecAgg:
         self.mask_with: dict[int, list[int]] = {}
         self.masked: dict[int, np.ndarray] = {}
         self.unmask_requests: dict[int, UnmaskRequest] = {}
+        self.survivors: list[int] = []
         self.dropped: list[int] = []
+        self.cannot_open: dict[int, set[int]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -133,7 +153,11 @@ class ServerSecAgg:
             except ValueError:
                 self.reject(node, "advertise", "a public key is a low-order X25519 point")
                 continue
-            for pk in (adv.c_pk, adv.s_pk):
+            if not verify(adv.id_pk, adv.sig, round_keys_statement(context=p.context, node=node, c_pk=adv.c_pk,
+                                                                   s_pk=adv.s_pk)):
+                self.reject(node, "advertise", "its round keys are not signed by the identity key it sent")
+                continue
+            for pk in (adv.c_pk, adv.s_pk, adv.id_pk):
                 if pk in seen:
                     clash |= {node, seen[pk]}
                 seen[pk] = node
@@ -148,7 +172,8 @@ class ServerSecAgg:
             nodes = sorted(set(p.graph[u]) & active)
             self.offered[u] = nodes
             out[u] = KeysRequest(nodes=nodes, c_pks=[self.keys[v].c_pk for v in nodes],
-                                 s_pks=[self.keys[v].s_pk for v in nodes])
+                                 s_pks=[self.keys[v].s_pk for v in nodes], id_pks=[self.keys[v].id_pk for v in nodes],
+                                 sigs=[self.keys[v].sig for v in nodes])
         return out
 
     def receive_shares(self, replies: Mapping[int, SharesReply]) -> dict[int, MaskRequest]:
@@ -173,10 +198,9 @@ class ServerSecAgg:
             out[u] = MaskRequest(mask_with=peers, srcs=peers, cts=[self.sealed[u][v] for v in peers])
         return out
 
-    def receive_masked(self, replies: Mapping[int, MaskedReply]) -> dict[int, UnmaskRequest]:
-        """Masked vectors in; the survivor / dropped lists out, once recovery is sure to be possible."""
+    def receive_masked(self, replies: Mapping[int, MaskedReply]) -> dict[int, ConsistencyRequest]:
+        """Masked vectors in; the one survivor set out to every survivor, once recovery is sure to be possible."""
         p = self.params
-        cannot_open: dict[int, set[int]] = {}
         for node, rep in sorted(replies.items()):
             if node not in self.mask_with:
                 self.reject(node, "collect-masked", "was not asked for a masked vector")
@@ -189,25 +213,56 @@ class ServerSecAgg:
             bad = set(rep.undecryptable) & set(self.mask_with[node])
             if bad:
                 log.warning("round %d: node %d could not open the shares of %s", p.server_round, node, sorted(bad))
-            cannot_open[node] = bad
+            self.cannot_open[node] = bad
         survivors = set(self.masked)
-        t = p.threshold
+        t, q = p.threshold, p.quorum
         if len(survivors) < t:
             raise self._refuse(f"{len(survivors)} masked vectors, fewer than the threshold {t}")
-        dropped = set().union(*(self.mask_with[u] for u in survivors)) - survivors
-        holders: dict[int, set[int]] = {v: ({v} & survivors) for v in survivors | dropped}
-        for u in survivors:  # who will be able to reveal a share of whose secret
+        if len(survivors) < q:
+            raise self._refuse(f"{len(survivors)} masked vectors, fewer than the quorum {q} that must sign the "
+                               "survivor set")
+        self.survivors = sorted(survivors)
+        self.dropped = sorted(set().union(*(self.mask_with[u] for u in survivors)) - survivors)
+        self._check_holders(survivors)
+        return {u: ConsistencyRequest(survivors=list(self.survivors)) for u in self.survivors}
+
+    def _check_holders(self, revealers: set[int]) -> None:
+        """Refuse the round if some secret to be rebuilt has fewer than ``threshold`` holders among ``revealers``."""
+        survivors = set(self.survivors)
+        holders: dict[int, set[int]] = {v: ({v} & revealers) for v in survivors | set(self.dropped)}
+        for u in revealers:  # who will be able to reveal a share of whose secret
             for v in self.mask_with[u]:
-                if v not in cannot_open[u]:
+                if v not in self.cannot_open.get(u, set()):
                     holders[v].add(u)
         for v in sorted(holders):
-            if len(holders[v]) < t:
-                raise self._refuse(f"node {v}'s secret has {len(holders[v])} share holders left, fewer than {t}")
-        self.dropped = sorted(dropped)
-        for u in sorted(survivors):
+            if len(holders[v]) < self.params.threshold:
+                raise self._refuse(f"node {v}'s secret has {len(holders[v])} share holders left, "
+                                   f"fewer than {self.params.threshold}")
+
+    def receive_consistency(self, replies: Mapping[int, ConsistencyReply]) -> dict[int, UnmaskRequest]:
+        """Survivors' signatures of the survivor set in; the unmask requests, with every valid signature, out."""
+        p = self.params
+        signed: dict[int, bytes] = {}
+        for node, rep in sorted(replies.items()):
+            if node not in self.survivors:
+                self.reject(node, "consistency", "was not asked to sign the survivor set")
+                continue
+            if not verify(self.keys[node].id_pk, rep.sig,
+                          survivors_statement(context=p.context, node=node, survivors=self.survivors)):
+                self.reject(node, "consistency", "its signature of the survivor set does not verify")
+                continue
+            signed[node] = rep.sig
+        if len(signed) < p.quorum:
+            raise self._refuse(f"{len(signed)} clients signed the survivor set, fewer than the quorum {p.quorum}")
+        self._check_holders(set(signed))
+        signers = sorted(signed)
+        pks, sigs = [self.keys[v].id_pk for v in signers], [signed[v] for v in signers]
+        surv = set(self.survivors)
+        for u in signers:
             self.unmask_requests[u] = UnmaskRequest(
-                survivors=sorted((set(self.mask_with[u]) & survivors) | {u}),
-                dropped=sorted(set(self.mask_with[u]) & dropped), num_survivors=len(survivors))
+                survivors=sorted((set(self.mask_with[u]) & surv) | {u}),
+                dropped=sorted(set(self.mask_with[u]) - surv), num_survivors=len(surv),
+                signers=signers, signer_pks=pks, signatures=sigs)
         return dict(self.unmask_requests)
 
     def receive_unmask(self, replies: Mapping[int, UnmaskReply]) -> SecureSum:

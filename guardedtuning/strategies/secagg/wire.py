@@ -5,12 +5,16 @@ One round (the server's key stages run in ``configure_train``, before training):
 ==================  ================================  =====================================
 stage               server -> client                  client -> server
 ==================  ================================  =====================================
-``advertise``       :class:`AdvertiseRequest`, with   :class:`Advertise`
-                    the :class:`RoundParams` records
-``share-keys``      :class:`KeysRequest`              :class:`SharesReply`
+``advertise``       :class:`AdvertiseRequest`, with   :class:`Advertise` (signed round keys
+                    the :class:`RoundParams` records  and the identity key)
+``share-keys``      :class:`KeysRequest` (neighbours' :class:`SharesReply`
+                    signed keys)
 ``collect-masked``  :class:`MaskRequest` (in the      :class:`MaskedReply` (in the sealed
                     round's first training message)   final training reply)
-``unmask``          :class:`UnmaskRequest`            :class:`UnmaskReply`
+``consistency``     :class:`ConsistencyRequest` (the  :class:`ConsistencyReply` (its
+                    survivor set)                     signature of that set)
+``unmask``          :class:`UnmaskRequest` (with the  :class:`UnmaskReply`
+                    survivors' signatures)
 ==================  ================================  =====================================
 
 A payload travels as one ConfigRecord (``secagg-stage``: the stage name, the round and
@@ -29,13 +33,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from guardedtuning.errors import MessageError
-from guardedtuning.strategies.secagg.keys import COMMIT_BYTES, KEY_BYTES, TAG_BYTES
+from guardedtuning.strategies.secagg.keys import COMMIT_BYTES, KEY_BYTES, SIG_BYTES, TAG_BYTES
 from guardedtuning.strategies.secagg.shamir import SHARE_BYTES
 
 STAGE_KEY = "secagg-stage"
 MASKED_KEY = "secagg-masked"
 ADVERTISE, SHARE_KEYS, COLLECT_MASKED, UNMASK = "advertise", "share-keys", "collect-masked", "unmask"
-STAGES = (ADVERTISE, SHARE_KEYS, COLLECT_MASKED, UNMASK)
+CONSISTENCY = "consistency"
+STAGES = (ADVERTISE, SHARE_KEYS, COLLECT_MASKED, CONSISTENCY, UNMASK)
 CIPHERTEXT_BYTES = 2 * SHARE_BYTES + TAG_BYTES  # a b-share and an s-share, sealed
 
 
@@ -51,19 +56,23 @@ class AdvertiseRequest:
 
 @dataclass(frozen=True)
 class Advertise:
-    """A client's two public keys for the round."""
+    """A client's two public keys for the round, its identity key, and its signature of the round keys."""
 
     c_pk: bytes = _f("c-pk", "bytes", nbytes=KEY_BYTES)
     s_pk: bytes = _f("s-pk", "bytes", nbytes=KEY_BYTES)
+    id_pk: bytes = _f("id-pk", "bytes", nbytes=KEY_BYTES)
+    sig: bytes = _f("sig", "bytes", nbytes=SIG_BYTES)
 
 
 @dataclass(frozen=True)
 class KeysRequest:
-    """The public keys of the client's neighbours that advertised."""
+    """The signed public keys of the client's neighbours that advertised, with their identity keys."""
 
     nodes: list[int] = _f("nodes", "ints", group="n")
     c_pks: list[bytes] = _f("c-pks", "bytes-list", nbytes=KEY_BYTES, group="n")
     s_pks: list[bytes] = _f("s-pks", "bytes-list", nbytes=KEY_BYTES, group="n")
+    id_pks: list[bytes] = _f("id-pks", "bytes-list", nbytes=KEY_BYTES, group="n")
+    sigs: list[bytes] = _f("sigs", "bytes-list", nbytes=SIG_BYTES, group="n")
 
 
 @dataclass(frozen=True)
@@ -95,12 +104,30 @@ class MaskedReply:
 
 
 @dataclass(frozen=True)
+class ConsistencyRequest:
+    """The round's survivor set (every client whose masked vector arrived), for the client to sign."""
+
+    survivors: list[int] = _f("survivors", "ints")
+
+
+@dataclass(frozen=True)
+class ConsistencyReply:
+    """The client's signature of the survivor set it was told."""
+
+    sig: bytes = _f("sig", "bytes", nbytes=SIG_BYTES)
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
-    """Which neighbours survived (reveal their b-share) or dropped (reveal their s-share)."""
+    """Which neighbours survived (reveal their b-share) or dropped (reveal their s-share), and the
+    survivors' signatures of the survivor set (signer, identity key, signature)."""
 
     survivors: list[int] = _f("survivors", "ints")
     dropped: list[int] = _f("dropped", "ints")
     num_survivors: int = _f("num-survivors", "int")
+    signers: list[int] = _f("signers", "ints", group="g")
+    signer_pks: list[bytes] = _f("signer-pks", "bytes-list", nbytes=KEY_BYTES, group="g")
+    signatures: list[bytes] = _f("signatures", "bytes-list", nbytes=SIG_BYTES, group="g")
 
 
 @dataclass(frozen=True)
@@ -113,8 +140,10 @@ class UnmaskReply:
     s_shares: list[bytes] = _f("s-shares", "bytes-list", nbytes=SHARE_BYTES, group="s")
 
 
-Payload = AdvertiseRequest | Advertise | KeysRequest | SharesReply | MaskRequest | MaskedReply | UnmaskRequest | UnmaskReply
-P = TypeVar("P", AdvertiseRequest, Advertise, KeysRequest, SharesReply, MaskRequest, MaskedReply, UnmaskRequest, UnmaskReply)
+Payload = (AdvertiseRequest | Advertise | KeysRequest | SharesReply | MaskRequest | MaskedReply | ConsistencyRequest
+           | ConsistencyReply | UnmaskRequest | UnmaskReply)
+P = TypeVar("P", AdvertiseRequest, Advertise, KeysRequest, SharesReply, MaskRequest, MaskedReply, ConsistencyRequest,
+            ConsistencyReply, UnmaskRequest, UnmaskReply)
 
 
 def to_content(payload: Payload, *, stage: str, server_round: int) -> RecordDict:
