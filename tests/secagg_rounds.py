@@ -29,7 +29,6 @@ from guardedtuning.strategies.secagg.wire import (
     to_content,
 )
 
-
 HONEST_CLIENTS = Policy(collusion=0.0)
 """The policy of the protocol tests: no client colludes with the server (which may still be malicious).
 
