@@ -312,3 +312,50 @@ def test_an_app_without_the_mod_is_named_in_the_rejections():
     strategy = SecureSparseFedAvg(clients_per_round=3, seed=0, timeout=0.2)
     assert list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid)) == []  # refused at advertise
     assert len(strategy.rejections) >= 3 and all("secagg_mod" in r for r in strategy.rejections[:3])
+
+
+def test_clients_refuse_a_server_chosen_threshold_below_their_minimum(monkeypatch):
+    """A server that plans t = 2 of 5 (bypassing its own checks) gets an error reply from every client,
+    naming the value and the minimum, and nothing is shared."""
+    import dataclasses
+
+    grid = LocalGrid(fake_app(), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    honest = strategy.round_params
+    monkeypatch.setattr(strategy, "round_params", lambda *a, **kw: dataclasses.replace(honest(*a, **kw), threshold=2,
+                                                                                       quorum=2))
+    assert list(strategy.configure_train(1, global_arrays(), ConfigRecord({}), grid)) == []  # refused at advertise
+    assert len(strategy.rejections) == 5
+    assert all("threshold 2 is below the minimum 3 for degree 4" in r for r in strategy.rejections)
+    assert not [m for m in grid.sent if stage_name(m) == "share-keys"]  # no share was ever asked for
+
+
+def test_identity_keys_are_pinned_across_rounds_and_a_substitution_is_refused():
+    """Round 1 pins every neighbour's identity key in context.state; in round 2 a server that relays
+    another identity key for node 1001 (with a valid signature by it) gets error replies naming the pin."""
+    from guardedtuning.strategies.secagg import RoundParams
+    from guardedtuning.strategies.secagg.keys import new_identity, round_keys_statement, sign
+
+    grid = LocalGrid(fake_app(), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    run_one_round(strategy, grid, 1)
+    pins = grid.contexts[1000].state["secagg.pins"]
+    assert pins["nodes"] == grid.node_ids and len(set(pins["keys"])) == 5
+    assert "secagg.identity" in grid.contexts[1000].state  # the long-term key outlives the round
+
+    sk, pk = new_identity()
+
+    def tamper(node, request, reply):  # type: ignore[no-untyped-def]
+        if node == 1001 and stage_name(reply) == "advertise":  # the server swaps 1001's identity key
+            cfg = reply.content["secagg-stage"]
+            params = RoundParams.from_records(request.content["secagg"], request.content["secagg-setup"], source="t")
+            cfg["id-pk"] = pk
+            cfg["sig"] = sign(sk, round_keys_statement(context=params.context, node=1001, c_pk=cfg["c-pk"],
+                                                       s_pk=cfg["s-pk"]))
+        return reply
+
+    grid.tamper = tamper
+    msgs = list(strategy.configure_train(2, global_arrays(), ConfigRecord({}), grid))
+    refusals = [r for r in strategy.rejections if "not the identity key pinned for node 1001" in r]
+    assert len(refusals) == 4  # every neighbour of 1001 refused at share-keys
+    assert msgs == []  # 1001 alone is left: the round is refused

@@ -96,3 +96,40 @@ def test_a_threshold_no_round_can_meet_is_refused_up_front(tiny_flat):
     cfg = build_config({**tiny_flat, "aggregation.secure": True, "aggregation.threshold": 5})
     with pytest.raises(ConfigError, match="every round would be refused"):
         make_strategy(cfg, "train")
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    ({"aggregation.threshold": 2}, r"`aggregation.threshold` is 2, below the minimum 3 for degree 4.*"
+                                   r"set aggregation.threshold=0 \(picks it\) or >= 3"),
+    ({"federation.num-clients": 12, "federation.clients-per-round": 12, "aggregation.degree": 2},
+     r"`aggregation.degree` is 2, below the minimum 6 for 12 clients per round.*set aggregation.degree=0"),
+])
+def test_overrides_below_the_clients_minimum_are_refused_up_front(tiny_flat, extra, match):
+    from guardedtuning.errors import ConfigError
+    from guardedtuning.server_app.common import make_strategy
+
+    cfg = build_config({**_flat(tiny_flat), **extra})
+    with pytest.raises(ConfigError, match=match):
+        make_strategy(cfg, "train")
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("aggregation.security-bits", 20, r"`aggregation.security-bits` must be an integer in \[40, 256\]"),
+    ("aggregation.collusion", 0.1, r"`aggregation.collusion` must be a fraction in \[1/3, 1\)"),
+])
+def test_a_weaker_security_parameter_than_the_clients_is_refused(tiny_flat, key, value, match):
+    from guardedtuning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        build_config({**_flat(tiny_flat), key: value})
+
+
+def test_the_default_round_shape_follows_from_the_security_parameter(tiny_flat):
+    from guardedtuning.server_app.common import make_strategy
+
+    strategy = make_strategy(build_config(_flat(tiny_flat)), "train")
+    params = strategy.round_params(1, [1000, 1001, 1002, 1003, 1004], 64, run_id=1)
+    assert (params.degree, params.threshold, params.quorum) == (4, 3, 4)  # 5 clients, 1/3 may collude
+    strategy = make_strategy(build_config(_flat(tiny_flat, **{"aggregation.collusion": 0.45})), "train")
+    params = strategy.round_params(1, [1000, 1001, 1002, 1003, 1004], 64, run_id=1)
+    assert (params.degree, params.threshold, params.quorum) == (4, 4, 4)  # C = 2: t >= C + 2
