@@ -124,19 +124,26 @@ def test_harary_graph_is_symmetric_regular_and_seeded():
 
 def test_degree_and_threshold_defaults():
     # sigma = 40, gamma = 1/3: the degree follows from the security parameter (docs/threat-model.md)
-    assert [graph.effective_degree(n, 0) for n in (2, 5, 10, 100, 1000)] == [1, 4, 8, 52, 502]
+    assert [graph.effective_degree(n, 0) for n in (2, 5, 10, 100, 1000)] == [1, 4, 8, 52, 128]
     assert graph.effective_degree(100, 5) == 6  # made even
     assert [graph.auto_threshold(d) for d in (1, 4, 9, 30)] == [2, 3, 6, 16]
-    # hand-worked, n = 10: C = floor(10 / 3) = 3 colluders, so t >= C + 2 = 5. Degree 4 (5 share holders)
-    # with t = 5: no client can have t - 1 = 4 corrupt neighbours among 3 colluders -> the privacy minimum
-    assert graph.min_threshold(10, 4, 1 / 3) == 5 and graph.leak_probability(10, 4, 5, 1 / 3) == 0.0
-    assert graph.min_degree(10) == 4
+    # hand-worked, n = 10: C = floor(10 / 3) = 3 colluders. Degree 4 (a client's 4 neighbours are a random
+    # 4 of the other 9): with t = 4 the colluders hold t - 1 = 3 of its shares with probability
+    # C(3,3) C(6,1) / C(9,4) = 6/126, times 10 clients: far above 2^-40. With t = 5 they would need 4 of
+    # only 3: probability 0 -> degree 4 with t = 5 is the privacy minimum
+    assert graph.min_threshold(10, 4, 1 / 3) == 3
+    assert graph.leak_probability(10, 4, 4, 1 / 3) == pytest.approx(10 * 6 / 126)
+    assert graph.leak_probability(10, 4, 5, 1 / 3) == 0.0 and graph.min_degree(10) == 4
     # ... but t = 5 of 5 holders leaves no dropout slack; degree 8 keeps t = 5 <= 9 - ceil(9 / 3) = 6
     assert graph.auto_degree(10) == 8 and graph.round_shape(10) == (8, 5, 7)  # quorum floor((10 + 3) / 2) + 1
     # hand-worked hypergeometric tail: n = 5, C = 2, degree 2, t = 3: P[both neighbours corrupt] =
     # C(2,2) C(2,0) / C(4,2) = 1/6, times 5 clients (union bound)
     assert graph.leak_probability(5, 2, 3, 0.4) == pytest.approx(5 / 6)
     assert graph.min_quorum(5, 3, 1 / 3) == 4 and graph.min_quorum(7, 4, 0.0) == 4
+    # large n: the sparse regime, where sigma sets the degree
+    assert graph.min_degree(1000) == 32 and graph.round_shape(1000) == (128, 86, 667)
+    assert 0 < graph.leak_probability(1000, 128, 86, 1 / 3) <= 2.0 ** -40
+    assert graph.min_degree(1000, 64) > graph.min_degree(1000, 40)
 
 
 def test_policy_names_the_value_and_the_minimum():

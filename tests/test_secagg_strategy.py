@@ -330,9 +330,10 @@ def test_clients_refuse_a_server_chosen_threshold_below_their_minimum(monkeypatc
     assert not [m for m in grid.sent if stage_name(m) == "share-keys"]  # no share was ever asked for
 
 
-def test_identity_keys_are_pinned_across_rounds_and_a_substitution_is_refused():
+def test_identity_keys_are_pinned_across_rounds_and_a_substitution_is_refused(monkeypatch):
     """Round 1 pins every neighbour's identity key in context.state; in round 2 a server that relays
-    another identity key for node 1001 (with a valid signature by it) gets error replies naming the pin."""
+    another identity key for node 1001 (with a valid signature by it) gets error replies naming the pin.
+    (The honest strategy would leave such a node out itself: that check is turned off here.)"""
     from guardedtuning.strategies.secagg import RoundParams
     from guardedtuning.strategies.secagg.keys import new_identity, round_keys_statement, sign
 
@@ -355,7 +356,21 @@ def test_identity_keys_are_pinned_across_rounds_and_a_substitution_is_refused():
         return reply
 
     grid.tamper = tamper
+    monkeypatch.setattr(strategy, "_known_identities", lambda rnd, adverts: adverts)
     msgs = list(strategy.configure_train(2, global_arrays(), ConfigRecord({}), grid))
     refusals = [r for r in strategy.rejections if "not the identity key pinned for node 1001" in r]
     assert len(refusals) == 4  # every neighbour of 1001 refused at share-keys
     assert msgs == []  # 1001 alone is left: the round is refused
+
+
+def test_a_client_that_lost_its_state_is_left_out_and_the_round_goes_on():
+    """A restarted client makes a new identity key; its neighbours pinned the old one. The server leaves
+    it out by name instead of relaying a key every neighbour would refuse."""
+    grid = LocalGrid(fake_app(), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.1, timeout=0.2)
+    run_one_round(strategy, grid, 1)
+    grid.contexts[1002].state = RecordDict()  # node 1002 restarts: its identity key and pins are gone
+    _, _, (avg, metrics) = run_one_round(strategy, grid, 2)
+    assert any("node 1002" in r and "identity key changed" in r for r in strategy.rejections)
+    assert avg is not None and metrics["clients"] == 4
+    assert not [m for m in grid.received if m.has_error()]  # no client had to refuse anything

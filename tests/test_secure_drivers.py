@@ -132,4 +132,4 @@ def test_the_default_round_shape_follows_from_the_security_parameter(tiny_flat):
     assert (params.degree, params.threshold, params.quorum) == (4, 3, 4)  # 5 clients, 1/3 may collude
     strategy = make_strategy(build_config(_flat(tiny_flat, **{"aggregation.collusion": 0.45})), "train")
     params = strategy.round_params(1, [1000, 1001, 1002, 1003, 1004], 64, run_id=1)
-    assert (params.degree, params.threshold, params.quorum) == (4, 4, 4)  # C = 2: t >= C + 2
+    assert (params.degree, params.threshold, params.quorum) == (4, 4, 4)  # C = 2 would hold t - 1 = 2 at t = 3

@@ -30,10 +30,16 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SplitConfig:
     layer: int = _opt(2, "transformer blocks kept on the client (the bottom); 1 <= layer < L")
+    release_dim: int = _opt(
+        0, "numbers released per token: a trainable client-side projection D -> k before the noise "
+           "(and k -> D on the server); 0 releases the D-dimensional hidden state",
+    )
 
     def __post_init__(self) -> None:
         if self.layer < 1:
             raise _fail("split.layer", self.layer, "an integer >= 1")
+        if self.release_dim < 0:
+            raise _fail("split.release-dim", self.release_dim, "an integer >= 0 (0 = no projection)")
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,7 @@ class AggregationConfig:
     )
     threshold: int = _opt(
         0, "secure: shares needed to unmask, and the fewest survivors a round accepts; 0 = the smallest safe one "
-           "(> (degree + 1) / 2 and >= colluders + 2)"
+           "(> (degree + 1) / 2, and colluders hold fewer than t - 1 shares of anyone)"
     )
     security_bits: int = _opt(
         40, "secure: sigma, the graph lets colluders unmask a client with probability <= 2^-sigma; >= 40 (the clients')"

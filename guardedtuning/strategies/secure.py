@@ -148,7 +148,8 @@ class SecureAggregation(Strategy):
         is the complete graph (plain SecAgg). Below that minimum: ``ConfigError``.
     threshold : int
         Shares needed to reconstruct a secret and the fewest survivors a round accepts;
-        0 picks the smallest safe one (``> (degree + 1) / 2``, ``>= C + 2``). Below it: ``ConfigError``.
+        0 picks the smallest safe one (``> (degree + 1) / 2``, and colluders hold fewer than
+        ``t - 1`` shares of any client except with probability ``2**-security_bits``). Below it: ``ConfigError``.
     security_bits : int
         ``sigma``: the graph lets colluders unmask a client with probability at most ``2**-sigma``.
         At least the clients' own (``secagg_mod``: 40), or they refuse every round.
@@ -214,6 +215,7 @@ class SecureAggregation(Strategy):
         self.degree, self.threshold, self.max_weight, self.norm_clip = degree, threshold, max_weight, norm_clip
         self.packing, self.downlink_bits, self.timeout, self.poll = packing, downlink_bits, timeout, poll
         self.rejections: list[str] = []
+        self.identities: dict[int, bytes] = {}  # node -> identity key, as first relayed (clients pin the same)
         self._round: _Round | None = None
         self._unfinished: _Round | None = None  # refused at a key stage: its cost is still to be collected
         self._score: np.ndarray | None = None  # accumulated public aggregates (top-k support)
@@ -283,9 +285,12 @@ class SecureAggregation(Strategy):
             sa_cfg, sa_setup = params.to_records()
             ask = to_content(AdvertiseRequest(), stage=ADVERTISE, server_round=r)
             ask[CONFIG_KEY], ask[SETUP_KEY] = sa_cfg, sa_setup
-            adverts = self._stage(rnd, ADVERTISE, dict.fromkeys(params.nodes, ask), Advertise)
+            adverts = self._known_identities(rnd, self._stage(rnd, ADVERTISE, dict.fromkeys(params.nodes, ask),
+                                                              Advertise))
             rnd.advertised = len(adverts)
             keys = srv.receive_advertise(adverts)
+            for node, adv in srv.keys.items():
+                self.identities.setdefault(node, adv.id_pk)
             masks = srv.receive_shares(self._stage(rnd, SHARE_KEYS, keys, SharesReply))
         except RoundRefused:
             self._publish(rnd)
@@ -305,6 +310,24 @@ class SecureAggregation(Strategy):
                 content[key] = rec
             out.append(Message(content=content, message_type=m.metadata.message_type, dst_node_id=node,
                                group_id=m.metadata.group_id))
+        return out
+
+    def _known_identities(self, rnd: _Round, adverts: dict[int, Advertise]) -> dict[int, Advertise]:
+        """Leave out a node whose identity key changed since it was first relayed.
+
+        Its neighbours pinned the old key and would refuse every round that offers the new one
+        (a client that lost its ``context.state`` makes a new key), so one such node would stop
+        the run; it is left out, named, until a new run.
+        """
+        out = {}
+        for node, adv in adverts.items():
+            known = self.identities.get(node)
+            if known is not None and known != adv.id_pk:
+                rnd.reject(node, "its identity key changed since it was first seen (a client that lost its state "
+                                 "makes a new one); its neighbours pinned the old key, so it is left out of this "
+                                 "run's secure rounds; it takes part again in a new run")
+                continue
+            out[node] = adv
         return out
 
     def _downlink(self, arrays: ArrayRecord) -> dict[str, ArrayRecord | ConfigRecord]:
@@ -462,7 +485,8 @@ def check_settings(*, n: int, degree: int, threshold: int, security_bits: int, c
     _, t_auto, _ = round_shape(n, degree=d, security_bits=security_bits, collusion=collusion)
     if threshold and threshold < t_auto:
         raise ConfigError(f"`aggregation.threshold` is {threshold}, below the minimum {t_auto} for degree {d} {why} "
-                          f"(t > (degree + 1) / 2 and t >= colluders + 2); set aggregation.threshold=0 (picks it) "
+                          f"(t > (degree + 1) / 2, colluders holding fewer than t - 1 shares of anyone); set "
+                          f"aggregation.threshold=0 (picks it) "
                           f"or >= {t_auto}")
     if t > min(n, d + 1) or q > n:
         if not feasible:
