@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guardedtuning import codecs as C  # noqa: E402
 from guardedtuning.compat import TaskIdentity, ndarray_to_bytes  # noqa: E402
 from guardedtuning.strategies.secagg import ClientSecAgg, RoundParams, ServerSecAgg  # noqa: E402
-from guardedtuning.strategies.secagg.graph import auto_threshold, effective_degree  # noqa: E402
+from guardedtuning.strategies.secagg.graph import round_shape  # noqa: E402
 from guardedtuning.strategies.secagg.masking import clamp_weight, fold_weight, pack_masked  # noqa: E402
 from guardedtuning.strategies.secagg.mod import SecAggMod  # noqa: E402
 from guardedtuning.strategies.secagg.prg import expand  # noqa: E402
@@ -63,8 +63,8 @@ def fake_update(node: int, shapes: dict[str, tuple[int, int]] = SHAPES) -> dict[
 
 def round_params(n: int, *, max_weight: int, packing: str) -> RoundParams:
     seed = bytes(range(32))
-    d = effective_degree(n, 0)
-    return RoundParams(server_round=1, nodes=tuple(range(1, n + 1)), degree=d, threshold=auto_threshold(d),
+    d, t, q = round_shape(n)  # the automatic degree, threshold and quorum (docs/threat-model.md)
+    return RoundParams(server_round=1, nodes=tuple(range(1, n + 1)), degree=d, threshold=t, quorum=q,
                        size=SIZE, density=DENSITY, support_mode="rand",
                        support=C.rand_k_support(size=SIZE, density=DENSITY, seed=seed), bits=BITS, clip=CLIP,
                        norm_clip=0.0, max_weight=max_weight, packing=packing, seed=seed)
@@ -111,6 +111,7 @@ def crypto_round(n: int, *, dropout: float, max_weight: int) -> dict[str, float]
     reqs = timed_server("advertise", srv.receive_advertise, adverts)
     reqs = timed_server("share-keys", srv.receive_shares, timed_clients(reqs, "share_keys"))
     reqs = timed_server("collect-masked", srv.receive_masked, timed_clients(reqs, "masked_input", gone))
+    reqs = timed_server("consistency", srv.receive_consistency, timed_clients(reqs, "consistency"))
     result = timed_server("unmask", srv.receive_unmask, timed_clients(reqs, "unmask"))
     assert len(result.survivors) == n - len(gone)
     return {"client": statistics.median(client_s[v] for v in p.nodes if v not in gone),
@@ -126,7 +127,7 @@ def table_crypto(sizes: list[int], *, repeats: int, dropout: float, max_weight: 
     for n in sizes:
         runs = [crypto_round(n, dropout=dropout, max_weight=max_weight) for _ in range(repeats if n < 1000 else 1)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        total = sum(med[k] for k in ("advertise", "share-keys", "collect-masked", "unmask"))
+        total = sum(med[k] for k in ("advertise", "share-keys", "collect-masked", "consistency", "unmask"))
         print(f"{n:>6} {int(med['degree']):>4} {int(med['threshold']):>3} {int(med['m']):>3} {int(med['dropped']):>5} | "
               f"{med['client'] * 1e3:>10.2f} ms {med['codec'] * 1e3:>9.2f} ms | "
               f"{med['advertise'] * 1e3:>6.1f} ms {med['share-keys'] * 1e3:>7.1f} ms "
