@@ -18,7 +18,7 @@ import functools
 import torch
 from torch import nn
 
-from guardedtuning.config import LoraConfig, ModelConfig
+from guardedtuning.config import LoraConfig, ModelConfig, SplitConfig
 from guardedtuning.models.loading import load_backbone
 from guardedtuning.models.lora import add_lora
 from guardedtuning.models.split import Bottom, Top, build_split, check_split_layer
@@ -45,26 +45,40 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _cut(split: SplitConfig | int) -> tuple[int, int]:
+    """(layer, release_dim) of ``split``: a :class:`SplitConfig`, or a bare layer (no release projection)."""
+    return (split, 0) if isinstance(split, int) else (split.layer, split.release_dim)
+
+
+def _train_release_maps(bottom: Bottom, top: Top | None = None) -> None:
+    """The release projection (client) and its expansion (server) train, whatever else is frozen."""
+    for module in (bottom.project, top.expand if top is not None else None):
+        if module is not None:
+            module.requires_grad_(True)
+
+
 @functools.lru_cache(maxsize=2)
-def client_bottom(model: ModelConfig, layer: int, lora: LoraConfig, device: str, seed: int) -> Bottom:
-    """The client's bottom with LoRA (blocks above the cut are dropped).
+def client_bottom(model: ModelConfig, split: SplitConfig | int, lora: LoraConfig, device: str, seed: int) -> Bottom:
+    """The client's bottom with LoRA (blocks above the cut are dropped), and its release projection.
 
     Its LoRA initialisation does not matter (every round starts from the global adapter)
     and, like every builder here, it leaves the process's random state untouched.
     """
+    layer, release_dim = _cut(split)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
         check_split_layer(layer, backbone.num_layers, backbone.name)
-        bottom = Bottom(backbone, layer)
+        bottom = Bottom(backbone, layer, release_dim=release_dim, seed=seed)
         bottom.to(_device(device))  # device before LoRA: see opacus issue 820
         add_lora(bottom, lora, backbone.kind)
+        _train_release_maps(bottom)
     bottom.eval()  # no dropout: the forward of step s is recomputed in step s + 1
     return bottom
 
 
 def split_model(
-    model: ModelConfig, layer: int, lora: LoraConfig, num_labels: int, device: str, seed: int,
+    model: ModelConfig, split: SplitConfig | int, lora: LoraConfig, num_labels: int, device: str, seed: int,
     *, lora_bottom: bool = True, lora_top: bool = True, full: bool = False,
 ) -> SplitModel:
     """A fresh bottom + top (not cached: servers build it once, fedlora clients cache it).
@@ -74,17 +88,18 @@ def split_model(
     and leaves the process's random state untouched.
     """
     with torch.random.fork_rng(devices=[]):
-        return _split_model(model, layer, lora, num_labels, device, seed, lora_bottom=lora_bottom,
+        return _split_model(model, split, lora, num_labels, device, seed, lora_bottom=lora_bottom,
                             lora_top=lora_top, full=full)
 
 
 def _split_model(
-    model: ModelConfig, layer: int, lora: LoraConfig, num_labels: int, device: str, seed: int,
+    model: ModelConfig, split: SplitConfig | int, lora: LoraConfig, num_labels: int, device: str, seed: int,
     *, lora_bottom: bool, lora_top: bool, full: bool,
 ) -> SplitModel:
+    layer, release_dim = _cut(split)
     backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
     torch.manual_seed(seed)  # the head's initialisation
-    bottom, top = build_split(backbone, layer, num_labels)
+    bottom, top = build_split(backbone, layer, num_labels, release_dim=release_dim, seed=seed)
     out = SplitModel(bottom, top).to(_device(device))
     if full:
         for p in out.parameters():
@@ -102,12 +117,13 @@ def _split_model(
         add_lora(top.blocks, lora, backbone.kind)
     if backbone.kind == "encoder":
         top.head.requires_grad_(True)
+    _train_release_maps(bottom, top)
     out.eval()
     return out
 
 
 @functools.lru_cache(maxsize=2)
-def client_full_model(model: ModelConfig, layer: int, lora: LoraConfig, num_labels: int,
+def client_full_model(model: ModelConfig, layer: SplitConfig | int, lora: LoraConfig, num_labels: int,
                       device: str, seed: int) -> SplitModel:
     """``fedlora`` clients: the whole model with LoRA, cached per process."""
     return split_model(model, layer, lora, num_labels, device, seed)

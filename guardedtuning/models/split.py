@@ -4,11 +4,17 @@
   returns the cut activations ``h`` of shape (B, T, D) that the client releases;
 - top: the remaining blocks and a task head; it turns ``h`` back into a loss.
 
+With a low-dimensional release (``split.release-dim`` = k > 0) the bottom ends in a trainable
+linear map D -> k (:class:`ReleaseProjection`) and the top starts with a trainable map k -> D:
+the client releases k numbers per token instead of D, and the token noise is added in that
+k-dimensional space (the d_chi noise norm grows with the released dimension, k / eta, while a
+task such as sentiment needs only a few directions of each contextual token vector).
+
 The encoder's head is a masked mean pool and a linear classifier (sequence
 classification); the decoder's head is the final norm and the LM head, with the
 causal-LM loss taken on response tokens only (labels of -100 are ignored).
 
-Bottom then top computes exactly what the unsplit model computes (tested).
+Without a release projection, bottom then top computes exactly what the unsplit model computes (tested).
 """
 
 from __future__ import annotations
@@ -67,14 +73,50 @@ class _Blocks(nn.Module):
         return h
 
 
-class Bottom(nn.Module):
-    """Client side: embeddings + first ``k`` blocks. (B, T) ids -> (B, T, D) activations."""
+def _orthonormal_rows(k: int, d: int, seed: int) -> torch.Tensor:
+    """A seeded (k, d) matrix with orthonormal rows (k <= d)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))  # (d, k)
+    return q.T.contiguous().float()
 
-    def __init__(self, backbone: Backbone, k: int) -> None:
+
+class ReleaseProjection(nn.Module):
+    """The client's trainable map from the cut's D-dimensional token vectors to the k it releases.
+
+    Initialised with seeded orthonormal rows (a random k-dimensional view of the residual
+    stream) and a zero bias; both train with the bottom's adapter (under DP-SGD in ``guarded``)
+    and are aggregated with it, so the server knows them, as it knows every adapter.
+    """
+
+    def __init__(self, d: int, k: int, seed: int) -> None:
+        super().__init__()
+        if not 0 < k <= d:
+            raise ModelLoadError(f"`split.release-dim` is {k} but the model's hidden size is {d}; "
+                                 f"pass --set split.release-dim=K with 1 <= K <= {d}, or 0 to release all {d}")
+        self.linear = nn.Linear(d, k)
+        with torch.no_grad():
+            self.linear.weight.copy_(_orthonormal_rows(k, d, seed))
+            self.linear.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h)
+
+
+class Bottom(nn.Module):
+    """Client side: embeddings + first ``k`` blocks (+ the release projection). (B, T) ids -> (B, T, D or k)."""
+
+    def __init__(self, backbone: Backbone, k: int, *, release_dim: int = 0, seed: int = 0) -> None:
         super().__init__()
         self.kind = backbone.kind
         self.embeddings = backbone.body.embeddings if backbone.kind == "encoder" else backbone.body.embed_tokens
         self.blocks = _Blocks(backbone, list(backbone.blocks[:k]))
+        d = backbone.hidden_size
+        self.project: ReleaseProjection | None = ReleaseProjection(d, release_dim, seed) if release_dim else None
+        self.release_dim = release_dim or d
+
+    def release(self, h: torch.Tensor) -> torch.Tensor:
+        """The cut's hidden states (B, T, D) -> what the client releases (B, T, release_dim)."""
+        return self.project(h) if self.project is not None else h
 
     def word_embeddings(self) -> torch.Tensor:
         """The vocabulary embedding matrix (V, D)."""
@@ -85,17 +127,24 @@ class Bottom(nn.Module):
         return self.embeddings(input_ids=input_ids) if self.kind == "encoder" else self.embeddings(input_ids)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.blocks.run(self.embed(input_ids), attention_mask)  # (B, T, D)
+        return self.release(self.blocks.run(self.embed(input_ids), attention_mask))  # (B, T, release_dim)
 
 
 class Top(nn.Module):
     """Server side: blocks ``k..L`` and the task head."""
 
-    def __init__(self, backbone: Backbone, k: int, num_labels: int) -> None:
+    def __init__(self, backbone: Backbone, k: int, num_labels: int, *, release_dim: int = 0,
+                 seed: int = 0) -> None:
         super().__init__()
         self.kind = backbone.kind
         self.blocks = _Blocks(backbone, list(backbone.blocks[k:]))
         d = backbone.hidden_size
+        # k -> D back into the residual stream; starts as the transpose of the client's initial map
+        self.expand: nn.Linear | None = nn.Linear(release_dim, d) if release_dim else None
+        if self.expand is not None:
+            with torch.no_grad():
+                self.expand.weight.copy_(_orthonormal_rows(release_dim, d, seed).T)
+                self.expand.bias.zero_()
         if backbone.kind == "encoder":
             self.head: nn.Module = nn.Linear(d, num_labels)
             self.norm: nn.Module | None = None
@@ -105,6 +154,8 @@ class Top(nn.Module):
             self.norm = backbone.body.norm
 
     def hidden(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.expand is not None:
+            h = self.expand(h)
         h = self.blocks.run(h, attention_mask)
         return self.norm(h) if self.norm is not None else h
 
@@ -135,7 +186,9 @@ class Top(nn.Module):
         return per_row / counts
 
 
-def build_split(backbone: Backbone, layer: int, num_labels: int) -> tuple[Bottom, Top]:
-    """Bottom and top sharing the backbone's modules (nothing is copied)."""
+def build_split(backbone: Backbone, layer: int, num_labels: int, *, release_dim: int = 0,
+                seed: int = 0) -> tuple[Bottom, Top]:
+    """Bottom and top sharing the backbone's modules (nothing is copied but the release maps)."""
     check_split_layer(layer, backbone.num_layers, backbone.name)
-    return Bottom(backbone, layer), Top(backbone, layer, num_labels)
+    return (Bottom(backbone, layer, release_dim=release_dim, seed=seed),
+            Top(backbone, layer, num_labels, release_dim=release_dim, seed=seed))

@@ -149,6 +149,18 @@ class Recipe:
                 f"`privacy.nopeek-weight` is {p.nopeek_weight} but recipe {name!r} trains no client bottom "
                 "through the cut, so a decorrelation term has nothing to shape; set --set privacy.nopeek-weight=0"
             )
+        if cfg.split.release_dim and not self.trains_bottom:
+            raise ConfigError(
+                f"`split.release-dim` is {cfg.split.release_dim} but recipe {name!r} trains no client bottom through "
+                "the cut, so a release projection could not learn; set --set split.release-dim=0, or use split, "
+                "privtune or guarded"
+            )
+        if cfg.split.release_dim and p.mechanism == "privtune":
+            raise ConfigError(
+                f"`split.release-dim` is {cfg.split.release_dim} but privacy.mechanism is 'privtune', whose mean "
+                "table and token importance live in the D-dimensional space of the vocabulary; use --set "
+                "privacy.mechanism=dchi (uniform eta in the released space) or split.release-dim=0"
+            )
         if not self.accepts_dp and cfg.dp.enabled:
             raise ConfigError(
                 f"`dp.enabled` is true but recipe {name!r} has no client-side training for DP-SGD to protect; set "
