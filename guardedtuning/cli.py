@@ -226,6 +226,9 @@ class EventTail:
             self.progress.console.print(f"[yellow]round {ev['round']}: dropped node {ev['node']}: {escape(ev['reason'])}[/]",
                                         highlight=False, soft_wrap=True)
         elif kind == "resume":
+            eps = ev.get("epsilon")
+            dp = (f"  ε {eps:.2f} vs server" + (f", {ev['epsilon_model']:.2f} model" if ev.get("epsilon_model")
+                                                 is not None else "")) if eps is not None else ""
             self.progress.console.print(f"resuming after round {ev['round']} from the checkpoint")
         elif kind == "error":
             self.error = ev
@@ -253,6 +256,12 @@ def _run_in_process(cfg: RunConfig, events: Path, offset: int) -> int:
 
     failure: list[BaseException] = []
 
+    dp = record.get("privacy", {}).get("dp", {})
+    if dp.get("enabled") and dp.get("epsilon") is not None:
+        model = f"; ε of the released model {dp['epsilon_model']:.2f}" if dp.get("epsilon_model") is not None else ""
+        console.print(f"DP-SGD: ε {dp['epsilon']:.2f} against the server (target {dp['target_epsilon']:g}, "
+                      f"δ {dp['delta']:g}){model}; what each covers: privacy.dp.scope in results.json",
+                      highlight=False, soft_wrap=True)
     def target() -> None:
         try:
             execute(cfg, None)

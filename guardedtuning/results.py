@@ -58,6 +58,101 @@ class CostLedger:
         return cls(**data)
 
 
+LEDGER_FILE = "privacy-ledger.json"
+
+
+@dataclass
+class NodeLedger:
+    """What the server requested of one node under DP-SGD, and what the node last reported."""
+
+    rounds: list[int] = field(default_factory=list)  # rounds it was sent a training message in
+    requested_steps: int = 0  # DP-SGD steps the server's messages asked of it
+    replied_steps: int = 0  # of those, the ones whose message got a reply
+    report: dict[str, Any] = field(default_factory=dict)  # its last privacy report (``dp_*`` figures)
+
+
+@dataclass
+class PrivacyLedger:
+    """The server's own record of each node's DP-SGD participation (issue 12, finding 4).
+
+    The clients' accountants live in their state, which a client can lose; the server
+    counts, per node, the rounds and DP-SGD steps it requested (a step is charged when the
+    message asking for it is sent, before any reply: a lost reply may hide a step taken).
+    :meth:`epsilons` is what the record reports for a node: the larger of the node's own
+    figures and those the ledger implies (its reported plan applied to the steps the ledger
+    counted). The ledger is written to ``privacy-ledger.json`` before every exchange that
+    requests DP-SGD steps, so a crash anywhere, also between aggregation and checkpoint,
+    leaves the charge of what was sent; a resumed server reloads it and tells each node its
+    ledger steps in the round's first message (the client takes the larger count).
+    """
+
+    nodes: dict[int, NodeLedger] = field(default_factory=dict)
+
+    def node(self, node: int) -> NodeLedger:
+        return self.nodes.setdefault(int(node), NodeLedger())
+
+    def steps(self, node: int) -> int:
+        """The DP-SGD steps requested of ``node`` so far (0 for a node it never asked)."""
+        entry = self.nodes.get(int(node))
+        return entry.requested_steps if entry is not None else 0
+
+    def request(self, node: int, round_: int, steps: int) -> None:
+        entry = self.node(node)
+        if not entry.rounds or entry.rounds[-1] != round_:
+            entry.rounds.append(int(round_))
+        entry.requested_steps += int(steps)
+
+    def replied(self, node: int, steps: int) -> None:
+        self.node(node).replied_steps += int(steps)
+
+    def note(self, node: int, report: dict[str, Any]) -> None:
+        """Keep a node's privacy report (its DP plan and accountant's figures)."""
+        if "dp_noise_multiplier" in report:
+            self.node(node).report = dict(report)
+
+    def epsilons(self, node: int) -> tuple[float, float] | None:
+        """(epsilon against the server, epsilon of the released model) the record reports for ``node``.
+
+        Each is max(the node's own figure, the ledger's): the steps the ledger counted beyond
+        those the node reported are charged with the node's reported plan, to every row up to
+        the cap where the server sees membership (the server cannot tell which rows they
+        used), else as Poisson steps. None for a node that never reported a DP plan.
+        """
+        from guardedtuning.privacy.dpsgd import amplified_epsilon, gaussian_epsilon
+
+        entry = self.nodes.get(int(node))
+        if entry is None or not entry.report:
+            return None
+        r = entry.report
+        sigma, q, delta = float(r["dp_noise_multiplier"]), float(r["dp_sample_rate"]), float(r["dp_delta"])
+        own_steps = int(r.get("dp_steps", 0))
+        steps = max(own_steps, entry.requested_steps)
+        missing = steps - own_steps
+        model = max(float(r.get("dp_epsilon_model", r.get("dp_epsilon", 0.0))),
+                    amplified_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta))
+        if int(r.get("dp_membership_visible", 0)):
+            cap = int(r.get("dp_max_participations", 0))
+            k = int(r.get("dp_participations", 0)) + missing
+            ledger = gaussian_epsilon(noise_multiplier=sigma, participations=min(k, cap) if cap else k, delta=delta)
+        else:
+            ledger = amplified_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
+        return max(float(r.get("dp_epsilon", 0.0)), ledger), model
+
+    def worst(self) -> tuple[float | None, float | None]:
+        """The largest (epsilon against the server, epsilon of the model) over the nodes (None: no report)."""
+        figures = [e for e in (self.epsilons(n) for n in self.nodes) if e is not None]
+        if not figures:
+            return None, None
+        return max(e for e, _ in figures), max(m for _, m in figures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {str(n): dict(e.__dict__) for n, e in self.nodes.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PrivacyLedger:
+        return cls({int(n): NodeLedger(**e) for n, e in data.items()})
+
+
 class Recorder:
     """Writes events, history, checkpoints and the final record of one run."""
 
@@ -71,6 +166,7 @@ class Recorder:
         self.dataset = dataset
         self.history: list[dict[str, Any]] = []
         self.ledger = CostLedger()
+        self.privacy_ledger = PrivacyLedger()
         self.t0 = time.perf_counter()
         self.wall_before = 0.0  # wall seconds of earlier attempts (resumed runs)
         self.majority_rate: float | None = None  # utility of always answering the top class
@@ -91,8 +187,11 @@ class Recorder:
 
     # -- history --------------------------------------------------------------------
     def add_round(self, round_: int, *, utility: float | None, train_loss: float | None,
-                  epsilon: float | None, bytes_up: int, bytes_down: int, extra: dict[str, Any]) -> None:
+                  epsilon: float | None, bytes_up: int, bytes_down: int, extra: dict[str, Any],
+                  epsilon_model: float | None = None) -> None:
+        """One round's row: ``epsilon`` is DP-SGD's against the server so far, ``epsilon_model`` the model's."""
         row = {"round": round_, "utility": utility, "train_loss": train_loss, "epsilon": epsilon,
+               "epsilon_model": epsilon_model,
                "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_s": round(self.wall_s, 3), **extra}
         self.history.append(row)
         self.event("round", **row)
@@ -102,9 +201,34 @@ class Recorder:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
+    @property
+    def ledger_path(self) -> Path:
+        return self.out / LEDGER_FILE
+
+    def save_privacy_ledger(self) -> None:
+        """Write the privacy ledger now (atomically), with the config's digest."""
+        payload = {"digest": config_digest(self.cfg), "nodes": self.privacy_ledger.to_json()}
+        tmp = self.ledger_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, self.ledger_path)
+
+    def load_privacy_ledger(self) -> None:
+        """Reload the ledger of an earlier attempt of this run (``output.resume``), else start a new one.
+
+        Also without a checkpoint: an attempt that crashed in round 1 still charged what it sent.
+        """
+        self.privacy_ledger = PrivacyLedger()
+        if not (self.cfg.output.resume and self.ledger_path.is_file()):
+            return
+        payload = json.loads(self.ledger_path.read_text())
+        if payload.get("digest") == config_digest(self.cfg):
+            self.privacy_ledger = PrivacyLedger.from_json(payload["nodes"])
+
     def save_checkpoint(self, round_: int, state: dict[str, Any]) -> None:
+        self.save_privacy_ledger()
         payload = {"round": round_, "digest": config_digest(self.cfg), "history": self.history,
-                   "ledger": self.ledger.to_json(), "wall_s": self.wall_s, "state": state}
+                   "ledger": self.ledger.to_json(), "privacy_ledger": self.privacy_ledger.to_json(),
+                   "wall_s": self.wall_s, "state": state}
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, self.checkpoint_path)
@@ -198,7 +322,13 @@ class Recorder:
         """
         p, dp, rep = self.cfg.privacy, self.cfg.dp, self.privacy_reports
         epsilons = [r["epsilon"] for r in self.history if r.get("epsilon") is not None]
-        epsilon = max(epsilons) if epsilons else (rep.get("epsilon") if p.mechanism != "none" else None)
+        dp_eps, dp_model = self.privacy_ledger.worst()
+        if dp_eps is None and epsilons:
+            dp_eps = max(epsilons)
+        if dp_model is None:
+            models = [r["epsilon_model"] for r in self.history if r.get("epsilon_model") is not None]
+            dp_model = max(models) if models else None
+        epsilon = dp_eps if dp_eps is not None else (rep.get("epsilon") if p.mechanism != "none" else None)
         delta = dp.delta if dp.enabled else (p.delta if p.mechanism == "gaussian" else None)
         return {
             "epsilon": epsilon, "delta": delta,
@@ -207,12 +337,58 @@ class Recorder:
                           **{k: v for k, v in rep.items() if not k.startswith("dp_") and k != "mechanism"},
                           "scope": "per released token vector, per release; " + self.recipe.release_scope}
             if p.mechanism != "none" else {"name": "none"},
-            "dp": ({"enabled": True, "scope": self.recipe.dp_scope,
-                    "target_epsilon": dp.target_epsilon, "delta": dp.delta,
-                    "max_grad_norm": dp.max_grad_norm, "accountant": dp.accountant,
-                    **{k[3:]: v for k, v in rep.items() if k.startswith("dp_")}} if dp.enabled else {"enabled": False}),
+            "dp": self.dp_record(dp_eps, dp_model) if dp.enabled else {"enabled": False},
             "attacks": {},
         }
+
+    def dp_record(self, epsilon: float | None, epsilon_model: float | None) -> dict[str, Any]:
+        """The record's ``privacy.dp`` block: both epsilons with their scopes, the plan, each node's figures.
+
+        ``epsilon`` is against the server; ``epsilon_model`` against third parties who see
+        the released model. Both are the worst node's max(own accountant, server's ledger).
+        """
+        dp, rep = self.cfg.dp, self.privacy_reports
+        visible = bool(rep.get("dp_membership_visible", 0))
+        per_node = {}
+        for node, entry in sorted(self.privacy_ledger.nodes.items()):
+            figures = self.privacy_ledger.epsilons(node)
+            per_node[str(node)] = {
+                "epsilon": figures[0] if figures else None, "epsilon_model": figures[1] if figures else None,
+                "rounds": entry.rounds, "requested_steps": entry.requested_steps,
+                "reported_steps": entry.report.get("dp_steps"), "participations": entry.report.get("dp_participations"),
+                "own_epsilon": entry.report.get("dp_epsilon"),
+            }
+        covers = self.recipe.dp_scope or "the client's updates (add/remove one of its examples)"
+        if visible:
+            against = ("epsilon is against the server: it sees which rows each DP-SGD step used, so no "
+                       "amplification by sampling; each participation is a Gaussian mechanism of sensitivity "
+                       "dp.max-grad-norm, composed over the worst example's actual participations (at most "
+                       f"dp.max-participations = {rep.get('dp_max_participations')}), per client; the larger of "
+                       "the client's accountant and the server's ledger")
+        else:
+            against = ("epsilon holds against the server too: only an update leaves the client, so which rows a "
+                       "step used stays hidden and amplification by Poisson sampling holds, per client; the larger "
+                       "of the client's accountant and the server's ledger")
+        scope = f"{covers}; {against}"
+        model_scope = ("of the released model (the aggregated adapters) against third parties who see only it, per "
+                       "client, add/remove one of its examples, with amplification by Poisson sampling over the "
+                       "steps taken")
+        return {"enabled": True, "epsilon": epsilon, "scope": scope, "epsilon_model": epsilon_model,
+                "epsilon_model_scope": model_scope,
+                "target_epsilon": dp.target_epsilon, "delta": dp.delta, "max_grad_norm": dp.max_grad_norm,
+                "accountant": dp.accountant,
+                **{k[3:]: v for k, v in rep.items() if k.startswith("dp_") and k not in ("dp_epsilon", "dp_epsilon_model")},
+                **self._worst_reported(("dp_steps", "dp_participations", "dp_rows_at_cap")),
+                "per_node": per_node}
+
+    def _worst_reported(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The largest of each ``dp_*`` figure over the nodes' last reports (``dp_`` dropped), where any reported it."""
+        out: dict[str, Any] = {}
+        for key in keys:
+            values = [e.report[key] for e in self.privacy_ledger.nodes.values() if key in e.report]
+            if values:
+                out[key[3:]] = max(values)
+        return out
 
     def plot(self, metric: str) -> None:
         import matplotlib

@@ -116,12 +116,52 @@ def test_budget_and_report_under_dp():
     cfg = _cfg(**{"dp.enabled": True, "dp.target-epsilon": 2.0})
     priv = _open(cfg)
     assert not priv.budget_spent(steps=1) and priv.epsilon() == 0.0
-    priv.charge(steps=100_000)
-    assert priv.budget_spent(steps=1)
+    priv.charge(steps=100_000)  # rows unknown: every row counted in every step, up to the cap
+    assert priv.budget_spent(steps=1)  # no row may take part in another step
     spent = priv.spent_metrics()
-    assert spent["budget-spent"] == 1.0 and spent["epsilon"] > 2.0
+    # against the server the cap holds the target; the model's amplified epsilon of 1e5 steps does not
+    assert spent["budget-spent"] == 1.0 and 1.9 < spent["epsilon"] <= 2.0 and priv.epsilon_model() > 2.0
     report = priv.report()
     assert report["dp_steps"] == 100_000 and report["dp_delta"] == cfg.dp.delta and report["mechanism"] == "none"
+    assert report["dp_participations"] == report["dp_max_participations"] == priv.plan.max_participations
+    assert report["dp_rows_at_cap"] == 40 and report["dp_membership_visible"] == 1
+    hidden = _open(cfg, membership_visible=False)  # only an update leaves: the amplified figure, as before
+    hidden.charge(steps=100_000)
+    assert hidden.budget_spent(steps=1) and hidden.epsilon() > 2.0 and hidden.report()["dp_max_participations"] == 0
+
+
+def test_a_row_at_the_cap_leaves_later_poisson_batches():
+    cfg = _cfg(**{"dp.enabled": True, "dp.max-participations": 2, "train.batch-size": 20})
+    priv = _open(cfg, n=40)
+    assert priv.plan.max_participations == 2 and priv.plan.sample_rate == 0.5
+    capped = np.arange(0, 40, 2)
+    priv.accountant.participate(capped, n=40)
+    priv.accountant.participate(capped, n=40)
+    for step in range(30):
+        rows = priv.rows(40, step=step, batch_size=20, public_seed=0)
+        assert not set(rows.tolist()) & set(capped.tolist()) and len(rows) > 0
+    assert priv.report()["dp_rows_at_cap"] == 20 and not priv.budget_spent(steps=1)
+    priv.accountant.participate(np.arange(1, 40, 2), n=40)
+    priv.accountant.participate(np.arange(1, 40, 2), n=40)
+    assert priv.budget_spent(steps=1) and len(priv.rows(40, step=99, batch_size=20, public_seed=0)) == 0
+
+
+def test_the_servers_ledger_can_only_make_the_accounting_stricter():
+    """Finding 4: a client that lost its state, or kept a stale one, takes the server's larger step count."""
+    cfg = _cfg(**{"dp.enabled": True, "dp.max-participations": 5})
+    lost = _open(cfg, round_=3, ledger_steps=8)  # fresh state, the server says 8 steps were asked of it
+    assert lost.accountant.steps == 8 and lost.report()["dp_participations"] == 5  # every row, up to the cap
+    assert lost.epsilon() == pytest.approx(lost.accountant.server_epsilon(
+        noise_multiplier=lost.plan.noise_multiplier, delta=cfg.dp.delta))
+    own = _open(cfg)
+    own.accountant.participate(np.array([1, 2]), n=40)
+    own.accountant.record(noise_multiplier=own.plan.noise_multiplier, sample_rate=own.plan.sample_rate, steps=3)
+    state = own.to_state()
+    looser = _open(cfg, state, round_=2, ledger_steps=1)  # the server claims fewer steps: ignored
+    assert looser.accountant.steps == 3 and looser.report()["dp_participations"] == 1
+    stricter = _open(cfg, state, round_=2, ledger_steps=5)  # two steps the client did not count: every row +2
+    assert stricter.accountant.steps == 5
+    np.testing.assert_array_equal(stricter.accountant.participations[:4], [2, 3, 3, 2])
 
 
 def test_state_round_trips_through_context_state():

@@ -20,7 +20,10 @@ from guardedtuning.privacy.dpsgd import (
     DPPlan,
     DPStep,
     PrivacyBudgetSpent,
+    amplified_epsilon,
+    auto_max_participations,
     budget_spent,
+    gaussian_epsilon,
     poisson_batch_indices,
     sample_rate_for,
 )
@@ -224,8 +227,10 @@ def test_a_state_of_another_accountant_kind_is_refused():
 
 
 def test_plan_meets_the_target_after_the_planned_steps():
+    """Where the server cannot see batch membership: the amplified epsilon of the planned steps."""
     cfg = DPConfig(enabled=True, target_epsilon=3.0, delta=1e-5)
-    p = DPPlan.from_config(cfg, num_examples=400, batch_size=16, rounds=3, local_steps=20)
+    p = DPPlan.from_config(cfg, num_examples=400, batch_size=16, rounds=3, local_steps=20, membership_visible=False)
+    assert p.max_participations == 0 and not p.membership_visible
     assert p.sample_rate == pytest.approx(0.04) and p.planned_steps == 60 and p.expected_batch_size == 16
     acc = DPAccountant()
     acc.record(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, steps=p.planned_steps)
@@ -235,7 +240,8 @@ def test_plan_meets_the_target_after_the_planned_steps():
 
 def test_a_client_whose_budget_is_spent_is_detected_and_stops(parts, dp_step):
     bottom, top, batch = parts
-    p = DPPlan.from_config(DPConfig(target_epsilon=1.0), num_examples=100, batch_size=10, rounds=1, local_steps=5)
+    p = DPPlan.from_config(DPConfig(target_epsilon=1.0), num_examples=100, batch_size=10, rounds=1, local_steps=5,
+                           membership_visible=False)
     acc = DPAccountant()
     acc.record(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, steps=5)
     assert not budget_spent(acc, p, steps=0)
@@ -314,3 +320,64 @@ def test_opacus_dp_optimizer_gives_the_hand_computed_step(parts, dp_step):
         for n, q in bottom.named_parameters():
             if q.requires_grad:
                 q.copy_(start[n])
+
+
+# --- the epsilon against a server that sees which rows each step used (issue 12, finding 1) ---------------
+
+
+def test_gaussian_epsilon_is_opacus_rdp_at_sample_rate_one():
+    ref = RDPAccountant()
+    for _ in range(7):
+        ref.step(noise_multiplier=1.3, sample_rate=1.0)
+    assert gaussian_epsilon(noise_multiplier=1.3, participations=7, delta=1e-5) == pytest.approx(
+        ref.get_epsilon(delta=1e-5), rel=1e-12)
+    assert gaussian_epsilon(noise_multiplier=1.3, participations=0, delta=1e-5) == 0.0
+    # the amplified figure of the same example is far smaller: what a server that knows membership gives away
+    assert amplified_epsilon(noise_multiplier=1.3, sample_rate=0.04, steps=100, delta=1e-5) < \
+        gaussian_epsilon(noise_multiplier=1.3, participations=4, delta=1e-5) / 2
+
+
+def test_the_visible_plan_meets_the_target_at_the_cap_without_amplification():
+    cfg = DPConfig(enabled=True, target_epsilon=8.0, delta=1e-5)
+    p = DPPlan.from_config(cfg, num_examples=400, batch_size=16, rounds=5, local_steps=20)
+    assert p.membership_visible and p.max_participations >= 1
+    at_cap = gaussian_epsilon(noise_multiplier=p.noise_multiplier, participations=p.max_participations, delta=1e-5)
+    assert 7.9 < at_cap <= 8.0
+    assert gaussian_epsilon(noise_multiplier=p.noise_multiplier, participations=p.max_participations + 1,
+                            delta=1e-5) > 8.0  # the cap is what holds the target
+    fixed = DPPlan.from_config(DPConfig(target_epsilon=8.0, max_participations=10), num_examples=400,
+                               batch_size=16, rounds=5, local_steps=20)
+    assert fixed.max_participations == 10 and fixed.noise_multiplier > p.noise_multiplier
+    assert DPPlan.from_config(DPConfig(max_participations=1000), num_examples=400, batch_size=16, rounds=1,
+                              local_steps=3).max_participations == 3  # never more than the planned steps
+
+
+def test_auto_cap_maximises_expected_uses_per_unit_noise():
+    from scipy.stats import binom
+
+    from guardedtuning.privacy.dpsgd import noise_multiplier_for
+
+    cap = auto_max_participations(target_epsilon=8.0, delta=1e-5, sample_rate=0.04, steps=100)
+
+    def score(c):
+        used = sum(binom.sf(j - 1, 100, 0.04) for j in range(1, c + 1))
+        return used / noise_multiplier_for(target_epsilon=8.0, delta=1e-5, sample_rate=1.0, steps=c)
+
+    assert all(score(cap) >= score(c) for c in range(1, 15))
+
+
+def test_the_worst_rows_participations_give_the_server_epsilon_and_persist():
+    acc = DPAccountant()
+    acc.participate(np.array([0, 3]), n=5)
+    acc.participate(np.array([3]), n=5)
+    assert acc.max_participations == 2
+    assert acc.server_epsilon(noise_multiplier=1.1, delta=1e-5) == gaussian_epsilon(
+        noise_multiplier=1.1, participations=2, delta=1e-5)
+    acc.record(noise_multiplier=1.1, sample_rate=0.4, steps=2)
+    back = DPAccountant()
+    back.load_state_dict(acc.state_dict())
+    np.testing.assert_array_equal(back.participations, [1, 0, 0, 2, 0])
+    back.charge_unseen(3, n=5, cap=4)  # three steps whose rows are unknown: every row, up to the cap
+    np.testing.assert_array_equal(back.participations, [4, 3, 3, 4, 3])
+    with pytest.raises(MessageError, match="counts 5 rows but this client has 6"):
+        back.participate(np.array([0]), n=6)

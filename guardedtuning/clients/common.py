@@ -109,19 +109,23 @@ def client_examples(context: Context, cfg: RunConfig) -> list[Example]:
 
 
 def client_privacy(context: Context, setup: ClientSetup, *, round_: int = 1, resumed_after: int = 0,
-                   step: int = 0, steps: int | None = None, source: str = "message") -> ClientPrivacy:
+                   step: int = 0, steps: int | None = None, source: str = "message", ledger_steps: int = 0,
+                   membership_visible: bool = True) -> ClientPrivacy:
     """This client's privacy, restored from ``context.state``, the message admitted, the new state saved at once.
 
-    ``resumed_after`` > 0: the run restarted after that round (see
-    :meth:`~guardedtuning.privacy.client.ClientPrivacy.for_client`). The message (step
-    ``step`` of ``round_``, asking for ``steps`` local steps where the design sends that)
-    must be the next one this client expects
+    ``resumed_after`` > 0: the run restarted after that round; ``ledger_steps``: the DP-SGD
+    steps the server's ledger holds for this node (the round's first message,
+    :func:`~guardedtuning.wire.ledger.ledger_steps_of`); ``membership_visible``: whether the
+    server sees which rows a step used (split learning; False for a design that releases
+    only an update). See :meth:`~guardedtuning.privacy.client.ClientPrivacy.for_client`.
+    The message (step ``step`` of ``round_``, asking for ``steps`` local steps where the
+    design sends that) must be the next one this client expects
     (:meth:`~guardedtuning.privacy.client.ClientPrivacy.admit`, ``MessageError`` if not).
     """
     priv = ClientPrivacy.for_client(
         setup.cfg, pid=setup.pid, num_examples=len(setup.examples),
         mechanism=client_mechanism(setup.cfg, setup.pid, setup.num_partitions), state=privacy_state(context.state),
-        round_=round_, resumed_after=resumed_after)
+        round_=round_, resumed_after=resumed_after, membership_visible=membership_visible, ledger_steps=ledger_steps)
     priv.admit(round_=round_, step=step, resumed_after=resumed_after, source=source, steps=steps,
                planned_steps=setup.cfg.train.local_steps)
     save_privacy(context, priv)

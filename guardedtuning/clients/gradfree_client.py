@@ -60,6 +60,7 @@ from guardedtuning.privacy.local_dpsgd import LossBatch
 from guardedtuning.training import flat_trainable, forward_activations, load_flat_trainable, make_optimizer
 from guardedtuning.wire import gradfree as wire
 from guardedtuning.wire.gradfree import GradfreeStage
+from guardedtuning.wire.ledger import ledger_steps_of
 
 START_KEY = "gradfree.start"
 
@@ -155,7 +156,8 @@ def handle_gradfree(msg: Message, context: Context) -> Message:
     clock, setup, source = Clock(), client_setup(context), f"{wire.MESSAGE_TYPE} message to node {context.node_id}"
     stage = wire.unpack_stage(msg, source=source)
     priv = client_privacy(context, setup, round_=stage.round_, resumed_after=stage.resumed_after,
-                          step=0 if stage.stage == wire.RELEASE else 1, source=source)
+                          step=0 if stage.stage == wire.RELEASE else 1, source=source, membership_visible=False,
+                          ledger_steps=ledger_steps_of(msg, source=source))
     handler = handle_release if stage.stage == wire.RELEASE else handle_train
     return handler(msg, context, setup, priv, stage, clock, source=source)
 

@@ -39,6 +39,7 @@ from guardedtuning.privacy.client import ClientPrivacy
 from guardedtuning.privacy.local_dpsgd import LossBatch
 from guardedtuning.training import make_optimizer
 from guardedtuning.wire import offsite as wire
+from guardedtuning.wire.ledger import ledger_steps_of
 from guardedtuning.wire.offsite import OffsiteTrain
 
 
@@ -76,7 +77,8 @@ def handle_offsite_train(msg: Message, context: Context) -> Message:
     train = wire.unpack_train(msg, source=source)
     if train.package is not None:  # the client's first round: keep the emulator where later rounds find it
         store_package(train.package, train.digest, package_root())
-    priv = client_privacy(context, setup, round_=train.round_, resumed_after=train.resumed_after, source=source)
+    priv = client_privacy(context, setup, round_=train.round_, resumed_after=train.resumed_after, source=source,
+                          membership_visible=False, ledger_steps=ledger_steps_of(msg, source=source))
     if priv.budget_spent(steps=setup.cfg.train.local_steps):
         return reply(msg, metrics=clock.metrics(**priv.spent_metrics()))
     with keeping_privacy(context, priv):

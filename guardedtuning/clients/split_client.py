@@ -50,6 +50,7 @@ from guardedtuning.training import (
     optimizer_state,
 )
 from guardedtuning.wire import split as wire
+from guardedtuning.wire.ledger import ledger_steps_of
 from guardedtuning.wire.split import SplitStep
 
 ROUND_KEYS = ("split.lora", "split.start", "split.optim")
@@ -105,7 +106,7 @@ def handle_split_step(msg: Message, context: Context) -> Message:
     clock, setup, source = Clock(), client_setup(context), f"{wire.MESSAGE_TYPE} message to node {context.node_id}"
     step = wire.unpack_step(msg, source=source)
     priv = client_privacy(context, setup, round_=step.round_, resumed_after=step.resumed_after, step=step.step,
-                          steps=step.steps, source=source)
+                          steps=step.steps, source=source, ledger_steps=ledger_steps_of(msg, source=source))
     if step.step == 0 and priv.budget_spent(steps=step.steps):
         return reply(msg, metrics=clock.metrics(**priv.spent_metrics()))
     start = round_start_adapter(msg, context, source=source) if step.step == 0 else None

@@ -120,11 +120,20 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class DPConfig:
     enabled: bool = _opt(True, "DP-SGD on the client's trainable bottom parameters (Opacus)")
-    target_epsilon: float = _opt(8.0, "each client's total epsilon over the planned rounds")
+    target_epsilon: float = _opt(
+        8.0, "each client's epsilon against the server over the planned rounds: where the server sees which "
+             "rows a step used (split, privtune, guarded) the worst example at dp.max-participations, without "
+             "amplification by sampling; elsewhere with it",
+    )
     delta: float = _opt(1e-5, "DP-SGD delta; keep it below 1 / (examples per client)")
     max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C")
     accountant: str = _opt(
         "rdp", "`rdp` or `prv` (privacy accountant, per client; prv is tighter but costs ~0.3 s per step on CPU)"
+    )
+    max_participations: int = _opt(
+        0, "where the server sees which rows a step used: the most DP-SGD steps one example may take part in "
+           "(a row that reached it leaves later Poisson batches); 0 = auto, the cap that gives the most expected "
+           "row uses per unit of noise for the planned steps",
     )
     secure_mode: bool = _opt(False, "Opacus's secure_mode: DP noise that resists floating-point attacks "
                                     "(4 Gaussian draws per value instead of 1)")
@@ -136,6 +145,9 @@ class DPConfig:
             raise _fail("dp.max-grad-norm", self.max_grad_norm, "a positive number")
         if self.accountant not in ACCOUNTANTS:
             raise _fail("dp.accountant", self.accountant, "`rdp` or `prv`")
+        if self.max_participations < 0:
+            raise _fail("dp.max-participations", self.max_participations,
+                        "an integer >= 0 (0 = auto; n = at most n DP-SGD steps per example)")
 
 
 def check_combination(privacy: PrivacyConfig, dp: DPConfig) -> None:

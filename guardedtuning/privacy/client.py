@@ -114,10 +114,15 @@ def token_mechanism(cfg: RunConfig, examples: Sequence[Example]) -> TokenMechani
 
 
 @functools.lru_cache(maxsize=64)
-def dp_plan(dp: DPConfig, num_examples: int, batch_size: int, rounds: int, local_steps: int) -> DPPlan:
-    """The DP-SGD plan of a client with ``num_examples`` rows (cached: the noise search takes ~0.1 s)."""
+def dp_plan(dp: DPConfig, num_examples: int, batch_size: int, rounds: int, local_steps: int,
+            membership_visible: bool = True) -> DPPlan:
+    """The DP-SGD plan of a client with ``num_examples`` rows (cached: the noise search takes ~0.1 s).
+
+    ``membership_visible``: the server sees which rows each step used (split learning); see
+    :meth:`~guardedtuning.privacy.dpsgd.DPPlan.from_config`.
+    """
     return DPPlan.from_config(dp, num_examples=num_examples, batch_size=batch_size, rounds=rounds,
-                              local_steps=local_steps)
+                              local_steps=local_steps, membership_visible=membership_visible)
 
 
 def _empty_batch() -> Batch:
@@ -153,6 +158,9 @@ class ClientPrivacy:
     kept_rows
         The Poisson rows drawn for one global step, ``{step: rows}`` (fresh draws under
         DP-SGD), kept so that the backward recomputes the batch that was released.
+    num_examples
+        The client's rows (the accountant counts each row's participations where the plan's
+        membership is visible, and a row at the plan's cap leaves later batches).
     """
 
     seed: int
@@ -165,6 +173,7 @@ class ClientPrivacy:
     sequence: tuple[int, int, int] = (0, -1, 0)
     ordered: bool = True
     kept_rows: dict[int, np.ndarray] = field(default_factory=dict)
+    num_examples: int = 0
 
     def __post_init__(self) -> None:
         if (self.plan is None) != (self.accountant is None):
@@ -175,19 +184,33 @@ class ClientPrivacy:
 
     @classmethod
     def for_client(cls, cfg: RunConfig, *, pid: int, num_examples: int, mechanism: TokenMechanism,
-                   state: Mapping[str, Mapping[str, Any]], round_: int = 1, resumed_after: int = 0) -> ClientPrivacy:
+                   state: Mapping[str, Mapping[str, Any]], round_: int = 1, resumed_after: int = 0,
+                   membership_visible: bool = True, ledger_steps: int = 0) -> ClientPrivacy:
         """Client ``pid``'s privacy, restored from ``state`` (what :meth:`to_state` gave before).
 
-        ``resumed_after`` > 0 says the run restarted after that round. The accountant lives
-        in the client's state, which a restarted run does not have: a client without one
-        charges itself, before anything else, the steps of every round it could have taken
-        part in before the restart (``min(resumed_after, round - 1) x local steps`` at its
-        planned noise and rate). That is an upper bound on what it spent, on the schedule
-        the noise was planned for, so the target still holds.
+        Parameters
+        ----------
+        membership_visible
+            Whether the server sees which rows each DP-SGD step used (split learning: it
+            receives exactly the sampled rows). Then the plan bounds each row's
+            participations and epsilon is the worst row's against the server, without
+            amplification (:class:`~guardedtuning.privacy.dpsgd.DPPlan`); ``False`` for a
+            design whose client releases only an update (``gradfree``, ``offsite``).
+        resumed_after
+            > 0: the run restarted after that round. The accountant lives in the client's
+            state, which a restarted run does not have: a client without one charges itself,
+            before anything else, the steps of every round it could have taken part in before
+            the restart (``min(resumed_after, round - 1) x local steps``).
+        ledger_steps
+            The DP-SGD steps the server's ledger has requested of this client so far (the
+            round's first message carries them). The client takes the larger of its own count
+            and the ledger's: the server can only make its accounting stricter. Steps it
+            does not know the rows of are charged to every row (:meth:`charge`), up to the cap.
         """
         plan = accountant = None
         if cfg.dp.enabled:
-            plan = dp_plan(cfg.dp, num_examples, cfg.train.batch_size, cfg.federation.rounds, cfg.train.local_steps)
+            plan = dp_plan(cfg.dp, num_examples, cfg.train.batch_size, cfg.federation.rounds, cfg.train.local_steps,
+                           membership_visible)
             accountant = DPAccountant(kind=cfg.dp.accountant)
         needs_noise = cfg.privacy.mechanism != "none" or plan is not None
         fixed = cfg.privacy.noise_seed >= 0  # reproducible, known to whoever knows the config: no guarantee
@@ -201,12 +224,15 @@ class ClientPrivacy:
             kept = {int(np.asarray(state[ROWS_KEY]["step"]).reshape(-1)[0]):
                     np.asarray(state[ROWS_KEY]["rows"], dtype=np.int64).reshape(-1)}
         priv = cls(seed=seed, mechanism=mechanism, knobs=cfg.privacy, plan=plan, accountant=accountant, pid=pid,
-                   fresh=needs_noise and not fixed, sequence=sequence, ordered=needs_noise, kept_rows=kept)
+                   fresh=needs_noise and not fixed, sequence=sequence, ordered=needs_noise, kept_rows=kept,
+                   num_examples=num_examples)
         if accountant is not None:
+            owed = max(0, int(ledger_steps))
             if ACCOUNTANT_KEY in state:
                 accountant.load_state_dict({k: np.asarray(v) for k, v in state[ACCOUNTANT_KEY].items()})
             elif resumed_after > 0:
-                priv.charge(steps=min(resumed_after, round_ - 1) * cfg.train.local_steps)
+                owed = max(owed, min(resumed_after, round_ - 1) * cfg.train.local_steps)
+            priv.charge(steps=owed - accountant.steps)
         return priv
 
     def to_state(self) -> dict[str, dict[str, Any]]:
@@ -278,19 +304,53 @@ class ClientPrivacy:
         return self.plan is not None
 
     def charge(self, *, steps: int) -> None:
-        """Count ``steps`` steps at the plan's noise and rate without taking them (no-op without DP-SGD)."""
-        if self.plan is not None and self.accountant is not None and steps > 0:
-            self.accountant.record(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate,
-                                   steps=steps)
+        """Count ``steps`` steps at the plan's noise and rate without taking them (no-op without DP-SGD).
+
+        Where membership is visible the rows of those steps are unknown, so each row is
+        counted as having taken part in each of them, up to the plan's cap.
+        """
+        if self.plan is None or self.accountant is None or steps <= 0:
+            return
+        self.accountant.record(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate,
+                               steps=steps)
+        if self.plan.membership_visible and self.num_examples > 0:
+            self.accountant.charge_unseen(steps, n=self.num_examples, cap=self.plan.max_participations)
 
     def budget_spent(self, *, steps: int) -> bool:
-        """True if ``steps`` more DP-SGD steps would take epsilon past ``dp.target-epsilon`` (never without DP)."""
+        """True if ``steps`` more DP-SGD steps would take epsilon past ``dp.target-epsilon`` (never without DP).
+
+        Where membership is visible, also when every row has reached the plan's cap (no row
+        could take part in another step).
+        """
         if self.plan is None or self.accountant is None:
             return False
-        return budget_spent(self.accountant, self.plan, steps=steps)
+        if budget_spent(self.accountant, self.plan, steps=steps):
+            return True
+        return self._capped() is not None and bool(self._capped().all())
+
+    def _capped(self) -> np.ndarray | None:
+        """Which rows reached the plan's cap (None where nothing is capped)."""
+        plan, acc = self.plan, self.accountant
+        if plan is None or acc is None or not plan.membership_visible or plan.max_participations <= 0:
+            return None
+        if self.num_examples <= 0:
+            return None
+        return acc.rows(self.num_examples) >= plan.max_participations
 
     def epsilon(self) -> float | None:
-        """Epsilon spent so far at the plan's delta; None without DP-SGD."""
+        """Epsilon against the server so far at the plan's delta; None without DP-SGD.
+
+        Where membership is visible: the worst row's participations as full Gaussian
+        mechanisms (no amplification); otherwise the amplified epsilon of the steps.
+        """
+        if self.plan is None or self.accountant is None:
+            return None
+        if self.plan.membership_visible:
+            return self.accountant.server_epsilon(noise_multiplier=self.plan.noise_multiplier, delta=self.plan.delta)
+        return self.accountant.epsilon(delta=self.plan.delta)
+
+    def epsilon_model(self) -> float | None:
+        """Epsilon of the released model against third parties (amplification by sampling); None without DP-SGD."""
         if self.plan is None or self.accountant is None:
             return None
         return self.accountant.epsilon(delta=self.plan.delta)
@@ -308,9 +368,13 @@ class ClientPrivacy:
         """The mechanism's figures (``None`` left out) and, under DP-SGD, its plan and epsilon so far."""
         out = {k: v for k, v in self.mechanism.describe().items() if v is not None}
         if self.plan is not None and self.accountant is not None:
+            capped = self._capped()
             out.update(dp_noise_multiplier=self.plan.noise_multiplier, dp_sample_rate=self.plan.sample_rate,
-                       dp_epsilon=self.accountant.epsilon(delta=self.plan.delta), dp_delta=self.plan.delta,
-                       dp_steps=self.accountant.steps)
+                       dp_epsilon=self.epsilon(), dp_epsilon_model=self.epsilon_model(), dp_delta=self.plan.delta,
+                       dp_steps=self.accountant.steps, dp_max_participations=self.plan.max_participations,
+                       dp_participations=self.accountant.max_participations,
+                       dp_membership_visible=int(self.plan.membership_visible),
+                       dp_rows_at_cap=int(capped.sum()) if capped is not None else 0)
         return out
 
     # ------------------------------------------------------------------ sampling
@@ -324,16 +388,16 @@ class ClientPrivacy:
         """
         if self.plan is None:
             return batch_indices(n, batch_size, step, seed=public_seed, client=self.pid)
-        if not self.fresh:
-            return poisson_batch_indices(n, sample_rate=self.plan.sample_rate, step=step, seed=self.seed,
-                                         client=self.pid)
-        if again:
-            if step not in self.kept_rows:
-                raise MessageError(f"the rows of step {step} were not drawn (kept: {sorted(self.kept_rows)}); "
-                                   "a backward must follow the release of its step")
+        if again and step in self.kept_rows:
             return self.kept_rows[step]
-        rows = poisson_batch_indices(n, sample_rate=self.plan.sample_rate, step=step, seed=fresh_seed(),
-                                     client=self.pid)
+        if self.fresh and again:
+            raise MessageError(f"the rows of step {step} were not drawn (kept: {sorted(self.kept_rows)}); "
+                               "a backward must follow the release of its step")
+        seed = fresh_seed() if self.fresh else self.seed
+        rows = poisson_batch_indices(n, sample_rate=self.plan.sample_rate, step=step, seed=seed, client=self.pid)
+        capped = self._capped() if n == self.num_examples else None
+        if capped is not None:  # a row that reached dp.max-participations takes part in no later step
+            rows = rows[~capped[rows]]
         self.kept_rows = {step: rows}
         return rows
 
@@ -420,6 +484,11 @@ class ClientPrivacy:
                     accountant=self.accountant, device=device, extra_loss=extra, transform=transform)
         finally:
             dp.close()
+        if self.plan.membership_visible and self.num_examples > 0:  # the server saw these rows in this step
+            if step in self.kept_rows:
+                self.accountant.participate(self.kept_rows[step], n=self.num_examples)
+            else:  # rows unknown (not drawn through rows()): every row may have been in the step
+                self.accountant.charge_unseen(1, n=self.num_examples, cap=self.plan.max_participations)
 
     def train(self, model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[LossBatch], *,
               steps: Sequence[int], device: torch.device, train_mode: bool = False,

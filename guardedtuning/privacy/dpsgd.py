@@ -30,11 +30,26 @@ so the forward of step s and its recomputation in step s + 1 agree
 empty (then the update is noise only). The sampling seed, like the noise generator, must
 be unknown to the server and never repeat at its request (:mod:`.randomness`).
 
-Budget: the noise multiplier is set once from ``dp.target-epsilon``, ``dp.delta`` and the
-planned steps ``rounds x local steps`` at rate q, assuming the client is sampled in every
-round (an upper bound). The accountant counts the steps actually taken; a step that
-would take epsilon past the target raises :class:`PrivacyBudgetSpent`, which the client
-reports instead of contributing.
+Two epsilons. Amplification by sampling assumes the adversary does not know which rows
+a step used. That holds for third parties who see only the released model, and for a
+server that receives only a client's (or the aggregate's) update (``gradfree``,
+``offsite``). It does not hold against the server of split learning: each step it
+receives exactly the sampled rows' activations and labels, so it knows every batch's
+membership. Against it, each participation of an example is a full Gaussian mechanism
+(sensitivity C, noise sigma C), composed over the example's actual participations:
+:func:`gaussian_epsilon` (Opacus's RDP at sample rate 1), worst example.
+
+Budget (:meth:`DPPlan.from_config`). Where the server sees membership
+(``membership_visible``), ``dp.target-epsilon`` is met by the worst example at a cap on
+participations (``dp.max-participations``, 0 = :func:`auto_max_participations`): the
+client drops a row that reached the cap from later Poisson batches, so the epsilon
+against the server is bounded in advance, and the noise multiplier is the smallest
+whose ``cap`` Gaussian mechanisms stay below the target. Elsewhere the noise is planned
+for ``rounds x local steps`` Poisson steps at rate q, assuming the client is sampled in
+every round (an upper bound). The accountant counts the steps actually taken (for the
+amplified epsilon of the released model) and each row's participations (for the one
+against the server); a step that would take epsilon past the target raises
+:class:`PrivacyBudgetSpent`, which the client reports instead of contributing.
 """
 
 from __future__ import annotations
@@ -81,7 +96,10 @@ def poisson_batch_indices(n: int, *, sample_rate: float, step: int, seed: int, c
 def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                          accountant: str = "rdp") -> float:
     """Smallest noise multiplier (within Opacus's 0.01 epsilon tolerance) whose epsilon after
-    ``steps`` Poisson-sampled steps at ``sample_rate`` stays below ``target_epsilon``."""
+    ``steps`` Poisson-sampled steps at ``sample_rate`` stays below ``target_epsilon``.
+
+    At ``sample_rate=1`` this is ``steps`` full Gaussian mechanisms (no amplification).
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
     check_epsilon(target_epsilon, "dp.target-epsilon")
@@ -94,9 +112,73 @@ def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: fl
                                           sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
+def gaussian_epsilon(*, noise_multiplier: float, participations: int, delta: float) -> float:
+    """Epsilon of ``participations`` Gaussian mechanisms of sensitivity C and noise ``noise_multiplier`` x C.
+
+    What one example's participations in DP-SGD steps cost against an adversary who knows
+    which steps it took part in (no amplification by sampling): Opacus's RDP of the
+    sampled Gaussian at sample rate 1, composed ``participations`` times, converted at
+    ``delta``. 0 for no participation; ``inf`` without noise.
+    """
+    if participations <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return float("inf")
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rdp = _rdp_per_step(float(noise_multiplier), 1.0) * int(participations)
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def amplified_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` Poisson-sampled Gaussian steps at ``sample_rate`` (RDP, with amplification)."""
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return float("inf")
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rdp = _rdp_per_step(float(noise_multiplier), float(sample_rate)) * int(steps)
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=64)
+def auto_max_participations(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> int:
+    """The participation cap ``dp.max-participations = 0`` picks: the most expected row uses per unit of noise.
+
+    A row's participations over ``steps`` Poisson steps at ``sample_rate`` are X ~ Binomial(steps, q);
+    with a cap c it is used E[min(X, c)] times, and the noise multiplier that keeps c
+    Gaussian mechanisms below the target is sigma(c). The cap maximises E[min(X, c)] / sigma(c)
+    (the signal summed over the run against the noise of one step); candidates run up to the
+    0.9999 quantile of X.
+    """
+    from scipy.stats import binom
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 but is {steps}")
+    top = max(1, min(steps, int(binom.ppf(0.9999, steps, sample_rate))))
+    best, best_score, used = 1, -1.0, 0.0
+    for c in range(1, top + 1):
+        used += float(binom.sf(c - 1, steps, sample_rate))  # E[min(X, c)] = sum_{j <= c} P(X >= j)
+        score = used / noise_multiplier_for(target_epsilon=target_epsilon, delta=delta, sample_rate=1.0, steps=c)
+        if score > best_score:
+            best, best_score = c, score
+    return best
+
+
 @dataclass(frozen=True)
 class DPPlan:
-    """The DP-SGD parameters of one client, fixed for the whole run."""
+    """The DP-SGD parameters of one client, fixed for the whole run.
+
+    ``membership_visible``: the server sees which rows each step used (split learning), so
+    the target holds against it for the worst example at ``max_participations``
+    participations without amplification; otherwise (``max_participations = 0``, no cap)
+    for ``planned_steps`` Poisson steps with amplification.
+    """
 
     noise_multiplier: float
     sample_rate: float
@@ -107,19 +189,37 @@ class DPPlan:
     delta: float
     accountant: str = "rdp"
     secure_mode: bool = False  # Opacus's floating-point-safe noise (DPOptimizer's secure_mode)
+    max_participations: int = 0  # the cap on one row's DP-SGD steps (0: none)
+    membership_visible: bool = False
 
     @classmethod
     def from_config(cls, cfg: DPConfig, *, num_examples: int, batch_size: int, rounds: int,
-                    local_steps: int) -> DPPlan:
-        """Noise for ``rounds * local_steps`` steps at q = batch_size / num_examples."""
+                    local_steps: int, membership_visible: bool = True) -> DPPlan:
+        """The plan of ``rounds * local_steps`` steps at q = batch_size / num_examples.
+
+        ``membership_visible`` (the default, the strict one): noise for ``dp.target-epsilon``
+        against a server that sees each step's rows, at the cap ``dp.max-participations``
+        (0: :func:`auto_max_participations`, at most the planned steps). Otherwise noise for
+        the amplified epsilon of the planned steps.
+        """
         q = sample_rate_for(batch_size=batch_size, num_examples=num_examples)
         steps = rounds * local_steps
-        sigma = noise_multiplier_for(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=q,
-                                     steps=steps, accountant=cfg.accountant)
+        cap = 0
+        if membership_visible:
+            check_epsilon(cfg.target_epsilon, "dp.target-epsilon")
+            check_delta(cfg.delta, "dp.delta")
+            cap = cfg.max_participations or auto_max_participations(
+                target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=q, steps=steps)
+            cap = min(cap, steps)
+            sigma = noise_multiplier_for(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=1.0,
+                                         steps=cap, accountant="rdp")
+        else:
+            sigma = noise_multiplier_for(target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=q,
+                                         steps=steps, accountant=cfg.accountant)
         return cls(noise_multiplier=sigma, sample_rate=q, max_grad_norm=cfg.max_grad_norm,
                    expected_batch_size=q * num_examples, planned_steps=steps,
                    target_epsilon=cfg.target_epsilon, delta=cfg.delta, accountant=cfg.accountant,
-                   secure_mode=cfg.secure_mode)
+                   secure_mode=cfg.secure_mode, max_participations=cap, membership_visible=membership_visible)
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,8 +238,13 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 class DPAccountant:
     """A per-client privacy accountant (Opacus RDP or PRV) whose state is plain numpy.
 
+    Two records: the steps taken (``history``: the amplified epsilon of the released model,
+    :meth:`epsilon`) and, where the server sees which rows a step used, each row's
+    participations (``participations``: :meth:`server_epsilon` of the worst row).
+
     ``state_dict()`` gives ``{"history": float64 (k, 3) [noise multiplier, sample rate,
-    steps], "kind": int64 (1,)}``, which fits an ``ArrayRecord`` in ``context.state``.
+    steps], "kind": int64 (1,)}`` and, once a row was counted, ``"participations": int64
+    (n,)``; it fits an ``ArrayRecord`` in ``context.state``.
     """
 
     def __init__(self, *, kind: str = "rdp") -> None:
@@ -149,6 +254,7 @@ class DPAccountant:
 
         self.kind = kind
         self._acc = create_accountant(mechanism=kind)
+        self.participations: np.ndarray | None = None  # (n,) int64: DP-SGD steps each row took part in
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -167,8 +273,50 @@ class DPAccountant:
         else:
             hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
 
+    # -- participations (what the server of split learning can count) ---------------------
+
+    def rows(self, n: int) -> np.ndarray:
+        """Each of the client's ``n`` rows' participations so far (allocated on first use)."""
+        if self.participations is None:
+            self.participations = np.zeros(n, dtype=np.int64)
+        if len(self.participations) != n:
+            raise MessageError(f"the DP accountant counts {len(self.participations)} rows but this client has {n}; "
+                               "the client's data changed mid-run (restart the run with a new output.dir)")
+        return self.participations
+
+    def participate(self, rows: np.ndarray, *, n: int) -> None:
+        """Count one participation of each of ``rows`` (the rows of one DP-SGD step) out of ``n``."""
+        counts = self.rows(n)
+        counts[np.asarray(rows, dtype=np.int64)] += 1
+
+    def charge_unseen(self, steps: int, *, n: int, cap: int) -> None:
+        """``steps`` steps whose rows this accountant does not know: each row may have been in each, up to ``cap``.
+
+        The cap holds for them too (the client that took them enforced it), so every row's
+        count becomes ``min(cap, count + steps)``.
+        """
+        counts = self.rows(n)
+        np.minimum(counts + int(steps), int(cap), out=counts)
+
+    @property
+    def max_participations(self) -> int:
+        """The participations of the worst row (0 before any)."""
+        p = self.participations
+        return int(p.max()) if p is not None and len(p) else 0
+
+    def server_epsilon(self, *, noise_multiplier: float, delta: float, extra: int = 0, cap: int = 0) -> float:
+        """Epsilon of the worst row against a server that knows which steps it was in (:func:`gaussian_epsilon`).
+
+        ``extra``: that many more participations of the worst row (at most ``cap`` in all, if ``cap``).
+        """
+        k = self.max_participations + extra
+        return gaussian_epsilon(noise_multiplier=noise_multiplier, participations=min(k, cap) if cap else k,
+                                delta=delta)
+
+    # -- the released model (amplification by sampling) -----------------------------------
+
     def epsilon(self, *, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (0 before any step).
+        """Epsilon spent so far at ``delta`` (0 before any step), with amplification by sampling.
 
         RDP: the same numbers as Opacus's ``RDPAccountant.get_epsilon`` (RDP composes
         additively, so the per-step RDP curve of each (sigma, q) is computed once and
@@ -197,7 +345,10 @@ class DPAccountant:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         hist = np.array(self._acc.history, dtype=np.float64).reshape(-1, 3)
-        return {"history": hist, "kind": np.array([ACCOUNTANTS.index(self.kind)], dtype=np.int64)}
+        out = {"history": hist, "kind": np.array([ACCOUNTANTS.index(self.kind)], dtype=np.int64)}
+        if self.participations is not None:
+            out["participations"] = self.participations.copy()
+        return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         kind = ACCOUNTANTS[int(np.asarray(state["kind"]).ravel()[0])]
@@ -206,13 +357,25 @@ class DPAccountant:
                                "(dp.accountant changed mid-run)")
         hist = np.asarray(state["history"], dtype=np.float64).reshape(-1, 3)
         self._acc.history = [(float(s), float(q), int(n)) for s, q, n in hist]
+        if "participations" in state:
+            self.participations = np.asarray(state["participations"], dtype=np.int64).reshape(-1).copy()
 
 
 def budget_spent(accountant: DPAccountant, plan: DPPlan, *, steps: int = 1) -> bool:
-    """True if ``steps`` more steps would take this client's epsilon past its target."""
+    """True if ``steps`` more steps would take this client's epsilon past its target.
+
+    The amplified epsilon of the steps (every plan); where membership is visible also the
+    worst row's epsilon against the server after ``steps`` more participations (at most
+    the cap).
+    """
     eps = accountant.epsilon_after(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                    steps=steps, delta=plan.delta)
-    return eps > plan.target_epsilon
+    if eps > plan.target_epsilon:
+        return True
+    if not plan.membership_visible:
+        return False
+    return accountant.server_epsilon(noise_multiplier=plan.noise_multiplier, delta=plan.delta, extra=steps,
+                                     cap=plan.max_participations) > plan.target_epsilon
 
 
 @dataclass
@@ -318,7 +481,7 @@ class DPStep:
         plan = self.plan
         eps_next = accountant.epsilon_after(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                             steps=1, delta=plan.delta)
-        if eps_next > plan.target_epsilon:
+        if budget_spent(accountant, plan, steps=1):
             raise PrivacyBudgetSpent(
                 f"DP budget spent: epsilon {accountant.epsilon(delta=plan.delta):.3f} after {accountant.steps} "
                 f"steps; one more step would exceed dp.target-epsilon={plan.target_epsilon}; this client "

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from guardedtuning.config import RunConfig
     from guardedtuning.models.exposure import WeightCounts
 
-DP_SCOPE = ("the bottom-LoRA updates of each client (add/remove one of its examples), with amplification by "
-            "Poisson sampling; the released activations and labels are covered only by the token mechanism")
+DP_SCOPE = ("the bottom-LoRA updates of each client (add/remove one of its examples); the released activations "
+            "are covered only by the token mechanism and the labels not at all")
 RELEASE_SCOPE = "an example is released once each time a step samples it"
 
 # every knob of the guarded default off; a design adds back what it uses

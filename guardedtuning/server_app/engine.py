@@ -11,6 +11,14 @@ the config of its round's first message, its exchanges and its evaluation.
 accounting (bytes, overhead, step wall), and :meth:`Round.screen`, the one place where
 failed, late and budget-spent clients leave a round and where a round that nobody could
 take part in stops the run with the reason.
+
+The privacy ledger (:class:`~guardedtuning.results.PrivacyLedger`, issue 12 finding 4):
+:meth:`Round.exchange` charges each node the DP-SGD steps a message asks of it
+(:meth:`Design.dp_steps`) and writes the ledger to disk *before* pushing, so a crash at
+any point (also between aggregation and checkpoint) leaves the charge of what was sent;
+a resumed run reloads it. Each round's first message tells a node the steps the ledger
+holds for it (:func:`~guardedtuning.wire.ledger.with_ledger_steps`), and the record's
+epsilon of each node is max(its own accountant, the ledger's).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from guardedtuning.errors import ClientsFailed, MessageError
 from guardedtuning.server_app.common import ServerRun, log, make_strategy
 from guardedtuning.wire.exchange import Exchange, exchange
+from guardedtuning.wire.ledger import with_ledger_steps
 from guardedtuning.wire.records import metric_value, record_to_tensors, tensors_to_record
 
 
@@ -41,16 +50,36 @@ class Round:
     number: int
     resumed_after: int
     last_overhead: float | None = None  # seconds of the last exchange during which no client computed
+    design: Design | None = None  # whose messages ask for DP-SGD steps (:meth:`Design.dp_steps`)
 
     def exchange(self, messages: list[Message], *, step: bool = True) -> Exchange:
-        """Push ``messages``, pull the replies; count bytes and compute (``step``: a training step's timing too)."""
+        """Push ``messages``, pull the replies; count bytes and compute (``step``: a training step's timing too).
+
+        Under DP-SGD the privacy ledger charges each node the steps its message asks for, and
+        is written to disk before anything is pushed.
+        """
         cfg, led = self.run.cfg, self.run.rec.ledger
+        asked = self._charge(messages)
         ex = exchange(self.grid, messages, timeout=cfg.comm.timeout, poll=cfg.comm.poll_interval)
+        for node in ex.ok():
+            if asked.get(node):
+                self.run.rec.privacy_ledger.replied(node, asked[node])
         overhead = self.last_overhead = self.run.account(ex)
         if step:
             led.step_overhead_s.append(overhead)
             led.step_wall_s.append(ex.wall_s)
         return ex
+
+    def _charge(self, messages: list[Message]) -> dict[int, int]:
+        """Charge the ledger the DP-SGD steps of ``messages`` (saved at once); the steps asked of each node."""
+        if self.design is None or not self.run.cfg.dp.enabled:
+            return {}
+        ledger = self.run.rec.privacy_ledger
+        asked = {int(m.metadata.dst_node_id): self.design.dp_steps(m) for m in messages}
+        for node, steps in asked.items():
+            ledger.request(node, self.number, steps)
+        self.run.rec.save_privacy_ledger()
+        return asked
 
     def drop(self, node: int | None, reason: str) -> None:
         self.run.drop(node, reason, self.number)
@@ -151,6 +180,17 @@ class Design(ABC):
         """The strategy's first messages, as they are sent (a design may add to them)."""
         return messages
 
+    def dp_steps(self, msg: Message) -> int:
+        """The DP-SGD steps ``msg`` asks its node to take (the privacy ledger charges them when it is sent).
+
+        Default: ``train.local-steps`` for a round's first message (a design whose client
+        trains locally on it: its config has no ``step`` or ``stage``), 0 for any other;
+        split learning and gradfree override it.
+        """
+        conf = msg.content.get("config")
+        first = conf is not None and "server-round" in conf and "step" not in conf and "stage" not in conf
+        return self.run.cfg.train.local_steps if first and self.run.cfg.dp.enabled else 0
+
     @abstractmethod
     def train(self, rnd: Round, messages: list[Message]) -> Outcome:
         """The round's exchanges, from the first messages to the replies carrying the updates."""
@@ -180,6 +220,7 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
     """Run ``design`` for ``federation.rounds`` rounds (resuming after the checkpoint's); the last metrics."""
     cfg, rec = run.cfg, run.rec
     first, resumed_after = 1, 0
+    rec.load_privacy_ledger()  # what earlier attempts of this run asked of each node (output.resume)
     resumed = rec.load_checkpoint()
     # After a restart the clients' accountants may be gone with their state; the config tells
     # them the run resumed after round ``resumed_after`` and each charges itself as if it had
@@ -198,7 +239,7 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
     for number in range(first, cfg.federation.rounds + 1):
         run.seed_round(number)
         up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
-        rnd = Round(grid, run, strategy, number, resumed_after)
+        rnd = Round(grid, run, strategy, number, resumed_after, design=design)
         config = ConfigRecord(design.round_config(rnd))
         since = len(getattr(strategy, "rejections", []))
         messages = list(strategy.configure_train(number, tensors_to_record(design.global_state()), config, grid))
@@ -207,12 +248,21 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
             rec.event("refused", round=number, reason="the strategy configured no round (see the log)")
         else:
             messages = design.outgoing(rnd, messages)
+            if cfg.dp.enabled:  # each node learns the steps the ledger holds for it (it keeps the larger count)
+                ledger = rec.privacy_ledger
+                messages = [with_ledger_steps(m, ledger.steps(m.metadata.dst_node_id)) for m in messages]
             rec.event("round_start", round=number, clients=[m.metadata.dst_node_id for m in messages],
                       steps=design.steps)
             rec.ledger.client_rounds += len(messages)
             outcome = design.train(rnd, messages)
         final = outcome.final
-        epsilon = run.note_privacy(final.ok()) if final is not None else None
+        if final is not None:
+            run.note_privacy(final.ok())
+            for node, msg in final.ok().items():
+                report = msg.content.get("privacy")
+                if report is not None:
+                    rec.privacy_ledger.note(node, dict(report.items()))
+        epsilon, epsilon_model = rec.privacy_ledger.worst() if cfg.dp.enabled else (None, None)
         new = None
         if final is not None:
             new = run.aggregate(strategy, number, final, since=since)
@@ -225,6 +275,7 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
         metrics, extra = design.evaluate(rnd)
         rec.add_round(number, utility=metrics["utility"],
                       train_loss=statistics.fmean(outcome.losses) if outcome.losses else None, epsilon=epsilon,
+                      epsilon_model=epsilon_model,
                       bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0, extra=extra)
         rec.save_checkpoint(number, design.checkpoint())
     design.finish()

@@ -83,6 +83,12 @@ class GradfreeDesign(Design):
     def round_config(self, rnd: Round) -> dict[str, Any]:
         return {"stage": RELEASE, "resumed-after": rnd.resumed_after}
 
+    def dp_steps(self, msg: Message) -> int:
+        """The train stage asks for ``train.local-steps`` DP-SGD steps (under ``dp.enabled``); the release none."""
+        conf = msg.content.get("config")
+        trains = conf is not None and conf.get("stage") not in (None, RELEASE)
+        return self.run.cfg.train.local_steps if self.run.cfg.dp.enabled and trains else 0
+
     def train(self, rnd: Round, messages: list[Message]) -> Outcome:
         """Release, the middle pass, local training."""
         run, cfg = self.run, self.run.cfg

@@ -107,7 +107,7 @@ class FullReference:
             pad = self.tok.pad_token_id
             if cfg.dp.enabled:
                 plan = DPPlan.from_config(cfg.dp, num_examples=len(examples), batch_size=cfg.train.batch_size,
-                                          rounds=fed.rounds, local_steps=steps)
+                                          rounds=fed.rounds, local_steps=steps, membership_visible=False)
                 rows = (poisson_batch_indices(len(examples), sample_rate=plan.sample_rate, step=g, seed=cfg.seed,
                                               client=pid) for g in gsteps)
                 batches = (_loss_batch([examples[i] for i in r], pad) for r in rows)

@@ -107,6 +107,11 @@ class SplitDesign(Design):
     def round_config(self, rnd: Round) -> dict[str, Any]:
         return {"step": 0, "steps": self.steps, "resumed-after": rnd.resumed_after}
 
+    def dp_steps(self, msg: Message) -> int:
+        """Message s >= 1 carries the gradient of step s - 1: one DP-SGD step (under ``dp.enabled``)."""
+        conf = msg.content.get("config")
+        return 1 if self.run.cfg.dp.enabled and conf is not None and conf.get("step", 0) >= 1 else 0
+
     def evaluated_model(self) -> torch.nn.Module:
         return self.model
 
