@@ -16,6 +16,7 @@ from guardedtuning.models.parts import client_bottom
 from guardedtuning.privacy.attacks.common import aux_batches, aux_vocabulary, bottom_from_vectors, special_ids
 from guardedtuning.privacy.attacks.eia_adaptive import AdaptiveNN
 from guardedtuning.privacy.attacks.eia_nn import NearestNeighbourEIA
+from guardedtuning.privacy.attacks.eia_opt import OptimizationEIA
 from guardedtuning.privacy.attacks.eia_ridge import RidgeInversion
 from guardedtuning.privacy.attacks.harness import make_releaser
 from guardedtuning.privacy.attacks.metrics import token_report
@@ -104,3 +105,28 @@ def test_relaxed_forward_is_the_bottoms_forward(setup):
         relaxed = bottom_from_vectors(bottom, bottom.word_embeddings()[b.input_ids], b.attention_mask)
     assert torch.allclose(exact, relaxed, atol=1e-5)
     assert "embed" not in vars(bottom)  # the soft embedding was an instance override, removed again
+
+
+def test_attacks_run_on_a_release_of_fewer_dims_than_the_embedding(setup, aux):
+    _, bottom, tok = setup
+    cfg = build_config({**TINY, "model.max-length": 24, "split.release-dim": 32})
+    low = client_bottom(cfg.model, cfg.split, cfg.lora, "cpu", cfg.seed)  # the client's release projection
+    sp, ctx = special_ids(tok), (tok.cls_token_id, tok.sep_token_id)
+    victim = _batch(tok, _texts(8, seed=5))
+    rel = _releaser(cfg, low)
+    h = rel(victim)
+    assert h.shape[-1] == 32 != bottom.word_embeddings().shape[1]
+
+    def asr(c):
+        return token_report(c, victim.input_ids, victim.attention_mask, sp)["asr"]
+
+    nn = NearestNeighbourEIA.from_bottom(low, table="bottom", context=ctx)
+    # measured: NN 0.375, adaptive 0.62, ridge 0.84, optimisation 0.62 (chance 1 / 30522): 32 of 64
+    # dims lose some of the text to a whole-vocabulary search, not to a map learned on public text
+    assert nn.table.shape[1] == 32 and asr(nn.candidates(h)) >= 0.25
+    adaptive = AdaptiveNN(low, PrivTuneMechanism(eta=1e9), context=ctx, k=8, table=nn)
+    assert asr(adaptive.candidates(h, victim.attention_mask)) >= 0.5
+    ridge = RidgeInversion(aux_vocabulary(aux, sp), sp).fit(aux, [rel])
+    assert asr(ridge.candidates(h)) >= 0.8
+    opt = OptimizationEIA(low, steps=10).invert(h, victim.attention_mask, nn.candidates(h, k=8))
+    assert opt.shape == (*victim.input_ids.shape, 8) and asr(opt) >= 0.5

@@ -164,8 +164,8 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
     recorded = _recorded_noise_multiplier(run_dir)
     skipped: dict[str, str] = {}
     if "global_bottom" in state and "top" in state:  # split family: releases and bottom-LoRA updates
-        model = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, "cpu", cfg.seed,
-                            lora_top=cfg.lora.top)
+        model = split_model(cfg.model, cfg.split, cfg.lora, task.num_labels, "cpu", cfg.seed,
+                            lora_top=cfg.lora.top)  # with the run's release projection, if any
         load_trainable(model.bottom, state["global_bottom"], source="checkpoint")
         load_trainable(model.top, state["top"], source="checkpoint")
         bottom = model.bottom.eval()
@@ -179,7 +179,7 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
                 _done(out, name, t0, say)
     elif "global_head" in state:  # gradfree: the frozen base bottom's releases
         base = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, "cpu", cfg.seed,
-                           lora_bottom=False, lora_top=False).bottom.eval()
+                           lora_bottom=False, lora_top=False).bottom.eval()  # as gradfree_parts builds it
         for p in base.parameters():
             p.requires_grad_(False)
         _release_attacks(cfg, base, opts, out, say, tok=tok, special=special, n=n)
@@ -272,12 +272,18 @@ def _release_attacks(cfg: RunConfig, bottom: Any, opts: AttackOptions, out: dict
             report("eia_nn", nn_best, t0, table=best, by_table=scores)
     if "eia_nn_adaptive" in opts.attacks:
         t0 = time.perf_counter()
-        table = NearestNeighbourEIA.adaptive(bottom, attacker.mechanism, context=context, table=bottom_table)
-        attack = AdaptiveNN(bottom, attacker.mechanism, context=context, k=opts.adaptive_k,
-                            sweeps=opts.adaptive_sweeps, table=table)
-        report("eia_nn_adaptive", attack.candidates(h, vbatch.attention_mask), t0,
-               mean_shift=getattr(attacker.mechanism, "mean_shift", None) is not None,
-               clip=float(getattr(attacker.mechanism, "clip", 0.0) or 0.0))
+        try:
+            table = NearestNeighbourEIA.adaptive(bottom, attacker.mechanism, context=context, table=bottom_table)
+        except ValueError as exc:  # e.g. a mean-shift table of another dimension than the release
+            out["eia_nn_adaptive"] = {"asr": None, "metric": "token top-1", "error": str(exc),
+                                      "seconds": round(time.perf_counter() - t0, 1)}
+            say(f"eia_nn_adaptive: not run ({exc})")
+        else:
+            attack = AdaptiveNN(bottom, attacker.mechanism, context=context, k=opts.adaptive_k,
+                                sweeps=opts.adaptive_sweeps, table=table)
+            report("eia_nn_adaptive", attack.candidates(h, vbatch.attention_mask), t0,
+                   mean_shift=getattr(attacker.mechanism, "mean_shift", None) is not None,
+                   clip=float(getattr(attacker.mechanism, "clip", 0.0) or 0.0))
     if "eia_opt" in opts.attacks and nn_best is not None:
         t0 = time.perf_counter()
         report("eia_opt", OptimizationEIA(bottom, steps=opts.opt_steps).invert(h, vbatch.attention_mask, nn_best), t0)
