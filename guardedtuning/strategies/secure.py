@@ -130,7 +130,7 @@ class SecureAggregation(Strategy):
         Clients the wrapped strategy samples a round (at least 2: one client has no one to
         hide among); bounds the field size up front (see ``max_weight``).
     seed : int
-        Seeds the public round seed (support, graph).
+        Seeds the public round seed of the rand-k support (the graph is seeded by the run id and round).
     density : float
         Fraction of the model's coordinates sent each round, in (0, 1].
     bits : int
@@ -515,7 +515,7 @@ class SecureSparseFedAvg(SecureAggregation):
     clients_per_round : int
         Clients sampled each round (all connected nodes if fewer); at least 2.
     seed : int
-        Seeds client sampling and the public round seed (support, graph).
+        Seeds client sampling and the public round seed of the support (the graph is seeded by the run id and round).
     message_type : str
         Type of the round's first message (``"train"`` or ``"train.split"``).
     **secure
