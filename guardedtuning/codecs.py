@@ -10,7 +10,8 @@ An adapter update goes up in four steps, each a function here:
    ``explore`` random ones so that the support can move.
 2. **error feedback** and **clipping** (:func:`compress_update`): the client adds the
    residual it kept from earlier rounds, optionally clips the L2 norm of what it sends
-   (central DP), quantizes, and keeps everything it did not send as the new residual:
+   (it bounds a client's contribution; no central DP noise is added), quantizes, and keeps
+   everything it did not send as the new residual:
    ``sent + residual == update + old residual``.
 3. **quantization** (:func:`quantize`) to ``bits`` bits on the symmetric grid
    ``{-h, ..., h} * clip / h`` with ``h = 2**(bits-1) - 1`` (zero is exact), stored as the
