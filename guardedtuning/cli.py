@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     tri.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a run-config key for every point (e.g. federation.rounds=3)")
     tri.add_argument("--out", default="runs/trilemma", help="output folder (default runs/trilemma); reruns resume")
+    tri.add_argument("--seeds", type=int, default=1, metavar="N",
+                     help="runs per point (seed 0..N-1, attacks on seed 0); utility is their mean with min-max")
+    tri.add_argument("--schedule", choices=["full", "fast"], default="full",
+                     help="full: the main job's rounds/steps and attack options; fast: a reduced schedule for "
+                          "affordable sweeps (evidence only where --check-ranking agrees)")
+    tri.add_argument("--check-ranking", action="store_true",
+                     help="run 3 check points (noise-free split, the default, a very noisy split) under both "
+                          "schedules and report whether fast ranks utility and eia_max as full does (exit 1 if not)")
     sub.add_parser("keys", help="list run-config keys with defaults")
     sub.add_parser("recipes", help="list the recipes (designs) with what each does")
     fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")
