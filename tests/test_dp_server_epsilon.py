@@ -24,13 +24,14 @@ import torch
 from flwr.app import RecordDict
 
 from guardedtuning.clients.client_app import app as client_app
+from guardedtuning.clients.common import privacy_state
 from guardedtuning.config import build_config
 from guardedtuning.data.batches import collate
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.models.lora import load_trainable
 from guardedtuning.models.parts import client_bottom
-from guardedtuning.privacy.client import ClientPrivacy, partition_examples
-from guardedtuning.privacy.dpsgd import amplified_epsilon, gaussian_epsilon
+from guardedtuning.privacy.client import ACCOUNTANT_KEY, ClientPrivacy, partition_examples
+from guardedtuning.privacy.dpsgd import DPAccountant, amplified_epsilon, gaussian_epsilon
 from guardedtuning.results import Recorder
 from guardedtuning.server_app.server_app import execute
 from guardedtuning.wire.records import record_to_tensors
@@ -90,12 +91,10 @@ def count_participations(cfg, seen: Observer) -> dict[int, np.ndarray]:
 
 def _state_counts(grid) -> dict[int, np.ndarray]:
     """Each client's own participation counts, from its context.state."""
-    from guardedtuning.clients.common import privacy_state
-    from guardedtuning.privacy.client import ACCOUNTANT_KEY
-
     return {n: privacy_state(ctx.state)[ACCOUNTANT_KEY]["participations"] for n, ctx in grid.contexts.items()}
 
 
+@pytest.mark.e2e  # slow: an in-process DP-SGD run, then the attack's forward over every candidate
 def test_the_printed_epsilon_covers_the_participations_the_server_can_count(tiny_flat):
     cfg = build_config(_flat(tiny_flat))
     seen = Observer()
@@ -159,6 +158,7 @@ def _covers(record, cfg, spy: Spy) -> None:
     assert worst <= dp["max_participations"]  # the cap held across the attempts
 
 
+@pytest.mark.e2e  # slow: a crashed and a resumed DP-SGD run of three rounds
 def test_a_crash_between_aggregation_and_checkpoint_is_charged(tiny_flat, monkeypatch):
     """Round 2 is aggregated, then the server dies before its checkpoint; the resumed run re-runs round 2, then 3."""
     spy = Spy(monkeypatch)
@@ -201,6 +201,10 @@ def test_a_client_that_lost_its_state_continues_from_the_servers_ledger(tiny_fla
 
     grid.push_messages = wipe_before_round_2
     record = execute(cfg, grid)
+    acc = DPAccountant()
+    acc.load_state_dict(privacy_state(grid.contexts[1000].state)[ACCOUNTANT_KEY])
+    taken = sum(1 for pid, _ in spy.steps if pid == 0)
+    assert taken == ROUNDS * STEPS and acc.steps == taken, f"node 1000 took {taken} steps, counts {acc.steps}"
     _covers(record, cfg, spy)
     node = record["privacy"]["dp"]["per_node"]["1000"]
     assert node["reported_steps"] == node["requested_steps"] == ROUNDS * STEPS  # not 6: it did not restart at 0
