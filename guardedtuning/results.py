@@ -128,15 +128,17 @@ class PrivacyLedger:
         own_steps = int(r.get("dp_steps", 0))
         steps = max(own_steps, entry.requested_steps)
         missing = steps - own_steps
-        model = max(float(r.get("dp_epsilon_model", r.get("dp_epsilon", 0.0))),
-                    amplified_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta))
+        own = float(r.get("dp_epsilon", 0.0)), float(r.get("dp_epsilon_model", r.get("dp_epsilon", 0.0)))
+        if missing == 0:  # the node counted every step the ledger holds: its own accountant's figures
+            return own
+        model = max(own[1], amplified_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta))
         if int(r.get("dp_membership_visible", 0)):
             cap = int(r.get("dp_max_participations", 0))
             k = int(r.get("dp_participations", 0)) + missing
             ledger = gaussian_epsilon(noise_multiplier=sigma, participations=min(k, cap) if cap else k, delta=delta)
         else:
             ledger = amplified_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta)
-        return max(float(r.get("dp_epsilon", 0.0)), ledger), model
+        return max(own[0], ledger), model
 
     def worst(self) -> tuple[float | None, float | None]:
         """The largest (epsilon against the server, epsilon of the model) over the nodes (None: no report)."""
