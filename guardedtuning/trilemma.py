@@ -562,6 +562,8 @@ def main_cli(args: Any, console: Any) -> int:
     from guardedtuning.config import parse_set
 
     sched = schedule(args.schedule)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} is below 1; pass --seeds 3 for a mean with its spread")
     points = [parse_point(p) for p in args.points] or (list(CHECK_POINTS) if args.check_ranking else default_points())
     base = parse_set(args.sets)
     out = Path(args.out).resolve()

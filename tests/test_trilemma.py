@@ -233,3 +233,16 @@ def test_check_ranking_runs_both_schedules_and_writes_the_report(tmp_path):
             assert result[key][n] == sorted(vals, key=lambda p: -vals[p])
     assert "Does `fast` rank the check points as `full` does?" in (tmp_path / "ranking_check.md").read_text()
     assert not math.isnan(result["eia_max"]["values"]["split"]["full"])
+
+
+def test_cli_refuses_bad_arguments_before_anything_runs(tmp_path, capsys):
+    from guardedtuning.cli import main
+
+    out = str(tmp_path / "sweep")
+    assert main(["trilemma", "--seeds", "0", "--out", out]) == 2
+    assert "--seeds 0 is below 1; pass --seeds 3" in capsys.readouterr().err
+    assert main(["trilemma", "--point", "split:privacy.etaa=3", "--out", out]) == 2
+    assert "privacy.etaa" in capsys.readouterr().err
+    assert main(["trilemma", "--schedule", "fast", "--point", "guarded", "--set", "seed=x", "--out", out]) == 2
+    assert "--set seed='x' is not an integer" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
