@@ -124,12 +124,12 @@ def _digest(flat: dict[str, Any]) -> str:
 def default_points() -> list[Point]:
     """The yardsticks, then the levers around the low-dimensional release, one at a time.
 
-    Yardsticks: ``central-ft``, noise-free ``split``, ``fedlora``. Design points (18): the
+    Yardsticks: ``central-ft``, noise-free ``split``, ``fedlora``. Design points (20): the
     low-dimensional release :data:`LOW_DIM` in ``guarded`` (``Point("guarded")`` itself when
     it is the default), η 1/4/8, clip 0.5/2, release dimension 2/8/16, cut layer 2/5, DP-SGD
     target ε 2/32, NoPeek weight 1, learning rates 5e-3 (noise-aware training), and PrivTune
-    η 3/10 at ρ 1 and η 10 at ρ 3 (full-width release, no DP-SGD). The current default is
-    always among them.
+    η 3/10 at ρ 1 and η 10 at ρ 3 (full-width release, no DP-SGD); then ``gradfree`` and
+    ``offsite`` at their defaults. The current default is always among them.
     """
     pts = [Point("central-ft"), DENSE_REFERENCE, Point("fedlora")]
     same = _digest({**recipes.get(DEFAULT_POINT.recipe).overrides, **LOW_DIM, "recipe": DEFAULT_POINT.recipe}) \
@@ -147,6 +147,7 @@ def default_points() -> list[Point]:
     pts += [lever({"privacy.nopeek-weight": 1.0}), lever({"train.lr": 5e-3, "train.server-lr": 5e-3})]
     pts += [Point("privtune", {"privacy.eta": e, "privacy.rho": 1.0}) for e in (3.0, 10.0)]
     pts.append(Point("privtune", {"privacy.eta": 10.0, "privacy.rho": 3.0}))
+    pts += [Point("gradfree"), Point("offsite")]  # the other designs at their defaults: attacked too
     if DEFAULT_POINT not in pts:
         pts.append(DEFAULT_POINT)
     return pts

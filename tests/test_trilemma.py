@@ -93,6 +93,7 @@ def test_default_points_sweep_the_levers_and_include_the_default():
     assert {"privacy.eta", "privacy.clip", "split.release-dim", "split.layer", "dp.target-epsilon",
             "privacy.nopeek-weight", "privacy.rho"} <= swept
     assert any(p.recipe == "privtune" and p.sets.get("privacy.rho") not in (None, 1.0) for p in design)
+    assert {"gradfree", "offsite", "privtune", "guarded"} <= {p.recipe for p in design}
     for p in pts:  # every point builds, at every schedule
         for s in SCHEDULES.values():
             point_config(p, s.sets, 0, __import__("pathlib").Path("unused"))
