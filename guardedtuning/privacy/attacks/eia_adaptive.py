@@ -80,19 +80,21 @@ class AdaptiveNN:
         device = self.bottom.word_embeddings().device
         target = h.float().cpu()
         mask = attention_mask.cpu()
+        ends = (mask * torch.arange(1, t + 1)).max(1).values  # (B,) one past each row's last real position
         current = cand[..., 0].clone()  # (B, T)
         order = cand.clone()
-        rows_mask = mask.repeat_interleave(k, 0)  # (B*K, T)
         for _ in range(self.sweeps):
             for p in range(t):
-                if not bool(mask[:, p].any()):
+                rows = mask[:, p].bool().nonzero()[:, 0]  # only the rows where p is a real position
+                if not len(rows):
                     continue
-                trial = current.repeat_interleave(k, 0)  # (B*K, T)
-                trial[:, p] = cand[:, p].reshape(-1)
-                out = self.bottom(trial.to(device), rows_mask.to(device))[:, p].float().cpu()  # (B*K, D)
-                mu = self.mean(out, trial[:, p]).reshape(b, k, -1)
-                dist = (mu - target[:, p, None]).norm(dim=-1)  # (B, K)
-                rank = dist.argsort(dim=-1)
-                order[:, p] = torch.gather(cand[:, p], 1, rank)
-                current[:, p] = order[:, p, 0]
+                width = int(ends[rows].max())  # later positions are padding in every selected row
+                trial = current[rows, :width].repeat_interleave(k, 0)  # (n*K, W)
+                trial[:, p] = cand[rows, p].reshape(-1)
+                trial_mask = mask[rows, :width].repeat_interleave(k, 0)
+                out = self.bottom(trial.to(device), trial_mask.to(device))[:, p].float().cpu()  # (n*K, D)
+                mu = self.mean(out, trial[:, p]).reshape(len(rows), k, -1)
+                dist = (mu - target[rows, p, None]).norm(dim=-1)  # (n, K)
+                order[rows, p] = torch.gather(cand[rows, p], 1, dist.argsort(dim=-1))
+                current[rows, p] = order[rows, p, 0]
         return order

@@ -77,7 +77,7 @@ class AttackOptions:
     noise_levels: tuple[float, ...] = (0.5, 1.0, 2.0)  # noise-aware: multiples of the run's eta
     opt_steps: int = 40
     opt_candidates: int = 16
-    adaptive_k: int = 16
+    adaptive_k: int = 8
     adaptive_sweeps: int = 1
     ridge_passes: int = 2
     attacks: tuple[str, ...] = ATTACKS
@@ -170,12 +170,13 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
         load_trainable(model.top, state["top"], source="checkpoint")
         bottom = model.bottom.eval()
         _release_attacks(cfg, bottom, opts, out, say, tok=tok, special=special, n=n)
+        replays: dict[int, Any] = {}  # each client's round is replayed once for both update attacks
         for name in UPDATE_ATTACKS:
             if name in opts.attacks:
                 t0 = time.perf_counter()
                 out[name] = _update_attack(cfg, tok, special, secure=name == "update_secure", n=n,
                                            vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded,
-                                           split=(bottom, model.top))
+                                           split=(bottom, model.top), replays=replays)
                 _done(out, name, t0, say)
     elif "global_head" in state:  # gradfree: the frozen base bottom's releases
         base = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, "cpu", cfg.seed,
@@ -188,11 +189,13 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
     elif "global" in state:  # offsite: adapter updates only
         emu = _offsite_model(cfg, task.num_labels, state["global"])
         skipped.update({a: "offsite releases no activations" for a in RELEASE_ATTACKS})
+        replays = {}
         for name in UPDATE_ATTACKS:
             if name in opts.attacks:
                 t0 = time.perf_counter()
                 out[name] = _update_attack(cfg, tok, special, secure=name == "update_secure", n=n,
-                                           vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded, local=emu)
+                                           vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded, local=emu,
+                                           replays=replays)
                 _done(out, name, t0, say)
     else:
         # no trained bottom, head or sandwich adapters to rebuild (fedlora's updates cover the whole model)
@@ -357,11 +360,12 @@ def _offsite_model(cfg: RunConfig, num_labels: int, global_state: dict[str, torc
 
 def _update_attack(cfg: RunConfig, tok: Any, special: tuple[int, ...], *, secure: bool, n: int,
                    vocab: torch.Tensor, recorded: float | None, split: tuple[Any, Any] | None = None,
-                   local: Any = None) -> dict[str, Any]:
+                   local: Any = None, replays: dict[int, Any] | None = None) -> dict[str, Any]:
     """The victim's round (its real local training, its DP plan), seen alone or in the round's secure sum.
 
     ``split``: (bottom, top) of a split run; ``local``: the sandwich an offsite client trains.
     The span attack reads the first block's LoRA-A rows of the bottom's part of the update.
+    ``replays`` keeps each client's replayed round (pid -> it) for the next call.
     """
     import numpy as np
 
@@ -380,7 +384,12 @@ def _update_attack(cfg: RunConfig, tok: Any, special: tuple[int, ...], *, secure
     if secure:  # the other clients of the round: their real rounds, summed
         clients += list(range(1, min(n, cfg.federation.clients_per_round)))
     rounds, plan_sigma = [], None
+    replays = {} if replays is None else replays
     for pid in clients:
+        if pid in replays:
+            rounds.append(replays[pid])
+            plan_sigma = replays[pid].noise_multiplier if pid == 0 else plan_sigma
+            continue
         examples = _victim_rows(cfg, pid, n)
         priv = replay_privacy(cfg, pid=pid, num_examples=len(examples), mechanism=client_mechanism(cfg, pid, n),
                               membership_visible=split is not None, noise_multiplier=recorded)
@@ -390,6 +399,7 @@ def _update_attack(cfg: RunConfig, tok: Any, special: tuple[int, ...], *, secure
         else:
             r = local_round(cfg, local, examples, priv, round_=cfg.federation.rounds, pad_id=tok.pad_token_id)
         plan_sigma = r.noise_multiplier if pid == 0 else plan_sigma
+        replays[pid] = r
         rounds.append(r)
     support = None
     if secure and cfg.aggregation.secure:
