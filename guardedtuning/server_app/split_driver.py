@@ -83,11 +83,11 @@ class SplitDesign(Design):
     def __init__(self, run: ServerRun) -> None:
         super().__init__(run)
         cfg, task = run.cfg, run.task
-        self.model = split_model(cfg.model, cfg.split.layer, cfg.lora, task.num_labels, str(run.device), cfg.seed,
+        self.model = split_model(cfg.model, cfg.split, cfg.lora, task.num_labels, str(run.device), cfg.seed,
                                  lora_top=cfg.lora.top)
         self.top_opt = make_optimizer(self.model.top, lr=cfg.train.server_lr, weight_decay=cfg.train.weight_decay)
         self.bottom = trainable_state(self.model.bottom)
-        self.hidden = int(self.model.bottom.word_embeddings().shape[1])
+        self.hidden = self.model.bottom.release_dim  # what a client releases per token (D, or k)
         self.num_labels = task.num_labels if self.model.kind == "encoder" else int(self.model.top.head.weight.shape[0])
         # Poisson batches (DP-SGD) vary around batch-size; allow a generous bound
         b = cfg.train.batch_size
