@@ -25,10 +25,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from guardedtuning.config import RunConfig, build_config
 from guardedtuning.data.batches import Batch, Example, batch_indices, collate
+from guardedtuning.errors import MessageError
 from guardedtuning.models.loading import load_tokenizer
 from guardedtuning.privacy.client import STATE_KEYS, ClientPrivacy, client_mechanism, partition_examples
 from guardedtuning.resources import gpu_peak_mb, peak_rss_mb
-from guardedtuning.wire.records import get_record, record_to_tensors, tensors_to_record
+from guardedtuning.wire.records import float32_tensors, get_record, tensors_to_record
 
 
 @functools.lru_cache(maxsize=4)
@@ -174,7 +175,7 @@ def round_start_adapter(msg: Message, context: Context, *, source: str) -> dict[
     fp32 ``arrays`` record (decoded if the strategy quantized it).
     """
     record = get_record(msg.content, "arrays", ArrayRecord, source=source, sender="ServerApp")
-    return record_to_tensors(record, source=source, float_only=True)
+    return float32_tensors(record, source=source, what="adapter tensor")
 
 
 def update_content(update: dict[str, torch.Tensor], *, num_examples: float,
@@ -225,8 +226,29 @@ def metrics_record(t0: float, started: float, *, state: RecordDict | None = None
 
 
 def reply(msg: Message, **records: ArrayRecord | ConfigRecord | MetricRecord) -> Message:
-    """The reply to ``msg`` carrying ``records`` by name (e.g. ``acts=...``, ``metrics=...``)."""
-    return Message(RecordDict(records), reply_to=msg)
+    """The reply to ``msg`` carrying ``records`` by name (e.g. ``acts=...``, ``metrics=...``), all finite."""
+    content = RecordDict(records)
+    refuse_non_finite(content, msg)
+    return Message(content, reply_to=msg)
+
+
+def refuse_non_finite(content: RecordDict, msg: Message) -> None:
+    """Raise ``MessageError`` rather than send an array with NaN or inf (checked on the packed reply).
+
+    A server's message can drive a client's model there (an adapter or gradient that is
+    finite but overflows in the forward or the step); the client then refuses the message
+    instead of releasing values the server would have to reject.
+    """
+    for key, record in content.items():
+        if not isinstance(record, ArrayRecord):
+            continue
+        for name in record.keys():
+            arr = record[name].numpy()
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise MessageError(
+                    f"{msg.metadata.message_type} message to node {msg.metadata.dst_node_id}: this client's {key} "
+                    f"{name!r} came out non-finite (the message's adapter, gradient or hidden states overflow this "
+                    "client's model); nothing is sent: the server must send float32 values of a sane scale")
 
 
 @contextlib.contextmanager
@@ -257,4 +279,5 @@ def update_reply(msg: Message, context: Context, update: dict[str, torch.Tensor]
         content["privacy"] = ConfigRecord({k: v for k, v in priv.report().items()
                                            if isinstance(v, (int, float, str))})
     content["metrics"] = clock.metrics(state=context.state, **extra)
+    refuse_non_finite(content, msg)
     return Message(content, reply_to=msg)

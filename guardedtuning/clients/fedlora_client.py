@@ -10,7 +10,7 @@ from guardedtuning.data.sources import load_task
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import client_full_model
 from guardedtuning.training import local_train, make_optimizer
-from guardedtuning.wire.records import config_value, get_record
+from guardedtuning.wire.records import get_record, round_value
 
 MESSAGE_TYPE = "train"
 
@@ -40,7 +40,7 @@ def handle_fedlora_train(msg: Message, context: Context) -> Message:
     """Local LoRA training on the whole model; replies with the adapter update."""
     clock, setup, source = Clock(), client_setup(context), f"train message to node {context.node_id}"
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
-    round_ = config_value(conf, "server-round", int, source=source)
+    round_ = round_value(conf, source=source)
     update, losses = fedlora_train(setup, round_start_adapter(msg, context, source=source), round_=round_,
                                    source=source)
     return update_reply(msg, context, update, num_examples=setup.round_examples(), clock=clock,

@@ -39,6 +39,7 @@ from guardedtuning.clients.common import (
     round_state,
     update_reply,
 )
+from guardedtuning.errors import MessageError
 from guardedtuning.models.lora import load_trainable, trainable_state
 from guardedtuning.models.parts import client_bottom
 from guardedtuning.privacy.client import ClientPrivacy, Released
@@ -82,7 +83,8 @@ def split_step(setup: ClientSetup, priv: ClientPrivacy, step: SplitStep, start: 
         state = {"split.start": {"flat": flat_trainable(bottom).numpy()}}
     else:
         if "split.lora" not in state:
-            raise KeyError(f"{source}: step {step.step} arrived without step 0 of round {step.round_}")
+            raise MessageError(f"{source}: step {step.step} of round {step.round_} arrived without step 0 of that "
+                               "round (this client holds no round state); a round starts at step 0")
         load_flat_trainable(bottom, torch.from_numpy(state["split.lora"]["flat"]))
     opt = make_optimizer(bottom, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     assert opt is not None  # the bottom always carries LoRA

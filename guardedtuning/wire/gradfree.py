@@ -25,7 +25,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from guardedtuning.errors import MessageError
-from guardedtuning.wire.records import config_value, get_record, record_to_tensors, tensors_to_record
+from guardedtuning.wire.records import (
+    config_value,
+    float32_tensors,
+    get_record,
+    record_to_tensors,
+    round_value,
+    tensors_to_record,
+)
 from guardedtuning.wire.split import MAX_SEQUENCE, acts_record, checked_activations, dequantize, resumed_after_of
 
 MESSAGE_TYPE = "train.gradfree"
@@ -47,7 +54,7 @@ class GradfreeStage:
 def unpack_stage(msg: Message, *, source: str) -> GradfreeStage:
     """A ``train.gradfree`` message's round and stage, checked."""
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
-    round_ = config_value(conf, "server-round", int, source=source)
+    round_ = round_value(conf, source=source)
     stage = config_value(conf, "stage", str, source=source)
     resumed_after = resumed_after_of(conf, source)
     if stage not in (RELEASE, TRAIN):
@@ -117,8 +124,8 @@ def train_message(node: int, round_: int, z: torch.Tensor, resumed_after: int) -
 
 def unpack_hidden(msg: Message, *, expected: tuple[int, int, int], source: str) -> torch.Tensor:
     """The ``train`` stage's hidden states (N, T, D) as float, checked against the rows the client released."""
-    out = record_to_tensors(get_record(msg.content, OUT_KEY, ArrayRecord, source=source, sender="ServerApp"),
-                            source=source, float_only=True)
+    out = float32_tensors(get_record(msg.content, OUT_KEY, ArrayRecord, source=source, sender="ServerApp"),
+                          source=source, what="hidden state")
     z = out.get("z")
     if z is None or tuple(z.shape) != tuple(expected):
         raise MessageError(f"{source}: returned hidden states have shape {None if z is None else tuple(z.shape)}, "

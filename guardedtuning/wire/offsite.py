@@ -13,6 +13,7 @@ One round trip per round:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from guardedtuning.errors import MessageError
 from guardedtuning.models.emulator import package_digest
-from guardedtuning.wire.records import config_value, get_record, record_to_tensors
+from guardedtuning.wire.records import config_value, float32_tensors, get_record, round_value
 from guardedtuning.wire.split import resumed_after_of
 
 MESSAGE_TYPE = "train.offsite"
+DIGEST = re.compile(r"[0-9a-f]{16}")  # what package_digest returns
 EMULATOR_KEY = "emulator"
 
 
@@ -47,13 +49,16 @@ def with_package(msg: Message, package: Any) -> Message:
 def unpack_train(msg: Message, *, source: str) -> OffsiteTrain:
     """A ``train.offsite`` message's round and digest, and the emulator it carries (checked against the digest)."""
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
-    round_ = config_value(conf, "server-round", int, source=source)
+    round_ = round_value(conf, source=source)
     digest = config_value(conf, "digest", str, source=source)
+    if not DIGEST.fullmatch(digest):
+        raise MessageError(f"{source}: config key 'digest' is {digest[:40]!r}, expected 16 lowercase hex digits "
+                           "(the emulator's package_digest); it names the file the client keeps the emulator in")
     resumed_after = resumed_after_of(conf, source)
     package = None
     if EMULATOR_KEY in msg.content:
         record = get_record(msg.content, EMULATOR_KEY, ArrayRecord, source=source, sender="ServerApp")
-        package = record_to_tensors(record, source=source, float_only=True)
+        package = float32_tensors(record, source=source, what="emulator tensor")
         got = package_digest(package)
         if got != digest:
             raise MessageError(f"{source}: the emulator has digest {got} but the message names {digest}; "

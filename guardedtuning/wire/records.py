@@ -49,6 +49,35 @@ def record_to_tensors(
     return out
 
 
+def float32_tensors(record: ArrayRecord, *, source: str, what: str) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> float32 tensors, checked after the cast (what the receiver computes with).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The arrays received.
+    source : str
+        The message they came in, for the error.
+    what : str
+        What the arrays are (``"adapter tensor"``, ``"activation gradient"``), for the error.
+
+    Raises
+    ------
+    MessageError
+        When an array cannot be decoded, is not of a float dtype, or is NaN/inf, or becomes
+        inf in the cast (a float64 1e300 is finite, its float32 is not), which would turn
+        the receiver's weights or activations to NaN.
+    """
+    out = record_to_tensors(record, source=source, float_only=True)
+    for name, t in out.items():
+        t32 = t.to(torch.float32)
+        if not bool(torch.isfinite(t32).all()):
+            raise MessageError(f"{source}: {what} {name!r} is non-finite after the cast to float32 (largest |value| "
+                               f"{float(t.double().abs().max()):.3g}); the sender must send float32-finite values")
+        out[name] = t32
+    return out
+
+
 def get_record(content: RecordDict, key: str, kind: type, *, source: str, sender: str):  # type: ignore[no-untyped-def]
     """``content[key]`` of the given record type, or a MessageError naming who should send it."""
     if key not in content:
@@ -72,6 +101,19 @@ def config_value(cfg: ConfigRecord, key: str, typ: type, *, source: str):  # typ
     if typ is bool and isinstance(value, bool):
         return value
     raise MessageError(f"{source}: config key {key!r} is {value!r}, expected {typ.__name__}")
+
+
+MAX_ROUND = 2**31 - 1
+"""The largest ``server-round`` a client accepts (global steps and seeds are derived from it)."""
+
+
+def round_value(cfg: ConfigRecord, *, source: str) -> int:
+    """A message's ``server-round``: an int in 1..:data:`MAX_ROUND`, or a MessageError naming it."""
+    value = config_value(cfg, "server-round", int, source=source)
+    if not 1 <= value <= MAX_ROUND:
+        raise MessageError(f"{source}: config key 'server-round' is {value}, expected a round in 1..{MAX_ROUND} "
+                           "(rounds count from 1)")
+    return value
 
 
 def metric_value(rec: MetricRecord, key: str, *, source: str) -> float:

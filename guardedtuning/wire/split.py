@@ -31,7 +31,15 @@ from guardedtuning.errors import MessageError
 from guardedtuning.models.split import IGNORE
 from guardedtuning.privacy.quantize import QuantizedActivations, dequantize_activations
 from guardedtuning.training import ClientActs
-from guardedtuning.wire.records import config_value, get_record, record_to_tensors, tensors_to_record
+from guardedtuning.wire.records import (
+    MAX_ROUND,
+    config_value,
+    float32_tensors,
+    get_record,
+    record_to_tensors,
+    round_value,
+    tensors_to_record,
+)
 
 MESSAGE_TYPE = "train.split"
 ACTS_KEY, GRAD_KEY = "acts", "grad"
@@ -66,7 +74,7 @@ def step_message(node: int, round_: int, step: int, steps: int, grad: torch.Tens
 def unpack_step(msg: Message, *, source: str) -> SplitStep:
     """A ``train.split`` message's step, checked: 0 <= step <= steps, and a gradient from step 1 on."""
     conf = get_record(msg.content, "config", ConfigRecord, source=source, sender="ServerApp")
-    round_ = config_value(conf, "server-round", int, source=source)
+    round_ = round_value(conf, source=source)
     step = config_value(conf, "step", int, source=source)
     steps = config_value(conf, "steps", int, source=source)
     resumed_after = resumed_after_of(conf, source)
@@ -75,7 +83,7 @@ def unpack_step(msg: Message, *, source: str) -> SplitStep:
     grad = None
     if step > 0:
         record = get_record(msg.content, GRAD_KEY, ArrayRecord, source=source, sender="ServerApp")
-        tensors = record_to_tensors(record, source=source, float_only=True)
+        tensors = float32_tensors(record, source=source, what="activation gradient")
         if "h" not in tensors:
             raise MessageError(f"{source}: the `grad` record lacks 'h' (the gradient of the released activations)")
         grad = tensors["h"]
@@ -91,8 +99,8 @@ def resumed_after_of(conf: ConfigRecord, source: str) -> int:
     if "resumed-after" not in conf:
         return 0
     value = config_value(conf, "resumed-after", int, source=source)
-    if value < 0:
-        raise MessageError(f"{source}: `resumed-after` must be >= 0 but is {value}")
+    if not 0 <= value <= MAX_ROUND:
+        raise MessageError(f"{source}: `resumed-after` must be a round in 0..{MAX_ROUND} but is {value}")
     return value
 
 
