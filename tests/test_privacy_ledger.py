@@ -65,3 +65,21 @@ def test_the_ledger_is_saved_with_the_configs_digest_and_reloaded_only_on_resume
                                        "output.resume": False}), tmp_path, model="m", dataset="d")
     no_resume.load_privacy_ledger()
     assert no_resume.privacy_ledger.steps(3) == 0
+
+
+def test_the_ledger_steps_ride_on_a_copy_of_the_first_message_and_are_checked():
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from guardedtuning.compat import TaskIdentity
+    from guardedtuning.errors import MessageError
+    from guardedtuning.wire.ledger import ledger_steps_of, with_ledger_steps
+
+    TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = 1  # as tests.local_grid does
+    shared = RecordDict({"config": ConfigRecord({"server-round": 1})})  # a strategy may share one content
+    msg = Message(shared, dst_node_id=5, message_type="train")
+    marked = with_ledger_steps(msg, 7)
+    assert ledger_steps_of(marked, source="m") == 7 and ledger_steps_of(msg, source="m") == 0
+    assert "dp-ledger-steps" not in shared["config"] and marked.metadata.dst_node_id == 5
+    for bad in (-1, 2**40):
+        with pytest.raises(MessageError, match="dp-ledger-steps"):
+            ledger_steps_of(with_ledger_steps(msg, bad), source="m")

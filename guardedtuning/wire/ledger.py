@@ -18,6 +18,7 @@ from guardedtuning.errors import MessageError
 from guardedtuning.wire.records import config_value
 
 LEDGER_STEPS_KEY = "dp-ledger-steps"
+MAX_LEDGER_STEPS = 2**31 - 1  # like server-round: far above any plan, far below int64 overflow
 
 
 def with_ledger_steps(msg: Message, steps: int) -> Message:
@@ -34,6 +35,6 @@ def ledger_steps_of(msg: Message, *, source: str) -> int:
     if not isinstance(conf, ConfigRecord) or LEDGER_STEPS_KEY not in conf:
         return 0
     value = config_value(conf, LEDGER_STEPS_KEY, int, source=source)
-    if value < 0:
-        raise MessageError(f"{source}: `{LEDGER_STEPS_KEY}` must be >= 0 but is {value}")
+    if not 0 <= value <= MAX_LEDGER_STEPS:
+        raise MessageError(f"{source}: `{LEDGER_STEPS_KEY}` must be in 0..{MAX_LEDGER_STEPS} but is {value}")
     return value
