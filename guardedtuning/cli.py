@@ -226,17 +226,17 @@ class EventTail:
                                  info=f"loss {loss:.4f}" if loss is not None else "")
         elif kind == "round":
             metric = "utility"
+            eps = ev.get("epsilon")
+            dp = (f"  ε {eps:.2f} vs server" + (f", {ev['epsilon_model']:.2f} model" if ev.get("epsilon_model")
+                                                 is not None else "")) if eps is not None else ""
             self.progress.console.print(
                 f"round {ev['round']}: {metric} {ev['utility']:.4f}  train loss "
                 f"{(ev['train_loss'] or float('nan')):.4f}  up {ev['bytes_up'] / 1e6:.2f} MB  "
-                f"down {ev['bytes_down'] / 1e6:.2f} MB  {ev['wall_s']:.1f} s", highlight=False, soft_wrap=True)
+                f"down {ev['bytes_down'] / 1e6:.2f} MB  {ev['wall_s']:.1f} s{dp}", highlight=False, soft_wrap=True)
         elif kind == "dropped":
             self.progress.console.print(f"[yellow]round {ev['round']}: dropped node {ev['node']}: {escape(ev['reason'])}[/]",
                                         highlight=False, soft_wrap=True)
         elif kind == "resume":
-            eps = ev.get("epsilon")
-            dp = (f"  ε {eps:.2f} vs server" + (f", {ev['epsilon_model']:.2f} model" if ev.get("epsilon_model")
-                                                 is not None else "")) if eps is not None else ""
             self.progress.console.print(f"resuming after round {ev['round']} from the checkpoint")
         elif kind == "error":
             self.error = ev
@@ -256,6 +256,12 @@ def _summary(out: Path) -> None:
                   f"{c['bytes_up_per_client_round'] / 1e6:.3f} MB" if c["bytes_up_per_client_round"] else "-",
                   f"{overhead * 1000:.1f} ms" if overhead is not None else "-", f"{c['wall_s']:.1f} s")
     console.print(table)
+    dp = record.get("privacy", {}).get("dp", {})
+    if dp.get("enabled") and dp.get("epsilon") is not None:
+        model = f"; ε of the released model {dp['epsilon_model']:.2f}" if dp.get("epsilon_model") is not None else ""
+        console.print(f"DP-SGD: ε {dp['epsilon']:.2f} against the server (target {dp['target_epsilon']:g}, "
+                      f"δ {dp['delta']:g}){model}; what each covers: privacy.dp.scope in results.json",
+                      highlight=False, soft_wrap=True)
     console.print(f"results: {out / 'results.json'}  plot: {out / 'utility.png'}", highlight=False, soft_wrap=True)
 
 
@@ -264,12 +270,6 @@ def _run_in_process(cfg: RunConfig, events: Path, offset: int) -> int:
 
     failure: list[BaseException] = []
 
-    dp = record.get("privacy", {}).get("dp", {})
-    if dp.get("enabled") and dp.get("epsilon") is not None:
-        model = f"; ε of the released model {dp['epsilon_model']:.2f}" if dp.get("epsilon_model") is not None else ""
-        console.print(f"DP-SGD: ε {dp['epsilon']:.2f} against the server (target {dp['target_epsilon']:g}, "
-                      f"δ {dp['delta']:g}){model}; what each covers: privacy.dp.scope in results.json",
-                      highlight=False, soft_wrap=True)
     def target() -> None:
         try:
             execute(cfg, None)
