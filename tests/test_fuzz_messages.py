@@ -23,7 +23,24 @@ shared 2-core machine, so each message type is fuzzed twice:
   compute (forward, backward, local steps) replaced by a canned result
   (:func:`_without_compute`): the unpacking and checks of the message, the privacy
   state's sequence checks and budget, loading the adapter, and packing the reply run;
-- ``full-handler``: :data:`FULL_HANDLER` (60) malformed messages to the unchanged handler.
+- ``full-handler``: :data:`FULL_HANDLER` (40) malformed messages to the unchanged handler.
+
+Server side (:func:`test_fuzz_server_round`): for each design (split, gradfree, fedlora,
+offsite) the real ``Design.train``, the privacy merge and the strategy's aggregation, chained
+as :func:`~guardedtuning.server_app.engine.run_rounds` chains them (less evaluation and the
+checkpoint), run :data:`SERVER_EXAMPLES` rounds on a :class:`FuzzGrid` with two clients
+whose replies are synthesized: an honest one, and one that answers one exchange of the
+round (split's activations, gradfree's release, or the final update reply with its
+metrics and privacy records) with a malformed reply, an error, no reply, junk or a spent
+budget with a malformed epsilon. The round must end without an exception (the honest client
+is always there, so no run may stop); every drop is logged with its reason, never the
+honest client's; the global state stays finite; and when the bad client was dropped, the
+new global state is exactly the old one plus the honest client's update. A round costs a
+real exchange, top step and aggregation, so this path gets 80 rounds per design; the
+checks it goes through get 1,000 and more malformed replies each on their own:
+tests/test_bad_clients.py fuzzes ``unpack_acts``, ``unpack_release`` and
+``AdapterFedAvg.aggregate_train`` with 1,200 each. There are no evaluation replies: utility
+is measured centrally (``configure_evaluate`` sends nothing).
 
 Noise and Poisson rows use ``privacy.noise-seed = 0`` (reproducible), so that an
 example's client answers with the same shapes when it is replayed.
@@ -32,6 +49,7 @@ example's client answers with the same shapes when it is replayed.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +58,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +71,7 @@ from guardedtuning.wire import split as split_wire
 from guardedtuning.wire.records import tensors_to_record
 
 PER_TYPE = 1_000  # malformed messages per message type (to the decoding and checks)
-FULL_HANDLER = 60  # malformed messages per message type to the full handler (compute included)
+FULL_HANDLER = 40  # malformed messages per message type to the full handler (compute included)
 SPECIAL = (math.nan, math.inf, -math.inf, 1e300, -1e300, 3.4e38, -3.4e38, 1e30, 1e6, 0.0, -0.0, 5e-324)
 DTYPES = (np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_, np.complex64)
 NAMES = ("h", "mask", "labels", "z", "codes", "scales", "meta", "arrays", "config", "grad", "out", "acts",
@@ -292,7 +311,7 @@ def finite_reply(reply: Message, where: str, msg: Message) -> None:
 
 BASE = {"model.max-length": 8, "data.train-size": 48, "data.test-size": 8, "train.batch-size": 2,
         "train.local-steps": 2, "federation.num-clients": 3, "federation.clients-per-round": 3,
-        "aggregation.secure": False, "comm.timeout": 0.05, "comm.poll-interval": 0.001,
+        "aggregation.secure": False, "comm.timeout": 0.01, "comm.poll-interval": 0.001,
         # reproducible noise and Poisson rows (the opt-in that voids the guarantee): a failing example can be
         # replayed with the same shapes; the checks under test do not depend on where the noise comes from
         "privacy.noise-seed": 0}
@@ -583,3 +602,150 @@ def test_fuzz_client_handler(mtype, full, kits, monkeypatch):
     print(f"{mtype}: {tally}")
     assert tally.malformed >= count, tally
     assert tally.refused > count // 4 and tally.answered > count // 20, tally  # both outcomes exercised
+
+
+# ------------------------------------------------------------------ server side
+
+
+BAD, HONEST = 1, 2
+
+
+class FuzzGrid(Grid):
+    """Answers each pushed message at once with ``answer(node, message, exchange)`` (None: no reply)."""
+
+    def __init__(self) -> None:
+        self.answer: Callable[[int, Message, int], Message | None] = lambda n, m, e: None
+        self.exchanges = 0
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self._run = run
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return [BAD, HONEST]
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return []
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        ids = []
+        for msg in messages:
+            _sent(msg)
+            reply = self.answer(msg.metadata.dst_node_id, msg, self.exchanges)
+            if reply is not None:
+                self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        self.exchanges += 1
+        return ids
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return self.pull_messages(self.push_messages(messages))
+
+
+EXCHANGES = {"split": 3, "gradfree": 2, "fedlora": 1, "offsite": 1}  # round trips of a round (local steps 2)
+SERVER_EXAMPLES = 80  # rounds per design, each with one malformed reply (see the module docstring)
+
+
+def honest_reply(kit: Kit, msg: Message, exchange: int, update: dict[str, torch.Tensor]) -> Message:
+    """What a well-behaved client answers at ``exchange`` of a round."""
+    design, now = kit.design, time.time()
+    metrics = MetricRecord({"compute_s": 0.01, "t_start": now, "t_end": now + 0.01, "peak_mem_mb": 10.0})
+    if exchange < EXCHANGES[kit.flat["recipe"]] - 1:
+        d = design.hidden
+        if kit.flat["recipe"] == "split":
+            acts = {"h": 0.1 * torch.ones(2, 4, d), "mask": torch.ones(2, 4, dtype=torch.uint8),
+                    "labels": torch.zeros(2, dtype=torch.long)}
+        else:
+            acts = {"h": 0.1 * torch.ones(3, 4, d), "mask": torch.ones(3, 4, dtype=torch.uint8)}
+        return Message(RecordDict({"acts": tensors_to_record(acts), "metrics": metrics}), reply_to=msg)
+    metrics["num-examples"], metrics["train_loss"] = 4.0, 1.0
+    return Message(RecordDict({"update": tensors_to_record(update), "metrics": metrics,
+                               "privacy": ConfigRecord({"mechanism": "none", "dp_epsilon": 1.0})}), reply_to=msg)
+
+
+def bad_reply(c: Choices, honest: Message, msg: Message) -> Message | None:
+    how = c.pick(("mutated", "mutated", "mutated", "error", "junk", "budget", "none"))
+    if how == "none":
+        return None  # no reply before comm.timeout
+    if how == "error":
+        return Message(Error(code=c.pick((0, 1, -1, 2**31)), reason=c.pick(TEXTS)), reply_to=msg)
+    if how == "junk":
+        return Message(junk_content(c), reply_to=msg)
+    if how == "budget":
+        return Message(RecordDict({"metrics": bad_metrics(c, MetricRecord({"budget-spent": 1.0}))}), reply_to=msg)
+    return Message(bad_content(c, honest.content), reply_to=msg)
+
+
+@pytest.mark.parametrize("recipe", sorted(EXCHANGES))
+def test_fuzz_server_round(recipe, kits, monkeypatch):
+    from guardedtuning.server_app.common import make_strategy
+    from guardedtuning.server_app.engine import Round
+    from guardedtuning.wire.records import record_to_tensors
+
+    kit = kits[recipe]
+    run, design = kit.run, kit.design
+    strategy = make_strategy(run.cfg, design.message_type)
+    grid = FuzzGrid()
+    drops: list[tuple[int | None, str]] = []
+    original_drop = run.drop
+    monkeypatch.setattr(run, "drop", lambda node, reason, round_: (drops.append((node, reason)),
+                                                                    original_drop(node, reason, round_)))
+    tally: dict[str, int] = {}
+    state = {"round": 0}
+
+    @settings(FUZZ, max_examples=SERVER_EXAMPLES)
+    @given(CHOICES)
+    def fuzz(c: Choices) -> None:
+        state["round"] += 1
+        number = state["round"]
+        at = c.int(0, EXCHANGES[recipe] - 1)  # the exchange at which the bad client misbehaves
+        kind = "final" if at == EXCHANGES[recipe] - 1 else "acts"
+        tally[kind] = tally.get(kind, 0) + 1
+        before = {k: v.clone() for k, v in design.global_state().items()}
+        update = {k: 1e-3 * torch.ones_like(v) for k, v in before.items()}
+
+        def answer(node: int, msg: Message, exchange: int) -> Message | None:
+            honest = honest_reply(kit, msg, exchange - first, update)
+            return bad_reply(c, honest, msg) if node == BAD and exchange - first == at else honest
+
+        first = grid.exchanges
+        grid.answer = answer
+        rnd = Round(grid, run, strategy, number, 0)
+        since, seen = len(strategy.rejections), len(drops)
+        messages = list(strategy.configure_train(number, tensors_to_record(before),
+                                                 ConfigRecord(design.round_config(rnd)), grid))
+        outcome = design.train(rnd, design.outgoing(rnd, messages))  # what run_rounds does, less evaluation
+        new = None
+        if outcome.final is not None:
+            run.note_privacy(outcome.final.ok())
+            new = run.aggregate(strategy, number, outcome.final, since=since)
+        else:
+            run.unaggregated(strategy, number, since=since)
+        if new is not None:
+            design.set_global(record_to_tensors(new, source="aggregate"))
+        dropped = [(n, r) for n, r in drops[seen:]]
+        assert all(r for _, r in dropped), dropped  # every drop gives its reason
+        assert not any(n == HONEST or f"node {HONEST}" in r for n, r in dropped), dropped  # only the bad one
+        after = design.global_state()
+        assert all(bool(torch.isfinite(v).all()) for v in after.values())
+        if any(n == BAD or f"node {BAD}" in r for n, r in dropped):  # the bad client left: the honest one's mean
+            assert new is not None, "the round lost the honest client's update"
+            for k, v in before.items():
+                torch.testing.assert_close(after[k], (v.double() + update[k].double()).float(), rtol=0, atol=1e-6)
+        if hasattr(design, "model"):  # split's top trains on the server
+            assert all(bool(torch.isfinite(p).all()) for p in design.model.top.parameters())
+
+    fuzz()
+    print(f"{recipe}: malformed replies by kind {tally}, drops {len(drops)}")
+    assert sum(tally.values()) >= SERVER_EXAMPLES
+    assert len(drops) > SERVER_EXAMPLES // 4

@@ -102,8 +102,9 @@ class Round:
             metrics = msg.content.get("metrics")
             if metrics is not None and "budget-spent" in metrics:
                 spent.append(node)
-                eps = metrics.get("epsilon", float("nan"))
-                self.drop(node, f"privacy budget spent (epsilon {eps:.3f} of dp.target-epsilon "
+                eps = metrics.get("epsilon", float("nan"))  # what the client claims: any type may come
+                eps = f"{eps:.3f}" if isinstance(eps, (int, float)) and not isinstance(eps, bool) else repr(eps)[:40]
+                self.drop(node, f"privacy budget spent (epsilon {eps} of dp.target-epsilon "
                                 f"{self.run.cfg.dp.target_epsilon}); it stops contributing")
                 ex.replies.pop(node)
                 continue
