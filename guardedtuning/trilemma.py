@@ -96,10 +96,9 @@ SCHEDULES = {
                      "the main job's schedule (the run-config defaults) and the harness's default attack options"),
     "fast": Schedule(
         "fast", {"federation.rounds": 3, "train.local-steps": 10},
-        AttackOptions(victim_rows=16, aux_rows=128, aia_rows=200, learned_epochs=2, opt_steps=20, opt_candidates=8,
-                      adaptive_k=8, ridge_passes=2),
-        "3 rounds of 10 local steps (full: 5 of 20), the same data and clients; attacks on 16 victim rows with "
-        "128 auxiliary rows, 2 learned epochs, 20 optimisation steps over 8 candidates, adaptive top-8"),
+        dataclasses.replace(AttackOptions(), aux_rows=128, aia_rows=200, opt_candidates=8),
+        "3 rounds of 10 local steps (full: 5 of 20), the same data and clients; the harness's default attacks "
+        "with 128 auxiliary rows, 200 AIA rows and 8 optimisation candidates"),
 }
 
 

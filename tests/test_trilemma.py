@@ -247,3 +247,15 @@ def test_cli_refuses_bad_arguments_before_anything_runs(tmp_path, capsys):
     assert main(["trilemma", "--schedule", "fast", "--point", "guarded", "--set", "seed=x", "--out", out]) == 2
     assert "--set seed='x' is not an integer" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_fast_schedule_is_a_reduction_of_full_with_every_attack():
+    fast, full = SCHEDULES["fast"], SCHEDULES["full"]
+    assert fast.attacks.attacks == full.attacks.attacks == tuple(ATTACKS)
+    assert fast.attacks.noise_levels == full.attacks.noise_levels  # noise-aware training kept
+    for name in ("victim_rows", "aux_rows", "aia_rows", "learned_epochs", "opt_steps", "opt_candidates",
+                 "adaptive_k", "adaptive_sweeps", "ridge_passes"):
+        assert getattr(fast.attacks, name) <= getattr(full.attacks, name), name
+    cfg_fast, cfg_full = (point_config(DEFAULT_POINT, s.sets, 0, __import__("pathlib").Path("x")) for s in (fast, full))
+    steps = [c.federation.rounds * c.train.local_steps for c in (cfg_fast, cfg_full)]
+    assert steps[0] < steps[1] and cfg_fast.data == cfg_full.data and cfg_fast.federation.num_clients == 10
