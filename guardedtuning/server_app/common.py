@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -55,6 +56,23 @@ def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
                           "aggregation.max-weight or federation.clients-per-round") from exc
 
 
+NUMERIC_PRIVACY = ("eta_min", "eta_max", "dp_epsilon", "dp_noise_multiplier", "dp_steps")
+
+
+def _malformed_privacy(rec: Any) -> str | None:
+    """Why a reply's ``privacy`` record cannot be merged (None when it can): a ConfigRecord of text and
+    numbers, the numeric keys (:data:`NUMERIC_PRIVACY`) finite numbers."""
+    if not isinstance(rec, ConfigRecord):
+        return f"a {type(rec).__name__}, expected a ConfigRecord"
+    for key, value in rec.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in NUMERIC_PRIVACY and not (number and math.isfinite(value)):
+            return f"{key!r} is {value!r:.40}, expected a finite number"
+        if not (number or isinstance(value, str)):
+            return f"{key!r} is {value!r:.40}, expected text or a number"
+    return None
+
+
 def server_device(cfg: RunConfig) -> torch.device:
     """Where the server's top runs: ``sim.server-device``, or the first GPU Ray does not use."""
     dev = cfg.sim.server_device
@@ -93,9 +111,13 @@ class ServerRun:
         """
         merged = self.rec.privacy_reports
         epsilons = []
-        for msg in replies.values():
+        for node, msg in replies.items():
             rec = msg.content.get("privacy")
             if rec is None:
+                continue
+            bad = _malformed_privacy(rec)
+            if bad:  # a client's claim only; a malformed one must not stop the run or reach results.json
+                log.warning("node %s: its privacy report is ignored: %s", node, bad)
                 continue
             for key, value in rec.items():
                 if key in ("eta_min",):

@@ -131,5 +131,11 @@ def message_nbytes(message: Message) -> int:
 
 
 def dense_nbytes(record: ArrayRecord) -> int:
-    """What the same arrays would take as dense fp32 (the uncompressed reference)."""
+    """What the same arrays would take as dense fp32 (the uncompressed reference); 0 for a record of another type.
+
+    A reply's ``update`` may be anything a client sends (the strategy rejects what is not
+    an ArrayRecord); counting it must not fail.
+    """
+    if not isinstance(record, ArrayRecord):
+        return 0
     return sum(4 * int(np.prod(record[k].shape)) for k in record.keys())
