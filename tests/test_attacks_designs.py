@@ -14,7 +14,7 @@ from guardedtuning.server_app.server_app import execute
 from tests.local_grid import LocalGrid
 
 OPTS = AttackOptions(victim_rows=8, aux_rows=32, aia_rows=60, learned_epochs=1, opt_steps=5, adaptive_k=4,
-                     ridge_passes=1)
+                     ridge_passes=1, secure_clients=3)
 
 
 @pytest.fixture(autouse=True)

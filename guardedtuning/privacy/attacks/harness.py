@@ -71,7 +71,10 @@ class AttackOptions:
     ``noise_levels`` are the learned attacks' training noise levels, as multiples of the
     run's eta; the run's own eta (1.0) is always among them. ``adaptive_k`` candidates per
     position go to the adaptive attack's context stage (``adaptive_sweeps`` passes);
-    ``ridge_passes`` fresh releases of the auxiliary text fit the ridge map.
+    ``ridge_passes`` fresh releases of the auxiliary text fit the ridge map. ``update_secure``
+    sums the victim's round with ``secure_clients - 1`` other clients' (each a full replay,
+    the dominant cost): fewer than the round's clients make the attacker's task easier, so
+    its success bounds the full sum's from above.
     """
 
     victim_rows: int = 16
@@ -84,6 +87,7 @@ class AttackOptions:
     adaptive_k: int = 4
     adaptive_sweeps: int = 1
     ridge_passes: int = 1
+    secure_clients: int = 2  # clients in update_secure's sum (victim included), at most the round's
     attacks: tuple[str, ...] = ATTACKS
 
 
@@ -179,7 +183,7 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
             if name in opts.attacks:
                 t0 = time.perf_counter()
                 out[name] = _update_attack(cfg, tok, special, secure=name == "update_secure", n=n,
-                                           vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded,
+                                           vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded, opts=opts,
                                            split=(bottom, model.top), replays=replays)
                 _done(out, name, t0, say)
     elif "global_head" in state:  # gradfree: the frozen base bottom's releases
@@ -198,7 +202,7 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
             if name in opts.attacks:
                 t0 = time.perf_counter()
                 out[name] = _update_attack(cfg, tok, special, secure=name == "update_secure", n=n,
-                                           vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded, local=emu,
+                                           vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded, opts=opts, local=emu,
                                            replays=replays)
                 _done(out, name, t0, say)
     else:
@@ -364,7 +368,8 @@ def _offsite_model(cfg: RunConfig, num_labels: int, global_state: dict[str, torc
 
 def _update_attack(cfg: RunConfig, tok: Any, special: tuple[int, ...], *, secure: bool, n: int,
                    vocab: torch.Tensor, recorded: float | None, split: tuple[Any, Any] | None = None,
-                   local: Any = None, replays: dict[int, Any] | None = None) -> dict[str, Any]:
+                   local: Any = None, replays: dict[int, Any] | None = None,
+                   opts: AttackOptions = AttackOptions()) -> dict[str, Any]:
     """The victim's round (its real local training, its DP plan), seen alone or in the round's secure sum.
 
     ``split``: (bottom, top) of a split run; ``local``: the sandwich an offsite client trains.
@@ -386,7 +391,7 @@ def _update_attack(cfg: RunConfig, tok: Any, special: tuple[int, ...], *, secure
                             if name.startswith(prefix)])
     clients = [0]
     if secure:  # the other clients of the round: their real rounds, summed
-        clients += list(range(1, min(n, cfg.federation.clients_per_round)))
+        clients += list(range(1, min(n, cfg.federation.clients_per_round, max(1, opts.secure_clients))))
     rounds, plan_sigma = [], None
     replays = {} if replays is None else replays
     for pid in clients:
@@ -440,7 +445,7 @@ def _update_attack(cfg: RunConfig, tok: Any, special: tuple[int, ...], *, secure
         return sum(xs) / len(xs) if xs else float("nan")
 
     return {"asr": mean(f1s), "rouge_1": mean(r1s), "rouge_2": mean(r2s), "metric": "token-set F1",
-            "clients_in_sum": len(clients) if secure else 1,
+            "clients_in_sum": len(clients) if secure else 1, "clients_in_round": cfg.federation.clients_per_round,
             "secure_aggregation": bool(secure and cfg.aggregation.secure),
             "local_steps": cfg.train.local_steps, "batch_size": cfg.train.batch_size,
             "rows_attacked": len(f1s), "dp": cfg.dp.enabled, "dp_noise_multiplier": plan_sigma,
