@@ -59,6 +59,32 @@ class CostLedger:
 
 
 LEDGER_FILE = "privacy-ledger.json"
+_DP_FIGURES = {  # key: (type, smallest, largest) a client's report may carry
+    "dp_noise_multiplier": (float, 0.0, float("inf")), "dp_sample_rate": (float, 0.0, 1.0),
+    "dp_delta": (float, 0.0, 1.0), "dp_epsilon": (float, 0.0, float("inf")),
+    "dp_epsilon_model": (float, 0.0, float("inf")), "dp_steps": (int, 0, 2**62),
+    "dp_max_participations": (int, 0, 2**62), "dp_participations": (int, 0, 2**62),
+    "dp_membership_visible": (int, 0, 1), "dp_rows_at_cap": (int, 0, 2**62),
+}
+_DP_REQUIRED = ("dp_noise_multiplier", "dp_sample_rate", "dp_delta", "dp_epsilon", "dp_steps")
+
+
+def _malformed_dp_report(report: dict[str, Any]) -> str | None:
+    """Why a client's DP report cannot be used (None if it can): a missing, non-numeric or out-of-range figure."""
+    for key in _DP_REQUIRED:
+        if key not in report:
+            return f"{key} is missing"
+    for key, (kind, low, high) in _DP_FIGURES.items():
+        if key not in report:
+            continue
+        value = report[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} is {type(value).__name__}, expected a number"
+        if kind is int and value != int(value):
+            return f"{key} is {value!r}, expected an integer"
+        if not low <= value <= high:  # NaN fails too
+            return f"{key} is {value!r}, expected a number in [{low}, {high}]"
+    return None
 
 
 @dataclass
@@ -105,10 +131,19 @@ class PrivacyLedger:
     def replied(self, node: int, steps: int) -> None:
         self.node(node).replied_steps += int(steps)
 
-    def note(self, node: int, report: dict[str, Any]) -> None:
-        """Keep a node's privacy report (its DP plan and accountant's figures)."""
-        if "dp_noise_multiplier" in report:
-            self.node(node).report = dict(report)
+    def note(self, node: int, report: dict[str, Any]) -> str | None:
+        """Keep a node's privacy report (its DP plan and accountant's figures); the reason if it is ignored.
+
+        A report without a DP plan is not kept; a malformed one (a DP figure that is not a
+        finite number in range) is ignored, and the node keeps its last good report: the
+        steps the ledger counted stay charged either way.
+        """
+        if "dp_noise_multiplier" not in report:
+            return None
+        bad = _malformed_dp_report(report)
+        if bad is None:
+            self.node(node).report = {k: v for k, v in report.items() if k.startswith("dp_")}
+        return bad
 
     def epsilons(self, node: int) -> tuple[float, float] | None:
         """(epsilon against the server, epsilon of the released model) the record reports for ``node``.

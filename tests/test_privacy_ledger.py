@@ -83,3 +83,16 @@ def test_the_ledger_steps_ride_on_a_copy_of_the_first_message_and_are_checked():
     for bad in (-1, 2**40):
         with pytest.raises(MessageError, match="dp-ledger-steps"):
             ledger_steps_of(with_ledger_steps(msg, bad), source="m")
+
+
+@pytest.mark.parametrize("bad", [{"dp_noise_multiplier": [1.0]}, {"dp_epsilon": float("nan")},
+                                 {"dp_sample_rate": 2.0}, {"dp_steps": "3"}, {"dp_participations": 1.5}])
+def test_a_malformed_dp_report_is_ignored_and_the_charge_stands(bad):
+    led = PrivacyLedger()
+    led.request(7, 1, 4)
+    assert led.note(7, _report(4, 2)) is None
+    good = led.epsilons(7)
+    led.request(7, 2, 4)
+    assert led.note(7, {**_report(8, 3), **bad})  # the reason
+    assert led.nodes[7].report == _report(4, 2)  # the last good report
+    assert led.epsilons(7)[0] > good[0]  # and the 4 steps it did not report are charged

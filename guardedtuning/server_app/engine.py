@@ -261,8 +261,10 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
             run.note_privacy(final.ok())
             for node, msg in final.ok().items():
                 report = msg.content.get("privacy")
-                if report is not None:
-                    rec.privacy_ledger.note(node, dict(report.items()))
+                bad = rec.privacy_ledger.note(node, dict(report.items())) if report is not None else None
+                if bad:  # the ledger's charge stands; the node's claim is not used
+                    log.warning("round %d: node %s: its DP report is ignored by the privacy ledger: %s",
+                                number, node, bad)
         epsilon, epsilon_model = rec.privacy_ledger.worst() if cfg.dp.enabled else (None, None)
         new = None
         if final is not None:
