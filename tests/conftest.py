@@ -14,6 +14,7 @@ TINY = {
     "dp.enabled": False,
     "aggregation.secure": False,
     "model.name": "tiny-bert",
+    "split.layer": 2,  # tiny-bert has 4 blocks; the guarded default cuts after 4 of MiniLM's 6
     "model.max-length": 32,
     "data.train-size": 240,
     "data.test-size": 60,

@@ -26,11 +26,12 @@ def test_defaults_build_and_round_trip():
 
 
 def test_the_defaults_are_the_guarded_recipe():
-    """No arguments runs GuardedTuning's design point: PrivTune + DP-SGD + secure sparse aggregation."""
+    """No arguments runs GuardedTuning's design point: a 4-dim d_chi release + DP-SGD + secure aggregation."""
     cfg = build_config({})
     assert cfg == config_from_recipe("guarded")
     assert (cfg.recipe, cfg.privacy.mechanism, cfg.dp.enabled, cfg.aggregation.secure) == (
-        "guarded", "privtune", True, True)
+        "guarded", "dchi", True, True)
+    assert (cfg.split.layer, cfg.split.release_dim, cfg.privacy.eta, cfg.privacy.clip) == (4, 4, 2.0, 1.0)
     for baseline in ("split", "fedlora", "central-ft"):
         base = config_from_recipe(baseline)
         assert (base.privacy.mechanism, base.dp.enabled, base.aggregation.secure) == ("none", False, False)

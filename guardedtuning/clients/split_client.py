@@ -76,7 +76,7 @@ def split_step(setup: ClientSetup, priv: ClientPrivacy, step: SplitStep, start: 
     previous step kept (``split.lora``, ``split.start``, ``split.optim``: flat numpy).
     """
     cfg, device = setup.cfg, setup.device
-    bottom = client_bottom(cfg.model, cfg.split.layer, cfg.lora, str(device), cfg.seed)
+    bottom = client_bottom(cfg.model, cfg.split, cfg.lora, str(device), cfg.seed)
     base = (step.round_ - 1) * step.steps  # global step of this round's step 0
     if start is not None:
         load_trainable(bottom, start, source=source)

@@ -55,12 +55,12 @@ def check_delta(delta: float, key: str = "privacy.delta") -> None:
 @dataclass(frozen=True)
 class PrivacyConfig:
     mechanism: str = _opt(
-        "privtune",
+        "dchi",
         "noise on every released token vector: `none`, `dchi` (metric DP), `privtune` "
         "(d_chi with optimized mean and importance-scaled noise), `gaussian` or `laplace` (baselines)",
     )
-    eta: float = _opt(100.0, "d_chi parameter: noise density exp(-eta*||z||); PrivTune's average eta")
-    clip: float = _opt(0.0, "L2 bound each token vector is clipped to before the noise; 0 = no clipping")
+    eta: float = _opt(2.0, "d_chi parameter: noise density exp(-eta*||z||); PrivTune's average eta")
+    clip: float = _opt(1.0, "L2 bound each token vector is clipped to before the noise; 0 = no clipping")
     rho: float = _opt(1.0, "PrivTune: bound on the optimized mean shift, in units of the released activations")
     epsilon: float = _opt(8.0, "gaussian/laplace baselines: per-token epsilon")
     delta: float = _opt(1e-5, "gaussian baseline: per-token delta")

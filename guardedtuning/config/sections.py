@@ -29,9 +29,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    layer: int = _opt(2, "transformer blocks kept on the client (the bottom); 1 <= layer < L")
+    layer: int = _opt(4, "transformer blocks kept on the client (the bottom); 1 <= layer < L")
     release_dim: int = _opt(
-        0, "numbers released per token: a trainable client-side projection D -> k before the noise "
+        4, "numbers released per token: a trainable client-side projection D -> k before the noise "
            "(and k -> D on the server); 0 releases the D-dimensional hidden state",
     )
 
@@ -204,7 +204,7 @@ class AggregationConfig:
     secure: bool = _opt(
         True, "sum sparse, quantized adapter updates under secure aggregation (SecAgg+); false = plain FedAvg"
     )
-    density: float = _opt(0.05, "secure: fraction of the adapter's coordinates sent each round")
+    density: float = _opt(1.0, "secure: fraction of the adapter's coordinates sent each round")
     bits: int = _opt(8, "secure: bits per sent value")
     clip: float = _opt(0.05, "secure: quantization range [-clip, clip] of a sent value")
     support: str = _opt("rand", "secure: `rand` (rand-k from a public round seed) or `topk` (of the public aggregate)")

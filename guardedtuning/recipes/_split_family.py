@@ -19,7 +19,11 @@ DP_SCOPE = ("the bottom-LoRA updates of each client (add/remove one of its examp
 RELEASE_SCOPE = "an example is released once each time a step samples it"
 
 # every knob of the guarded default off; a design adds back what it uses
-BASELINE = {"privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False}
+# the cut every other design keeps: after 2 blocks, the whole hidden state released, no token clip
+# (the guarded default cuts after 4 and releases a clipped 4-dim projection)
+FULL_CUT = {"split.layer": 2, "split.release-dim": 0, "privacy.clip": 0.0}
+BASELINE = {"privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
+            "aggregation.density": 0.05, **FULL_CUT}
 
 
 def held(cfg: RunConfig, w: WeightCounts) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from guardedtuning.errors import ConfigError
-from guardedtuning.recipes._split_family import cut
+from guardedtuning.recipes._split_family import FULL_CUT, cut
 from guardedtuning.recipes.base import ADAPTER_UPDATES, RELEASED_ACTIVATIONS, Recipe
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ RECIPE = Recipe(
         "privacy.mechanism": "privtune", "privacy.eta": 100.0, "privacy.rho": 1.0, "dp.enabled": False,
         # the adapter and head are small: send all of them, quantized and masked
         "aggregation.secure": True, "aggregation.density": 1.0, "aggregation.bits": 8, "gradfree.adapter-dim": 64,
+        **FULL_CUT,
     },
     driver="guardedtuning.server_app.gradfree_driver:run_gradfree",
     handlers={"train.gradfree": "guardedtuning.clients.gradfree_client:handle_gradfree"},

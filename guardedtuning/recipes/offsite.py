@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from guardedtuning.recipes._split_family import FULL_CUT
 from guardedtuning.recipes.base import ADAPTER_UPDATES, Recipe
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ RECIPE = Recipe(
     overrides={
         "privacy.mechanism": "none", "dp.enabled": True, "dp.target-epsilon": 8.0, "dp.delta": 1e-5,
         "dp.max-grad-norm": 1.0, "aggregation.secure": True, "aggregation.density": 1.0, "aggregation.bits": 8,
+        **FULL_CUT,
         "offsite.adapter-layers": 1, "offsite.emulator-layers": 2, "offsite.adapter": "lora",
     },
     driver="guardedtuning.server_app.offsite_driver:run_offsite",
