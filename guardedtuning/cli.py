@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _keys() -> int:
-    table = Table("key", "default", "meaning")
+    from rich.table import Column
+
+    # the key never wraps (it is what a user copies); a long default or meaning folds instead
+    table = Table(Column("key", no_wrap=True), Column("default", overflow="fold", max_width=24), "meaning")
     helps = config_help()
     for key, value in default_flat_config().items():
         table.add_row(key, json.dumps(value), helps.get(key, ""))

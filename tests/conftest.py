@@ -14,7 +14,12 @@ TINY = {
     "dp.enabled": False,
     "aggregation.secure": False,
     "model.name": "tiny-bert",
-    "split.layer": 2,  # tiny-bert has 4 blocks; the guarded default cuts after 4 of MiniLM's 6
+    # the full cut every non-default design keeps (recipes/_split_family.py FULL_CUT): tiny-bert has
+    # 4 blocks, and the guarded default cuts after 4 of MiniLM's 6 with a clipped 4-dim release
+    "split.layer": 2,
+    "split.release-dim": 0,
+    "privacy.clip": 0.0,
+    "aggregation.density": 0.05,
     "model.max-length": 32,
     "data.train-size": 240,
     "data.test-size": 60,
