@@ -4,7 +4,7 @@ The federation runs `flwr run . <connection>` from the repository, with each Sup
 partition in its node config, then every process is stopped by PID. One variant is
 insecure and runs the split recipe through `guardedtuning deploy local`; the other has TLS
 and SuperNode authentication (an unregistered SuperNode is turned away) and runs the
-guarded recipe (PrivTune, DP-SGD, secure aggregation) through :class:`LocalFederation`.
+guarded recipe (low-dim d_chi release, DP-SGD, secure aggregation) through :class:`LocalFederation`.
 Both check that a split step costs far less than on Flower's own SuperNode, which waits
 3 s after every empty poll and starts a process per message (13 to 41 s a step here).
 A third forces the compatibility gate off (``GUARDEDTUNING_FLOWER_COMPAT=off``): the warm
@@ -32,6 +32,7 @@ from tests.test_drivers import check_contract
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPLIT = {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
+              "split.layer": 2, "split.release-dim": 0, "privacy.clip": 0.0, "aggregation.density": 0.05,
               "model.name": "tiny-bert", "model.max-length": 32, "data.train-size": 240, "data.test-size": 60,
               "federation.rounds": 2, "train.local-steps": 8, "train.batch-size": 8, "train.lr": 5e-3,
               "train.server-lr": 5e-3}
@@ -104,9 +105,11 @@ def test_tls_and_supernode_auth_deployment(tmp_path):
     """TLS on every API, only registered SuperNodes admitted, `flwr run . <connection>`, guarded recipe."""
     root = tmp_path / "fed"
     out = tmp_path / "run"
-    # the guarded recipe: PrivTune noise (seeded, reproducible), DP-SGD, secure aggregation's extra stages
+    # the guarded recipe: a 4-dim release with d_chi noise (seeded, reproducible), DP-SGD, secure
+    # aggregation's extra stages; cut after 2 of tiny-bert's 4 blocks
     base = {k: v for k, v in TINY_SPLIT.items()
-            if k not in ("recipe", "privacy.mechanism", "dp.enabled", "aggregation.secure")}
+            if k not in ("recipe", "privacy.mechanism", "dp.enabled", "aggregation.secure", "split.release-dim",
+                         "privacy.clip", "aggregation.density")}
     flat = {**base, "recipe": "guarded", "privacy.noise-seed": 7, "federation.num-clients": 3,
             "federation.clients-per-round": 3, "output.dir": str(out)}
     run_config = " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())

@@ -17,11 +17,14 @@ from tests.test_drivers import check_contract
 pytestmark = pytest.mark.e2e
 
 TINY_CFG = {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
+            "split.layer": 2, "split.release-dim": 0, "privacy.clip": 0.0, "aggregation.density": 0.05,
             "model.name": "tiny-bert", "model.max-length": 32, "data.train-size": 240, "data.test-size": 60,
             "federation.num-clients": 3, "federation.clients-per-round": 3, "federation.rounds": 2,
             "train.local-steps": 8, "train.batch-size": 8, "train.lr": 5e-3, "train.server-lr": 5e-3}
-# for `guardedtuning run --recipe X`: only the sizes; the recipe file sets its own privacy knobs
-TINY = [f"{k}={v}" for k, v in TINY_CFG.items() if k.startswith(("model.", "data.", "federation.", "train."))]
+# for `guardedtuning run --recipe X`: only the sizes (and a cut tiny-bert's 4 blocks allow); the recipe
+# file sets its own privacy knobs
+SIZES = ("model.", "data.", "federation.", "train.", "split.layer")
+TINY = [f"{k}={v}" for k, v in TINY_CFG.items() if k.startswith(SIZES)]
 
 
 def _processes_using(flwr_home: Path) -> list[int]:
@@ -45,7 +48,7 @@ def test_run_on_the_simulation_engine(tmp_path, recipe):
     assert record["cost"]["bytes_up_per_client_round"] > 0 and record["cost"]["wall_s"] > 0
     assert (out / "utility.png").stat().st_size > 0
     if recipe == "guarded":  # noise, DP-SGD and secure aggregation through the real engine
-        assert record["privacy"]["epsilon"] is not None and record["privacy"]["mechanism"]["name"] == "privtune"
+        assert record["privacy"]["epsilon"] is not None and record["privacy"]["mechanism"]["name"] == "dchi"
         assert record["cost"]["rejected_replies"] == 0
     assert "round 2:" in res.stdout
     left = _processes_using(out / ".flwr")
@@ -123,9 +126,10 @@ def test_flwr_run_dot_uses_the_same_defaults(tmp_path):
 
 def test_flwr_run_dot_with_flowers_default_two_supernodes(tmp_path):
     """`flwr run . local --stream` on Flower's default local federation (2 SuperNodes) with the guarded
-    default's knobs (PrivTune, DP-SGD, secure aggregation): a 3-per-round run samples both, with a warning."""
+    default's knobs (low-dim d_chi release, DP-SGD, secure aggregation): a 3-per-round run samples both,
+    with a warning."""
     out = tmp_path / "run"
-    sizes = {k: v for k, v in TINY_CFG.items() if k.startswith(("model.", "data.", "federation.", "train."))}
+    sizes = {k: v for k, v in TINY_CFG.items() if k.startswith(SIZES)}
     flat = {**sizes, "federation.rounds": 1, "train.local-steps": 3, "privacy.noise-seed": 7, "output.dir": str(out)}
     record = _flwr_run_local(tmp_path, flat, supernodes=2)
     assert record["recipe"] == "guarded" and len(record["history"]) == 1
