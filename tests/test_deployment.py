@@ -146,7 +146,7 @@ def test_tls_and_supernode_auth_deployment(tmp_path):
     record = json.loads((out / "results.json").read_text())
     _check_run(record, 3)
     assert record["recipe"] == "guarded" and record["privacy"]["epsilon"] is not None
-    assert record["privacy"]["mechanism"]["name"] == "privtune"
+    assert record["privacy"]["mechanism"]["name"] == "dchi"
     assert processes_with_env(MARKER, str(fed.root)) == []
     assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
                for pid in pids)
