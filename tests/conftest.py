@@ -4,22 +4,18 @@ import os
 
 import pytest
 
+from guardedtuning.recipes._split_family import BASELINE
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # A small, fast configuration shared by the tests (tiny randomly initialised BERT).
 TINY = {
-    # the plain split recipe: the guarded defaults (PrivTune, DP-SGD, secure aggregation) off
+    # the plain split recipe: the guarded defaults off, and the full cut every non-default design keeps
+    # (recipes/_split_family.py BASELINE: tiny-bert has 4 blocks; the guarded default cuts after 4 of
+    # MiniLM's 6 with a clipped 4-dim release)
     "recipe": "split",
-    "privacy.mechanism": "none",
-    "dp.enabled": False,
-    "aggregation.secure": False,
+    **BASELINE,
     "model.name": "tiny-bert",
-    # the full cut every non-default design keeps (recipes/_split_family.py FULL_CUT): tiny-bert has
-    # 4 blocks, and the guarded default cuts after 4 of MiniLM's 6 with a clipped 4-dim release
-    "split.layer": 2,
-    "split.release-dim": 0,
-    "privacy.clip": 0.0,
-    "aggregation.density": 0.05,
     "model.max-length": 32,
     "data.train-size": 240,
     "data.test-size": 60,

@@ -29,11 +29,11 @@ from guardedtuning import compat
 from guardedtuning.clients.warm_node import Backoff
 from guardedtuning.deploy import MARKER, LocalFederation, make_certificates, make_supernode_keys
 from guardedtuning.launcher import free_port, processes_with_env, toml_value
+from guardedtuning.recipes._split_family import BASELINE
 from tests.test_drivers import check_contract
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SPLIT = {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
-              "split.layer": 2, "split.release-dim": 0, "privacy.clip": 0.0, "aggregation.density": 0.05,
+TINY_SPLIT = {"recipe": "split", **BASELINE,  # the guarded knobs off, the full cut (tiny-bert: 4 blocks)
               "model.name": "tiny-bert", "model.max-length": 32, "data.train-size": 240, "data.test-size": 60,
               "federation.rounds": 2, "train.local-steps": 8, "train.batch-size": 8, "train.lr": 5e-3,
               "train.server-lr": 5e-3}

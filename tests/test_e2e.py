@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from guardedtuning.launcher import FLWR_ENV, processes_with_env, toml_value
+from guardedtuning.recipes._split_family import BASELINE
 from tests.test_drivers import check_contract
 
 pytestmark = pytest.mark.e2e
 
-TINY_CFG = {"recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
-            "split.layer": 2, "split.release-dim": 0, "privacy.clip": 0.0, "aggregation.density": 0.05,
+TINY_CFG = {"recipe": "split", **BASELINE,  # the guarded knobs off, the full cut (tiny-bert: 4 blocks)
             "model.name": "tiny-bert", "model.max-length": 32, "data.train-size": 240, "data.test-size": 60,
             "federation.num-clients": 3, "federation.clients-per-round": 3, "federation.rounds": 2,
             "train.local-steps": 8, "train.batch-size": 8, "train.lr": 5e-3, "train.server-lr": 5e-3}
