@@ -5,6 +5,7 @@
     guardedtuning recipes              # the designs, one line each
     guardedtuning keys                 # every run-config key, its default and meaning
     guardedtuning fetch smollm2-135m   # convert the embedded decoder once
+    guardedtuning export --merged RUN_DIR DEST   # the run's adapters merged into its base model
 
 Bad input ends in one line naming the input, the value and the fix, exit code 2, and
 no traceback. A run that fails after it started says where its logs are (exit code 1).
@@ -79,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the recipes (designs) with what each does")
     fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")
     fetch.add_argument("model", choices=["smollm2-135m", "minilm-l6"])
+    export = sub.add_parser("export", help="a run's adapters out: --merged writes the base model with them merged")
+    export.add_argument("--merged", action="store_true", required=True,
+                        help="merge <run dir>/adapter (PEFT) into the base model and save_pretrained it with the "
+                             "tokenizer (the PEFT folder itself is <run dir>/adapter already)")
+    export.add_argument("run_dir", help="a run's output folder (holds adapter/, written at every checkpoint)")
+    export.add_argument("dest", help="new folder for the merged model (AutoModel / AutoModelForCausalLM loads it)")
     return p
 
 
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return _recipes()
         if args.command == "fetch":
             return _fetch(args.model)
+        if args.command == "export":
+            return _export(args.run_dir, args.dest)
         if args.command == "trilemma":
             from guardedtuning.trilemma import main_cli
 
@@ -129,6 +138,15 @@ def _recipes() -> int:
         table.add_row(r.name + default, r.summary, "yes" if r.releases_activations else "no",
                       "yes" if r.accepts_dp else "no")
     console.print(table)
+    return 0
+
+
+def _export(run_dir: str, dest: str) -> int:
+    from guardedtuning.models.export import export_merged
+
+    info = export_merged(Path(run_dir), Path(dest))
+    head = " and its classifier head" if info.get("head") else ""
+    console.print(f"{dest}: {info['base']['name']} with the adapters of round {info.get('round')} merged{head}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import statistics
 import time
@@ -25,6 +26,89 @@ from guardedtuning.recipes import Recipe
 from guardedtuning.resources import gpu_peak_mb, peak_rss_mb
 
 SCHEMA = "guardedtuning.results/v1"
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_FORMAT = "guardedtuning.checkpoint/v2"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # v1: a torch pickle
+
+
+def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """``obj`` as JSON, its tensors moved into ``tensors`` (named by their path) and replaced by references.
+
+    Dicts with text keys stay objects; other dicts (an optimizer's state, keyed by int) become
+    ``{"__items__": [[key, value], ...]}``, tuples ``{"__tuple__": [...]}``, tensors
+    ``{"__tensor__": name}``, so :func:`decode_tree` gives back exactly what went in.
+    """
+    if isinstance(obj, torch.Tensor):
+        name = path if path not in tensors else f"{path}#{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu").clone().contiguous()  # own storage: safetensors refuses shared
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode_tree(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        for k in obj:
+            if not isinstance(k, (str, int, float, bool)) or k is None:
+                raise TypeError(f"checkpoint state at {path}: key {k!r} is a {type(k).__name__}; "
+                                "keys must be text or numbers")
+        return {"__items__": [[k, encode_tree(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state at {path} is a {type(obj).__name__}; a design's checkpoint() may "
+                    "hold only tensors, numbers, text, None and dicts, lists or tuples of them")
+
+
+def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`encode_tree`."""
+    if isinstance(obj, list):
+        return [decode_tree(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: decode_tree(v, tensors) for k, v in obj["__items__"]}
+        if set(obj) == {"__tuple__"}:
+            return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
+        return {k: decode_tree(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def read_checkpoint(out_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint of the run in ``out_dir`` (``checkpoint.json`` and its tensors), ``state`` decoded."""
+    from safetensors.torch import load_file
+
+    from guardedtuning.errors import ConfigError
+
+    out = Path(out_dir)
+    payload = json.loads((out / CHECKPOINT_FILE).read_text())
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{out / CHECKPOINT_FILE} has format {payload.get('format')!r}, expected "
+                          f"{CHECKPOINT_FORMAT!r}; pass --set output.resume=false or --out to a new folder")
+    tensor_file = out / payload["tensors"]
+    if not tensor_file.is_file():
+        raise ConfigError(f"{out / CHECKPOINT_FILE} names {tensor_file.name}, which is missing; pass --set "
+                          "output.resume=false or --out to a new folder to start over")
+    payload["state"] = decode_tree(payload["state"], load_file(str(tensor_file)))
+    return payload
+
+
+def _read_legacy(path: Path) -> dict[str, Any]:
+    """A v1 ``checkpoint.pt``, loaded without running pickled code (``weights_only=True``)."""
+    import pickle
+
+    from guardedtuning.errors import ConfigError
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{path} is a checkpoint of an earlier version (a pickle) that cannot be loaded safely ({first[:160]}); "
+            f"this version writes {CHECKPOINT_FILE} + safetensors: pass --set output.resume=false or --out to a "
+            "new folder to start over"
+        ) from exc
 
 
 def config_digest(cfg: RunConfig) -> str:
@@ -236,7 +320,7 @@ class Recorder:
     # -- checkpoints ----------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.out / CHECKPOINT_FILE
 
     @property
     def ledger_path(self) -> Path:
@@ -261,20 +345,73 @@ class Recorder:
         if payload.get("digest") == config_digest(self.cfg):
             self.privacy_ledger = PrivacyLedger.from_json(payload["nodes"])
 
+    def save_adapter(self, model: torch.nn.Module) -> None:
+        """Write the global adapters as a PEFT folder ``<out>/adapter`` (:mod:`guardedtuning.models.export`).
+
+        A run whose state has no PEFT form writes none; the reason goes into the record's
+        ``adapter`` block (and the log, once).
+        """
+        from guardedtuning.models.export import ADAPTER_DIR, NotExportable, write_adapter
+
+        info = {"recipe": self.cfg.recipe, "round": self.history[-1]["round"] if self.history else 0,
+                "config_digest": config_digest(self.cfg)}
+        try:
+            self.extra["adapter"] = write_adapter(model, model_cfg=self.cfg.model, lora=self.cfg.lora,
+                                                  seed=self.cfg.seed, dest=self.out / ADAPTER_DIR, info=info)
+        except NotExportable as exc:
+            self.no_adapter(str(exc))
+
+    def no_adapter(self, reason: str) -> None:
+        """Record that this run writes no adapter folder, and why (logged once)."""
+        from guardedtuning.models.export import not_written
+
+        if (self.extra.get("adapter") or {}).get("not_held") != reason:
+            logging.getLogger("guardedtuning").warning("no adapter folder is written: %s", reason)
+        self.extra["adapter"] = not_written(reason)
+
     def save_checkpoint(self, round_: int, state: dict[str, Any]) -> None:
+        """Write ``checkpoint.json`` (everything but tensors) and the tensors it names (safetensors).
+
+        The tensors go to ``checkpoint-r<round>.safetensors`` first, then the JSON replaces the
+        previous one atomically, then older tensor files go: a crash at any point leaves a JSON
+        whose tensor file exists.
+        """
+        from safetensors.torch import save_file
+
         self.save_privacy_ledger()
-        payload = {"round": round_, "digest": config_digest(self.cfg), "history": self.history,
-                   "ledger": self.ledger.to_json(), "privacy_ledger": self.privacy_ledger.to_json(),
-                   "wall_s": self.wall_s, "state": state}
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        tensors: dict[str, torch.Tensor] = {}
+        tree = encode_tree(state, tensors, "state")
+        name = f"checkpoint-r{round_:05d}.safetensors"
+        tmp = self.out / (name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "round": str(round_)})
+        os.replace(tmp, self.out / name)
+        payload = {"format": CHECKPOINT_FORMAT, "round": round_, "digest": config_digest(self.cfg),
+                   "tensors": name, "history": self.history, "ledger": self.ledger.to_json(),
+                   "privacy_ledger": self.privacy_ledger.to_json(), "wall_s": self.wall_s,
+                   "adapter": self.extra.get("adapter"), "state": tree}
+        tmp_json = self.checkpoint_path.with_suffix(".tmp")
+        tmp_json.write_text(json.dumps(payload))
+        os.replace(tmp_json, self.checkpoint_path)
+        for old in self.out.glob("checkpoint-r*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        (self.out / LEGACY_CHECKPOINT).unlink(missing_ok=True)  # a v1 checkpoint this run resumed from
 
     def load_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
-        """``(last finished round, state)`` if resuming applies, else None."""
-        if not (self.cfg.output.resume and self.checkpoint_path.is_file()):
+        """``(last finished round, state)`` if resuming applies, else None.
+
+        Reads ``checkpoint.json`` and its tensor file; a ``checkpoint.pt`` of an earlier
+        version (a pickle) resumes too when it holds only tensors, numbers, text and
+        containers (``torch.load(weights_only=True)``), else it is refused with the fix.
+        """
+        if not self.cfg.output.resume:
             return None
-        payload = torch.load(self.checkpoint_path, weights_only=False)
+        if self.checkpoint_path.is_file():
+            payload = read_checkpoint(self.out)
+        elif (self.out / LEGACY_CHECKPOINT).is_file():
+            payload = _read_legacy(self.out / LEGACY_CHECKPOINT)
+        else:
+            return None
         if payload.get("digest") != config_digest(self.cfg):
             from guardedtuning.errors import ConfigError
 
@@ -285,6 +422,8 @@ class Recorder:
         self.history = payload["history"]
         self.ledger = CostLedger.from_json(payload["ledger"])
         self.wall_before = float(payload["wall_s"])
+        if payload.get("adapter") is not None:
+            self.extra["adapter"] = payload["adapter"]
         self.event("resume", round=payload["round"])
         return int(payload["round"]), payload["state"]
 

@@ -23,6 +23,7 @@ from guardedtuning import compat
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.config import build_config
 from guardedtuning.errors import MessageError
+from guardedtuning.results import read_checkpoint
 from guardedtuning.server_app.server_app import execute
 from guardedtuning.strategies.fedavg import AdapterFedAvg
 from guardedtuning.wire import gradfree, split
@@ -46,7 +47,7 @@ def _events(flat):
 
 
 def _checkpoint(flat):
-    return torch.load(Path(flat["output.dir"]) / "checkpoint.pt", weights_only=False)["state"]
+    return read_checkpoint(flat["output.dir"])["state"]
 
 
 def _rewrite_acts(target, at_call, rewrite):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, Error, Message
 
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.config import build_config
+from guardedtuning.results import read_checkpoint
 from guardedtuning.server_app.server_app import execute
 from tests.local_grid import LocalGrid
 
@@ -58,7 +58,7 @@ def test_split_sends_one_message_per_step_and_global_adapter_moves(tiny_flat):
     steps, rounds, clients = 6, 2, 3
     assert len(grid.sent) == rounds * clients * (steps + 1)
     assert {m.metadata.message_type for m in grid.sent} == {"train.split"}
-    ckpt = torch.load(Path(tiny_flat["output.dir"]) / "checkpoint.pt", weights_only=False)
+    ckpt = read_checkpoint(tiny_flat["output.dir"])
     moved = [float(v.abs().sum()) for k, v in ckpt["state"]["global_bottom"].items() if "lora_B" in k]
     assert moved and all(m > 0 for m in moved)  # lora_B starts at zero
     # what a client keeps between messages is reported, and it is about the adapter's size, not the data's

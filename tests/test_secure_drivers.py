@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.config import build_config
+from guardedtuning.results import read_checkpoint
 from guardedtuning.server_app.server_app import execute
 from tests.local_grid import LocalGrid
 
@@ -29,7 +29,7 @@ def _run(flat, tamper=None):
 def test_secure_rounds_update_the_global_adapter(tiny_flat, recipe):
     record, grid = _run(_flat(tiny_flat, recipe=recipe))
     assert record["cost"]["rejected_replies"] == 0 and len(record["history"]) == 2
-    state = torch.load(Path(tiny_flat["output.dir"]) / "checkpoint.pt", weights_only=False)["state"]
+    state = read_checkpoint(tiny_flat["output.dir"])["state"]
     adapter = state["global_bottom"] if recipe == "split" else state["global"]
     assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
     # each client keeps its error-feedback residual and round keys: about an adapter, not its data

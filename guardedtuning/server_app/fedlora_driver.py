@@ -51,6 +51,8 @@ class FedLoraDesign(Design):
         return self.model
 
     def checkpoint(self) -> dict[str, Any]:
+        """The global adapters (for a resumed run, and as ``<out>/adapter``, PEFT)."""
+        self.run.rec.save_adapter(self.model)
         return {"global": self.state}
 
     def restore(self, state: dict[str, Any]) -> None:

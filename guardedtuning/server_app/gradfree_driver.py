@@ -119,6 +119,11 @@ class GradfreeDesign(Design):
         return self.assembled
 
     def checkpoint(self) -> dict[str, Any]:
+        """The global output adapter and head (no ``<out>/adapter``: the record's ``adapter`` block says why)."""
+        self.run.rec.no_adapter(
+            "gradfree trains no weight of the model: its output adapter and head run on the client after the "
+            "model's last hidden states (models/output_adapter.py), which the unsplit model has no module for; "
+            "the trained tensors are in the checkpoint (global_head)")
         return {"global_head": self.state}
 
     def restore(self, state: dict[str, Any]) -> None:

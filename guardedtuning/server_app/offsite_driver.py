@@ -222,6 +222,9 @@ class OffsiteDesign(Design):
         return _evaluate(self.run, self.full, self.emu, self.reference, self.state, rnd.number)
 
     def checkpoint(self) -> dict[str, Any]:
+        """The global adapters and the yardstick's; the plug-in (full model + adapters) goes out as ``<out>/adapter``."""
+        load_trainable(self.full, self.state, source="global adapters")
+        self.run.rec.save_adapter(self.full)
         return {"global": self.state, "reference": self.reference.state if self.reference is not None else None}
 
     def restore(self, state: dict[str, Any]) -> None:

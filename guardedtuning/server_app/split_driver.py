@@ -116,6 +116,8 @@ class SplitDesign(Design):
         return self.model
 
     def checkpoint(self) -> dict[str, Any]:
+        """The state a resumed run needs; the assembled model's adapters also go out as ``<out>/adapter`` (PEFT)."""
+        self.run.rec.save_adapter(self.model)
         return {"global_bottom": self.bottom, "top": trainable_state(self.model.top),
                 "top_opt": self.top_opt.state_dict() if self.top_opt is not None else None}
 
