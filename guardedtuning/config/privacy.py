@@ -25,6 +25,7 @@ MECHANISMS = ("none", "dchi", "privtune", "gaussian", "laplace")
 ACCOUNTANTS = ("rdp", "prv")
 NOPEEK_LEVELS = ("token", "example")
 QUANTIZE_BITS = (0, 4, 8)
+IMPORTANCE_SOURCES = ("public", "client")
 
 
 def check_eta(eta: float, key: str = "privacy.eta") -> None:
@@ -67,6 +68,12 @@ class PrivacyConfig:
     importance_strength: float = _opt(
         0.5, "PrivTune: how strongly token importance moves each token's eta, in [0, 1)"
     )
+    importance_source: str = _opt(
+        "public",
+        "PrivTune: rows token importance comes from: `public` (the task's held-out labelled rows, the same for "
+        "every client and known to the server: eta_t shows nothing of the client's data) or `client` (the "
+        "client's own rows: eta_t, readable from one release, shows which tokens its labels make discriminative)",
+    )
     knn_k: int = _opt(10, "PrivTune: neighbours per token in the vocabulary k-NN graph")
     hops: int = _opt(2, "PrivTune: the mean moves toward the centroid of the n-hop indirect neighbours (2 or 3)")
     pgd_steps: int = _opt(20, "PrivTune: projected-gradient steps of the mean optimisation")
@@ -99,6 +106,10 @@ class PrivacyConfig:
             )
         if not 0 <= self.importance_strength < 1:
             raise _fail("privacy.importance-strength", self.importance_strength, "a number in [0, 1)")
+        if self.importance_source not in IMPORTANCE_SOURCES:
+            raise _fail("privacy.importance-source", self.importance_source,
+                        "`public` (importance from the task's held-out rows, the default) or `client` (from the "
+                        "client's own rows, which its releases then reveal)")
         if self.knn_k < 1:
             raise _fail("privacy.knn-k", self.knn_k, "a positive integer")
         if self.hops not in (2, 3):

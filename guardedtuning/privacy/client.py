@@ -93,17 +93,45 @@ def client_mechanism(cfg: RunConfig, pid: int, n: int) -> TokenMechanism:
     return token_mechanism(cfg, examples)
 
 
+@functools.lru_cache(maxsize=4)
+def public_examples(data: DataConfig, seed: int, model: str, max_length: int) -> list[Example]:
+    """The task's public labelled rows (its held-out split), tokenised as a client tokenises.
+
+    The rows PrivTune's token importance comes from under ``privacy.importance-source=public``:
+    every client, the server and the attacks' auxiliary text (``attacks/harness.py``) derive
+    the same split from the config, so the eta table they give is one public table. Cached
+    per process (key: the data config, seed, model and length), so the clients of one
+    process tokenise them once.
+    """
+    task = load_task(data, seed)
+    return tokenize_rows(task.test, load_tokenizer(model), kind_of(model), max_length=max_length,
+                         label_names=task.label_names, instruction=task.instruction)
+
+
+def importance_rows(cfg: RunConfig, examples: Sequence[Example]) -> Sequence[Example]:
+    """The labelled rows PrivTune's token importance comes from: public rows or the client's ``examples``.
+
+    ``privacy.importance-source=public`` (the default): :func:`public_examples`, the same for
+    every client; ``client``: the client's own ``examples``, which its releases then reveal
+    (see :data:`~guardedtuning.privacy.mechanisms.IMPORTANCE`).
+    """
+    if cfg.privacy.importance_source == "public":
+        return public_examples(cfg.data, cfg.seed, cfg.model.name, cfg.model.max_length)
+    return examples
+
+
 def token_mechanism(cfg: RunConfig, examples: Sequence[Example]) -> TokenMechanism:
     """The token mechanism of a client whose rows are ``examples``.
 
-    PrivTune's tables (importance, mean shift) come from the client's own rows; every
-    other mechanism depends on ``privacy.*`` only.
+    PrivTune's importance comes from :func:`importance_rows` (public rows by default, the
+    client's ``examples`` with ``privacy.importance-source=client``) and its mean shift from
+    the model's embeddings; every other mechanism depends on ``privacy.*`` only.
     """
     p: PrivacyConfig = cfg.privacy
     if p.mechanism != "privtune":
         return mechanism_from_config(p)
     tok = load_tokenizer(cfg.model.name)
-    batch = collate(list(examples), tok.pad_token_id)
+    batch = collate(list(importance_rows(cfg, examples)), tok.pad_token_id)
     embeddings, scale = privtune_base(cfg.model, cfg.split.layer, cfg.seed)
     mech, _ = privtune_from_config(
         p, embeddings=embeddings, input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -62,10 +62,18 @@ UNIT = ("per released position: each cut vector depends on the whole sequence, s
 COMPOSITION = ("basic composition per release: an example released R times in a run gets R x the per-release "
                "epsilon at each position (R x eta x distance for d_chi); R is the number of releases of that "
                "example (see the record's scope), a sequence of T positions T x that")
-IMPORTANCE = ("per-token eta from token importance computed on the client's own labelled rows: eta_t can be read "
-              "back from a release (the noise norm is D / eta_t on average), so a release shows which tokens the "
-              "client's labels make class-discriminative; no bound covers this (derive importance from public "
-              "data, or set privacy.importance-strength=0)")
+IMPORTANCE = ("per-token eta from token importance computed on the client's own labelled rows "
+              "(privacy.importance-source=client): eta_t can be read back from a release (the noise norm is "
+              "D / eta_t on average), so a release shows which tokens the client's labels make "
+              "class-discriminative; no bound covers this (set privacy.importance-source=public, or "
+              "privacy.importance-strength=0)")
+IMPORTANCE_PUBLIC = ("per-token eta from token importance computed on public labelled rows (the task's held-out "
+                     "split, privacy.importance-source=public): the same eta table for every client, known to the "
+                     "server, so reading eta_t back from a release shows nothing of the client's data beyond "
+                     "the token itself (eta_t is a public function of the token id, one more clue to which token "
+                     "it is); the tokens' eta still differ, so no bound holds across importance levels "
+                     "(privacy.importance-strength=0 for one)")
+IMPORTANCE_TEXTS = {"client": IMPORTANCE, "public": IMPORTANCE_PUBLIC}
 
 
 def _describe(*, releases: int | None = None, **values: Any) -> dict[str, Any]:
@@ -205,13 +213,23 @@ class PrivTuneMechanism(TokenMechanism):
       bound across importance levels. ``epsilon`` is then reported as ``None``;
       ``eta_max`` is the weakest per-token level. Set ``privacy.importance-strength=0``
       for a uniform eta and a stated epsilon.
+
+    ``importance_source`` (``public`` or ``client``, ``privacy.importance-source``) says
+    which rows ``token_eta`` came from and sets the ``importance`` line of :meth:`describe`:
+    client rows make eta_t a readable trace of the client's class-discriminative tokens,
+    public rows do not. It defaults to ``client``: a table of unknown origin is stated as
+    the client's.
     """
 
     name = "privtune"
 
     def __init__(self, *, eta: float, clip: float = 0.0, rho: float = 0.0,
-                 token_eta: torch.Tensor | None = None, mean_shift: torch.Tensor | None = None) -> None:
+                 token_eta: torch.Tensor | None = None, mean_shift: torch.Tensor | None = None,
+                 importance_source: str = "client") -> None:
         check_eta(eta)
+        if importance_source not in IMPORTANCE_TEXTS:
+            raise ValueError(f"importance_source must be one of {sorted(IMPORTANCE_TEXTS)} but is "
+                             f"{importance_source!r}; pass the privacy.importance-source the token_eta came from")
         check_clip(clip)
         check_rho(rho)
         if token_eta is not None and not bool((token_eta > 0).all()):
@@ -230,6 +248,7 @@ class PrivTuneMechanism(TokenMechanism):
         self.rho = float(rho)
         self.token_eta = token_eta
         self.mean_shift = mean_shift
+        self.importance_source = importance_source
 
     def _perturb(self, h: torch.Tensor, *, input_ids: torch.Tensor | None,
                  generator: torch.Generator) -> torch.Tensor:
@@ -268,7 +287,8 @@ class PrivTuneMechanism(TokenMechanism):
                    f"eta * (2 * clip + 2 * rho) = {eps:.6g}")
         return _describe(mechanism=self.name, eta=self.eta, eta_min=lo, eta_max=hi, clip=self.clip or None,
                          rho=self.rho, mean_shift_bound=2 * self.rho, epsilon=eps, calibration=cal,
-                         importance=None if uniform else IMPORTANCE, releases=releases)
+                         importance=None if uniform else IMPORTANCE_TEXTS[self.importance_source],
+                         releases=releases)
 
 
 def gaussian_delta(*, sigma: float, epsilon: float, sensitivity: float) -> float:

@@ -6,8 +6,11 @@ noise whose *scale* follows the token's importance for the client's task and who
 formulas are not public; this module implements the following, and
 :class:`~guardedtuning.privacy.mechanisms.PrivTuneMechanism` applies the tables.
 
-(a) Token importance, from the client's own labelled data (C classes, vocabulary V).
-Let :math:`n_{t,c}` count the occurrences of token t in examples of class c (padding
+(a) Token importance, from labelled rows (C classes, vocabulary V): by default
+(``privacy.importance-source=public``) the task's held-out rows, public and the same for
+every client, so the eta table is one public table; with ``client`` the client's own rows,
+whose class-discriminative tokens each release then shows (eta_t can be read back from the
+noise norm, ``E||z|| = D / eta_t``). Let :math:`n_{t,c}` count the occurrences of token t in examples of class c (padding
 excluded), :math:`N_c = \sum_t n_{t,c}`, :math:`n_t = \sum_c n_{t,c}`,
 :math:`df_t = |\{c : n_{t,c} > 0\}|`. Then
 
@@ -17,7 +20,7 @@ excluded), :math:`N_c = \sum_t n_{t,c}`, :math:`n_t = \sum_c n_{t,c}`,
     w_t = 1 - \frac{H(p(\cdot \mid t))}{\ln C},
 
 :math:`r_t = \mathrm{tfidf}_t \, w_t` and the importance :math:`s_t = r_t / \max_u r_u \in [0, 1]`
-(0 for tokens the client never saw; ``alpha = 1`` smoothing keeps a token seen once from
+(0 for tokens the rows never hold; ``alpha = 1`` smoothing keeps a token seen once from
 looking class-certain; with one class ``w_t = 1``).
 
 (b) Per-token eta at the same average budget. With :math:`\bar s` the occurrence-weighted
@@ -27,8 +30,8 @@ mean importance :math:`\sum_t n_t s_t / \sum_t n_t` and strength :math:`\gamma \
 
 It is increasing in :math:`s_t` (important tokens get a larger eta, i.e. less noise:
 :math:`E\lVert z \rVert = D / \eta_t`), always positive, and its occurrence-weighted mean over
-the client's tokens is exactly :math:`\eta`: the average released token gets the
-configured budget.
+the tokens of the rows it was computed from is exactly :math:`\eta`: the average token of
+those rows gets the configured budget.
 
 (c) Optimized mean. On the embedding matrix E with k-NN graph :mod:`.knn`, for every
 vocabulary token v with embedding :math:`e_v`, 1-hop neighbours :math:`N_1(v)` and n-hop
@@ -80,7 +83,7 @@ from guardedtuning.privacy.mechanisms import PrivTuneMechanism
 
 @dataclass
 class TokenImportance:
-    """Importance ``score`` (V,) in [0, 1] and occurrence ``count`` (V,) in the client's data."""
+    """Importance ``score`` (V,) in [0, 1] and occurrence ``count`` (V,) in the rows it came from."""
 
     score: torch.Tensor
     count: torch.Tensor
@@ -96,12 +99,12 @@ def token_importance(
     ignore_ids: tuple[int, ...] = (),
     smoothing: float = 1.0,
 ) -> TokenImportance:
-    """Importance of every vocabulary token for this client's task (formula (a) above).
+    """Importance of every vocabulary token for the task of the labelled rows given (formula (a) above).
 
     Parameters
     ----------
     input_ids, attention_mask
-        (N, T) the client's tokenised examples.
+        (N, T) tokenised labelled rows (public rows, or the client's own: see the module docstring).
     labels
         (N,) class ids in ``[0, num_classes)``.
     ignore_ids
@@ -264,11 +267,14 @@ def build_privtune(
     cache_dir: Path | None = None,
     ignore_ids: tuple[int, ...] = (),
 ) -> PrivTuneTables:
-    """Importance and eta from the client's data; graph, centroids and PGD shifts from E.
+    """Importance and eta from the labelled rows given; graph, centroids and PGD shifts from E.
 
-    The graph-dependent parts are cached per process and on disk (``cache_dir``; None =
-    :func:`~guardedtuning.privacy.knn.default_cache_dir`); the importance is the client's
-    own and never cached. ``scale`` maps embedding units to cut units (see the module
+    ``input_ids``, ``attention_mask`` and ``labels`` are the rows importance comes from:
+    the public rows or the client's own (:func:`privtune_from_config` says which; see
+    :func:`guardedtuning.privacy.client.importance_rows`). The graph-dependent parts are
+    cached per process and on disk (``cache_dir``; None =
+    :func:`~guardedtuning.privacy.knn.default_cache_dir`); the importance is not cached here
+    (computing it takes milliseconds; the rows it comes from are cached by the caller). ``scale`` maps embedding units to cut units (see the module
     docstring): the PGD runs with radius ``rho / scale`` and its result is multiplied by
     ``scale``.
     """
@@ -314,7 +320,12 @@ def privtune_from_config(
     scale: float = 1.0,
     ignore_ids: tuple[int, ...] = (),
 ) -> tuple[PrivTuneMechanism, PrivTuneTables]:
-    """Build the tables with ``privacy.*`` settings and the mechanism that applies them."""
+    """Build the tables with ``privacy.*`` settings and the mechanism that applies them.
+
+    ``input_ids``, ``attention_mask`` and ``labels`` must be the rows that
+    ``cfg.importance_source`` names (the public rows for ``public``, the client's for
+    ``client``); the mechanism's privacy statement says which it was.
+    """
     tables = build_privtune(
         embeddings=embeddings, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
         num_classes=num_classes, eta=cfg.eta, rho=cfg.rho, strength=cfg.importance_strength,
@@ -322,7 +333,7 @@ def privtune_from_config(
         scale=scale, cache_dir=Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None, ignore_ids=ignore_ids,
     )
     mech = PrivTuneMechanism(eta=cfg.eta, clip=cfg.clip, rho=cfg.rho, token_eta=tables.token_eta,
-                             mean_shift=tables.mean_shift)
+                             mean_shift=tables.mean_shift, importance_source=cfg.importance_source)
     return mech, tables
 
 

@@ -53,7 +53,7 @@ from guardedtuning.privacy.attacks.eia_opt import OptimizationEIA
 from guardedtuning.privacy.attacks.eia_ridge import RidgeInversion
 from guardedtuning.privacy.attacks.metrics import rouge_n, token_report, token_set_f1
 from guardedtuning.privacy.attacks.update_inversion import SpanAttack
-from guardedtuning.privacy.client import ClientPrivacy, client_mechanism, partition_examples
+from guardedtuning.privacy.client import ClientPrivacy, client_mechanism, partition_examples, token_mechanism
 
 RELEASE_ATTACKS = ("eia_nn", "eia_nn_adaptive", "eia_ridge", "eia_mlp", "eia_transformer", "eia_opt", "aia")
 UPDATE_ATTACKS = ("update", "update_secure")
@@ -96,26 +96,17 @@ def client_privacy(cfg: RunConfig, pid: int, n: int, seed: int, *, privacy: Any 
     """A client's :class:`ClientPrivacy` (mechanism only, no DP-SGD), built by the client's own code.
 
     Without ``privacy`` and ``examples``: client ``pid``'s own mechanism. With them: the
-    mechanism of ``privacy`` (PrivTune's tables from the attacker's auxiliary ``examples``).
+    mechanism of ``privacy`` as a client whose rows are the attacker's auxiliary ``examples``
+    builds it (:func:`~guardedtuning.privacy.client.token_mechanism`). For PrivTune under
+    ``privacy.importance-source=public`` (the default) that is exactly the victim's table:
+    importance comes from the task's public rows, which the attacker has too; under ``client``
+    the attacker's table stands in for the victim's from its auxiliary rows.
     """
-    from guardedtuning.models.loading import load_tokenizer
-    from guardedtuning.privacy.mechanisms import mechanism_from_config
-    from guardedtuning.privacy.privtune import privtune_base, privtune_from_config
-
     p = privacy if privacy is not None else cfg.privacy
     if examples is None and privacy is None:
         mech = client_mechanism(cfg, pid, n)
-    elif p.mechanism != "privtune":
-        mech = mechanism_from_config(p)
-    else:  # the attacker's own PrivTune tables, from its auxiliary rows
-        tok = load_tokenizer(cfg.model.name)
-        assert examples is not None
-        batch = collate(examples, tok.pad_token_id)
-        embeddings, scale = privtune_base(cfg.model, cfg.split.layer, cfg.seed)
-        mech, _ = privtune_from_config(p, embeddings=embeddings, input_ids=batch.input_ids,
-                                       attention_mask=batch.attention_mask, labels=batch.class_ids,
-                                       num_classes=max(2, int(batch.class_ids.max()) + 1), scale=scale,
-                                       ignore_ids=tuple(tok.all_special_ids))
+    else:
+        mech = token_mechanism(dataclasses.replace(cfg, privacy=p), examples or [])
     return ClientPrivacy(seed=seed, mechanism=mech, knobs=p, pid=pid)
 
 
