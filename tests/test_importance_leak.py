@@ -216,6 +216,8 @@ def test_the_cached_mechanisms_are_kept_apart_by_source_and_the_attacker_has_the
     assert torch.equal(client_mechanism(pub, 1, n).token_eta, m_pub.token_eta)  # one table for all clients
     assert "client's own labelled rows" in m_own.describe()["importance"]
     assert "public labelled rows" in m_pub.describe()["importance"]
+    # what a client's reply (and so the run's record) states about its mechanism
+    assert "public labelled rows" in ClientPrivacy(seed=0, mechanism=m_pub, knobs=pub.privacy).report()["importance"]
     # the attack harness's own PrivTune tables (from its auxiliary rows): the victim's, exactly, when public
     aux = _aux(pub, AttackOptions(aux_rows=32))
     attacker = client_privacy(pub, 1, n, seed=999, privacy=pub.privacy, examples=aux).mechanism
