@@ -22,95 +22,18 @@ import torch
 
 from guardedtuning import recipes
 from guardedtuning.config import RunConfig
+from guardedtuning.models.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    LEGACY_CHECKPOINT,
+    encode_tree,
+    read_checkpoint,
+    read_legacy,
+)
 from guardedtuning.recipes import Recipe
 from guardedtuning.resources import gpu_peak_mb, peak_rss_mb
 
 SCHEMA = "guardedtuning.results/v1"
-CHECKPOINT_FILE = "checkpoint.json"
-CHECKPOINT_FORMAT = "guardedtuning.checkpoint/v2"
-LEGACY_CHECKPOINT = "checkpoint.pt"  # v1: a torch pickle
-
-
-def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
-    """``obj`` as JSON, its tensors moved into ``tensors`` (named by their path) and replaced by references.
-
-    Dicts with text keys stay objects; other dicts (an optimizer's state, keyed by int) become
-    ``{"__items__": [[key, value], ...]}``, tuples ``{"__tuple__": [...]}``, tensors
-    ``{"__tensor__": name}``, so :func:`decode_tree` gives back exactly what went in.
-    """
-    if isinstance(obj, torch.Tensor):
-        name = path if path not in tensors else f"{path}#{len(tensors)}"
-        tensors[name] = obj.detach().to("cpu").clone().contiguous()  # own storage: safetensors refuses shared
-        return {"__tensor__": name}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: encode_tree(v, tensors, f"{path}/{k}") for k, v in obj.items()}
-        for k in obj:
-            if not isinstance(k, (str, int, float, bool)) or k is None:
-                raise TypeError(f"checkpoint state at {path}: key {k!r} is a {type(k).__name__}; "
-                                "keys must be text or numbers")
-        return {"__items__": [[k, encode_tree(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode_tree(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"checkpoint state at {path} is a {type(obj).__name__}; a design's checkpoint() may "
-                    "hold only tensors, numbers, text, None and dicts, lists or tuples of them")
-
-
-def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of :func:`encode_tree`."""
-    if isinstance(obj, list):
-        return [decode_tree(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
-            return tensors[obj["__tensor__"]]
-        if set(obj) == {"__items__"}:
-            return {k: decode_tree(v, tensors) for k, v in obj["__items__"]}
-        if set(obj) == {"__tuple__"}:
-            return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
-        return {k: decode_tree(v, tensors) for k, v in obj.items()}
-    return obj
-
-
-def read_checkpoint(out_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint of the run in ``out_dir`` (``checkpoint.json`` and its tensors), ``state`` decoded."""
-    from safetensors.torch import load_file
-
-    from guardedtuning.errors import ConfigError
-
-    out = Path(out_dir)
-    payload = json.loads((out / CHECKPOINT_FILE).read_text())
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{out / CHECKPOINT_FILE} has format {payload.get('format')!r}, expected "
-                          f"{CHECKPOINT_FORMAT!r}; pass --set output.resume=false or --out to a new folder")
-    tensor_file = out / payload["tensors"]
-    if not tensor_file.is_file():
-        raise ConfigError(f"{out / CHECKPOINT_FILE} names {tensor_file.name}, which is missing; pass --set "
-                          "output.resume=false or --out to a new folder to start over")
-    payload["state"] = decode_tree(payload["state"], load_file(str(tensor_file)))
-    return payload
-
-
-def _read_legacy(path: Path) -> dict[str, Any]:
-    """A v1 ``checkpoint.pt``, loaded without running pickled code (``weights_only=True``)."""
-    import pickle
-
-    from guardedtuning.errors import ConfigError
-
-    try:
-        return torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"{path} is a checkpoint of an earlier version (a pickle) that cannot be loaded safely ({first[:160]}); "
-            f"this version writes {CHECKPOINT_FILE} + safetensors: pass --set output.resume=false or --out to a "
-            "new folder to start over"
-        ) from exc
-
-
 def config_digest(cfg: RunConfig) -> str:
     """Hash of everything that changes what a run computes (not where it writes)."""
     flat = {k: v for k, v in cfg.flat().items() if not k.startswith(("output.", "comm.", "sim."))}
@@ -409,7 +332,7 @@ class Recorder:
         if self.checkpoint_path.is_file():
             payload = read_checkpoint(self.out)
         elif (self.out / LEGACY_CHECKPOINT).is_file():
-            payload = _read_legacy(self.out / LEGACY_CHECKPOINT)
+            payload = read_legacy(self.out / LEGACY_CHECKPOINT)
         else:
             return None
         if payload.get("digest") != config_digest(self.cfg):

@@ -21,9 +21,10 @@ from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.config import build_config
 from guardedtuning.errors import ConfigError
 from guardedtuning.models import export
+from guardedtuning.models.checkpoint import decode_tree, encode_tree, read_checkpoint
 from guardedtuning.models.lora import load_trainable
 from guardedtuning.models.parts import split_model
-from guardedtuning.results import Recorder, decode_tree, encode_tree, read_checkpoint
+from guardedtuning.results import Recorder
 from guardedtuning.server_app.server_app import execute
 from tests.local_grid import LocalGrid
 

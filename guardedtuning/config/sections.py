@@ -262,7 +262,7 @@ class AggregationConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = _opt("runs/latest", "folder for results.json, plots, events and checkpoints")
-    resume: bool = _opt(True, "resume from <dir>/checkpoint.pt when it exists")
+    resume: bool = _opt(True, "resume from <dir>/checkpoint.json (or a v1 checkpoint.pt) when it exists")
 
 
 @dataclass(frozen=True)

@@ -146,14 +146,13 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
     adapter updates only, nothing released). ``skipped`` says why an attack did not run.
     """
     from guardedtuning.data.sources import load_task
+    from guardedtuning.models.checkpoint import read_state
     from guardedtuning.models.loading import load_tokenizer
     from guardedtuning.models.lora import load_trainable
     from guardedtuning.models.parts import split_model
 
     out: dict[str, Any] = {a: None for a in opts.attacks}
-    ckpt = run_dir / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=False)["state"] if ckpt.is_file() else {}
-    state = state if isinstance(state, dict) else {}
+    state = read_state(run_dir)  # checkpoint.json + safetensors (or a v1 checkpoint.pt); {} without one
     say = log or (lambda _m: None)
     t_all = time.perf_counter()
     task = load_task(cfg.data, cfg.seed)
