@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     tri.add_argument("--check-ranking", action="store_true",
                      help="run 3 check points (noise-free split, the default, a very noisy split) under both "
                           "schedules and report whether fast ranks utility and eia_max as full does (exit 1 if not)")
+    tri.add_argument("--runner", choices=["inprocess", "flower"], default="inprocess",
+                     help="inprocess: the ServerApp and ClientApps in this process (guardedtuning/inprocess.py, the "
+                          "same record as Flower's engine: tests/test_inprocess.py); flower: `guardedtuning run`'s "
+                          "simulation engine for every point")
     sub.add_parser("keys", help="list run-config keys with defaults")
     sub.add_parser("recipes", help="list the recipes (designs) with what each does")
     fetch = sub.add_parser("fetch", help="prepare an embedded model (smollm2-135m) once")

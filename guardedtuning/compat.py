@@ -75,6 +75,10 @@ FLOWER_PRIVATE: dict[str, str] = {
     # Flower's own object-tree walk (our `get_all_nested_objects` is checked against it)
     "inflatable.get_all_nested_objects": "flwr.supercore.inflatable.inflatable_object:get_all_nested_objects",
     "TaskIdentity": "flwr.supercore.task_identity:TaskIdentity",
+    # the in-process runner (inprocess.py) copies each message's content as its protobuf, as a wire would
+    "recorddict_to_proto": "flwr.common.serde:recorddict_to_proto",
+    "recorddict_from_proto": "flwr.common.serde:recorddict_from_proto",
+    "ProtoRecordDict": "flwr.proto.recorddict_pb2:RecordDict",
     "ndarray_to_bytes": "flwr.common:ndarray_to_bytes",
 }
 """Our name -> ``"module:attribute"`` of every private Flower symbol GuardedTuning uses."""

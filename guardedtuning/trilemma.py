@@ -400,6 +400,16 @@ def default_runner(cfg: Any) -> dict[str, Any]:
     return run_to_completion(cfg)
 
 
+def in_process_runner(cfg: Any) -> dict[str, Any]:
+    """The sweep's fast path: the ServerApp and the ClientApps in this process (:mod:`guardedtuning.inprocess`)."""
+    from guardedtuning.inprocess import run_in_process
+
+    return run_in_process(cfg)
+
+
+RUNNERS: dict[str, Runner] = {"inprocess": in_process_runner, "flower": default_runner}
+"""``--runner``: in this process (the same record as Flower's engine, tests/test_inprocess.py), or Flower's engine."""
+
 _NOT_COMPUTE = ("output.", "comm.", "sim.")
 
 
@@ -592,12 +602,14 @@ def main_cli(args: Any, console: Any) -> int:
             seed = f" seed {data['seed']}" if "seed" in data else ""
             progress.update(task, info=escape(f"{point.name}{seed}: {what}"))
 
+    runner_name = getattr(args, "runner", "inprocess")
+    runner = RUNNERS[runner_name]
     with progress:
         if args.check_ranking:
-            result = check_ranking(out, base, seeds=args.seeds, points=points, on_event=on_event)
+            result = check_ranking(out, base, seeds=args.seeds, runner=runner, points=points, on_event=on_event)
         else:
-            sweep(points, {**sched.sets, **base}, out, attack_options=sched.attacks, seeds=args.seeds,
-                  about=f"Schedule {sched.name}: {sched.about}.", on_event=on_event)
+            sweep(points, {**sched.sets, **base}, out, runner=runner, attack_options=sched.attacks, seeds=args.seeds,
+                  about=f"Schedule {sched.name}: {sched.about}. Runner: {runner_name}.", on_event=on_event)
     if args.check_ranking:
         console.print(f"fast ranks the check points as full: utility {result['utility']['agree']}, eia_max "
                       f"{result['eia_max']['agree']}; {out / 'ranking_check.md'}", highlight=False, soft_wrap=True)

@@ -24,7 +24,7 @@ RANKS = {
     "results": 6,
     "strategies": 7,
     "clients": 8, "server_app": 8, "preflight": 8,
-    "launcher": 9,
+    "launcher": 9, "inprocess": 9,
     "bench": 10, "deploy": 10, "trilemma": 10,
     "cli": 11,
 }
