@@ -220,3 +220,31 @@ def test_an_old_pickle_checkpoint_resumes_or_is_refused_with_the_fix(tmp_path):
     torch.save({"round": 1, "state": NotATensor()}, out / "checkpoint.pt")
     with pytest.raises(ConfigError, match=r"checkpoint\.pt is a checkpoint of an earlier version.*output.resume=false"):
         Recorder(cfg, out, model="m", dataset="d").load_checkpoint()
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_offsite_exports_the_plug_in_and_refuses_the_emulator_and_full_blocks(tmp_path, name):
+    from guardedtuning.models import emulator as em
+    from tests.conftest import TINY
+
+    cfg = build_config({**TINY, "recipe": "offsite", "model.name": name, "offsite.emulator-layers": 1})
+    full = em.add_adapters(em.full_sandwich(cfg.model, cfg.offsite, 3, cfg.seed), cfg.lora, "lora")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in full.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    export.write_adapter(full, model_cfg=cfg.model, lora=cfg.lora, seed=cfg.seed, dest=tmp_path / "adapter")
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {int(t.split(".")[2]) for t in conf["target_modules"]} == {0, 3}  # the first and last block
+    base = _save_base(tmp_path / "adapter", tmp_path / "base")
+    peft = PeftModel.from_pretrained(AUTO[name].from_pretrained(str(base)), str(tmp_path / "adapter")).eval()
+    ids, mask = _batch()
+    torch.testing.assert_close(_outputs(name, peft, tmp_path / "adapter", ids, mask),
+                               _reference(name, full, ids, mask), rtol=1e-5, atol=1e-5)
+    emu = em.add_adapters(em.emulator_sandwich(cfg.model, cfg.offsite, 3, cfg.seed), cfg.lora, "lora")
+    with pytest.raises(export.NotExportable, match="emulator"):
+        export.adapter_plan(emu, 4)
+    blocks = em.add_adapters(em.full_sandwich(cfg.model, cfg.offsite, 3, cfg.seed), cfg.lora, "full")
+    with pytest.raises(export.NotExportable, match="offsite.adapter=lora"):
+        export.adapter_plan(blocks, 4)
