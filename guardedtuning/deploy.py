@@ -11,7 +11,10 @@ it. docs/deployment.md walks through a multi-machine setup; this module makes th
 - :func:`write_connection`: the ``flwr`` CLI's ``config.toml`` entry for a SuperLink;
 - :class:`LocalFederation`: a SuperLink and N SuperNodes as real processes on this
   machine (TLS and authentication on by default), ``flwr run`` against it, and a stop
-  that ends every process it started, by PID.
+  that ends every process it started, by PID. They end too when the process that started
+  them dies without stopping them (SIGKILL included): each gets a parent-death signal and
+  a watchdog process ends whatever carries the federation's marker (see
+  :mod:`guardedtuning.launcher`).
 
 SuperNodes run as ``python -m guardedtuning.clients.warm_node supernode`` (Flower's
 SuperNode with prompt polling and a warm ClientApp process; see that module) unless
@@ -38,7 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guardedtuning.errors import GuardedTuningError
-from guardedtuning.launcher import FLWR_ENV, free_port, script, signal_group, stop_processes
+from guardedtuning.launcher import (
+    FLWR_ENV,
+    Watchdog,
+    free_port,
+    parent_death_preexec,
+    script,
+    signal_group,
+    stop_processes,
+)
 
 MARKER = "GUARDEDTUNING_DEPLOYMENT"  # set on every process a LocalFederation starts
 
@@ -173,7 +184,9 @@ class LocalFederation:
     SuperLink serves every API over TLS with a fresh CA; with ``auth`` (needs ``tls``)
     it admits only the SuperNodes whose keys were registered. :meth:`stop` ends every
     process started here: each process group, then whatever still carries this
-    federation's marker in its environment (Flower's SuperExec and app processes).
+    federation's marker in its environment (Flower's SuperExec and app processes). If the
+    process holding this object dies first, a :class:`~guardedtuning.launcher.Watchdog`
+    (started by :meth:`start`) ends them.
     """
 
     root: Path
@@ -185,6 +198,7 @@ class LocalFederation:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     port: int = 0
     certs: Certificates | None = None
+    watchdog: Watchdog | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -218,7 +232,7 @@ class LocalFederation:
         home.mkdir(parents=True, exist_ok=True)
         log = (self.root / "logs" / log_name).open("ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(home),  # noqa: S603
-                                cwd=cwd or self.root, start_new_session=True)
+                                cwd=cwd or self.root, start_new_session=True, preexec_fn=parent_death_preexec())
         log.close()
         self.procs.append(proc)
         return proc
@@ -226,6 +240,9 @@ class LocalFederation:
     def start(self, *, timeout: float = 120.0) -> None:
         """Start the SuperLink, register the SuperNodes' keys, start the SuperNodes."""
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        if self.watchdog is None:
+            self.watchdog = Watchdog(MARKER, str(self.root), log=self.root / "logs" / "watchdog.log")
+            self.watchdog.start()
         if self.tls:
             self.certs = make_certificates(self.root / "certificates")
         self.port = free_port()
@@ -281,7 +298,7 @@ class LocalFederation:
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a ``flwr`` CLI command against this federation; raise with its output on failure."""
         res = subprocess.run([script("flwr"), *args], env=self.env(self.cli_home), cwd=self.root,  # noqa: S603
-                             capture_output=True, text=True, timeout=timeout)
+                             capture_output=True, text=True, timeout=timeout, preexec_fn=parent_death_preexec())
         if res.returncode != 0:
             raise RuntimeError(f"`flwr {' '.join(args)}` failed ({res.returncode}): {res.stdout[-2000:]}"
                                f"{res.stderr[-2000:]}")
@@ -306,7 +323,12 @@ class LocalFederation:
         """End every process this federation started; return the PIDs that had to be killed."""
         # Flower's SuperExec and app processes start sessions of their own; they still
         # carry our marker in their environment, which no other federation shares
-        return stop_processes(self.procs, MARKER, str(self.root))
+        try:
+            return stop_processes(self.procs, MARKER, str(self.root))
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.disarm()
+                self.watchdog = None
 
     def __enter__(self) -> LocalFederation:
         return self
