@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -172,6 +173,10 @@ def test_privtune_from_config_builds_the_mechanism(tmp_path):
     desc = mech.describe()
     assert desc["mechanism"] == "privtune" and desc["mean_shift_bound"] == pytest.approx(0.6)
     assert desc["eta_min"] < 50.0 < desc["eta_max"]
+    assert mech.importance_source == cfg.importance_source == "public" and "public" in desc["importance"]
+    own, _ = privtune_from_config(dataclasses.replace(cfg, importance_source="client"), embeddings=e, input_ids=ids,
+                                  attention_mask=torch.ones_like(ids), labels=ids[:, 0] % 2, num_classes=2)
+    assert "client's own labelled rows" in own.describe()["importance"]
     out = mech.perturb(torch.randn(20, 6, 8), torch.ones(20, 6), generator=torch.Generator().manual_seed(0),
                        input_ids=ids)
     assert out.shape == (20, 6, 8) and torch.isfinite(out).all()
