@@ -282,8 +282,8 @@ class OutputLock:
         owner = self._owner(fd)
         if owner:
             warnings.warn(f"taking over the stale lock {self.path} of a run that died (PID {owner['pid']}, not "
-                          f"alive); that run's processes are gone, and this run resumes from what it left in "
-                          f"{self.out}", StaleLockWarning, stacklevel=3)
+                          f"alive, its processes gone); what it left in {self.out} stays: a run resumes from its "
+                          f"checkpoint unless output.resume=false", StaleLockWarning, stacklevel=3)
         me = os.getpid()
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": me, "start": process_start_time(me), "argv": sys.argv[:8],
@@ -307,6 +307,9 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
+                owner = self._owner(fd) or owner  # a new holder may have written itself in meanwhile
+                if process_alive(owner["pid"], owner.get("start")):
+                    continue  # refused above, with the new holder's PID
                 if time.monotonic() > deadline:
                     raise ConfigError(
                         f"output.dir {self.out}: the run that held it (PID {owner['pid']}) is dead but its lock "
