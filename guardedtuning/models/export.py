@@ -54,6 +54,9 @@ PEFT_PREFIX = "base_model.model."
 HEAD_PARAMS = ("top.head.weight", "top.head.bias")
 
 
+_PEFT_SKELETONS: dict[tuple[Any, ...], nn.Module] = {}  # the last PeftModel skeleton, by what shapes it
+
+
 class NotExportable(ModelLoadError):
     """The run's trained state has no place in the unsplit model as a PEFT adapter (the reason says why)."""
 
@@ -192,9 +195,14 @@ def write_adapter(model: nn.Module, *, model_cfg: ModelConfig, lora: LoraConfig,
 
     config = model.bottom.blocks.config
     plan = adapter_plan(model, int(config.num_hidden_layers))
-    peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=plan.targets, task_type=TASK_TYPES[plan.kind])
-    peft_model = get_peft_model(_skeleton(plan.kind, config), peft_cfg)
+    key = (plan.kind, config.to_json_string(), tuple(plan.targets), lora.rank, lora.alpha, lora.dropout)
+    peft_model = _PEFT_SKELETONS.get(key)
+    if peft_model is None:  # built once per run: the skeleton and PEFT's injection cost more than the write
+        peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                  target_modules=plan.targets, task_type=TASK_TYPES[plan.kind])
+        peft_model = get_peft_model(_skeleton(plan.kind, config), peft_cfg)
+        _PEFT_SKELETONS.clear()  # one run's at a time
+        _PEFT_SKELETONS[key] = peft_model
     expected = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
     if expected != set(plan.lora):
         raise NotExportable(f"PEFT puts LoRA on {sorted(expected - set(plan.lora))[:3]} where the run has none, "
@@ -312,8 +320,8 @@ def export_merged(run_dir: Path, dest: Path) -> dict[str, Any]:
     if not (adapter / "adapter_config.json").is_file():
         raise ModelLoadError(f"{run_dir} has no adapter folder ({adapter}/adapter_config.json): "
                              f"{_why_none(run_dir)}")
-    if dest.exists() and any(dest.iterdir()):
-        raise ModelLoadError(f"destination {dest} exists and is not empty; pass a new folder")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ModelLoadError(f"destination {dest} exists and is not an empty folder; pass a new folder")
     info = read_info(adapter)
     merged = PeftModel.from_pretrained(load_base(info), str(adapter)).merge_and_unload()
     dest.mkdir(parents=True, exist_ok=True)
