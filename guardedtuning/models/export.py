@@ -232,7 +232,7 @@ def write_adapter(model: nn.Module, *, model_cfg: ModelConfig, lora: LoraConfig,
 
 def _holds(plan: AdapterPlan) -> str:
     blocks = sorted({int(t.split(".")[2]) for t in plan.targets})  # encoder.layer.<n>... / model.layers.<n>...
-    text = f"LoRA on {len(plan.targets)} modules of blocks {blocks[0]}..{blocks[-1]}"
+    text = f"LoRA on {len(plan.targets)} modules of blocks {', '.join(map(str, blocks))}"
     return text + (f"; the classifier head ({HEAD_FILE})" if plan.head is not None else "")
 
 
