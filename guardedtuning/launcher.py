@@ -67,7 +67,7 @@ FLWR_ENV = {
 
 
 LAUNCH_MARKER = "GUARDEDTUNING_LAUNCH"  # one value per FlowerRun: what its watchdog and stop() end
-WATCHDOG_MARKER = "GUARDEDTUNING_WATCHDOG"  # set on a watchdog: the marker value it guards
+WATCHDOG_MARKER = "GUARDEDTUNING_WATCHDOG"  # set on a watchdog: the output folder (or marker) it guards
 LOCK_NAME = "guardedtuning.lock"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -149,13 +149,14 @@ class Watchdog:
     env_value: str
     log: Path | None = None
     grace_s: float = 3.0
+    label: str | None = None  # its own environment's GUARDEDTUNING_WATCHDOG (default: env_value)
     proc: subprocess.Popen[bytes] | None = None
     _pipe: int | None = None
 
     def start(self, keep_fds: tuple[int, ...] = ()) -> None:
         read, write = os.pipe()  # both non-inheritable: only the watchdog gets `read`, by pass_fds
         env = {k: v for k, v in os.environ.items() if k != self.env_key}
-        env[WATCHDOG_MARKER] = self.env_value
+        env[WATCHDOG_MARKER] = self.label if self.label is not None else self.env_value
         out = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
@@ -468,7 +469,7 @@ class FlowerRun:
                     f"output.dir {self.out}: processes of an earlier run in this folder are still alive (PIDs "
                     f"{left}, FLWR_HOME={home}); stop them (kill {' '.join(map(str, left))}) or pass another "
                     f"output folder (--out DIR or --set output.dir=DIR)")
-            watchdog = Watchdog(LAUNCH_MARKER, self.marker, log=self.out / "watchdog.log")
+            watchdog = Watchdog(LAUNCH_MARKER, self.marker, log=self.out / "watchdog.log", label=str(self.out))
             assert lock.fd is not None
             watchdog.start(keep_fds=(lock.fd,))
         except BaseException:

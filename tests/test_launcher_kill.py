@@ -155,6 +155,7 @@ def test_sigkill_of_the_launcher_ends_every_process_of_its_run(tmp_path, cleanup
     assert len(started) >= 3, _describe(started)  # SuperLink, SuperExec, simulation, flwr run, Ray ...
     # only the launcher's own group: the SuperLink and `flwr run` are in sessions of their own
     assert all(os.getpgid(pid) != launcher.pid for pid in started if Path(f"/proc/{pid}").exists())
+    assert len(processes_with_env("GUARDEDTUNING_WATCHDOG", str(out))) == 1  # its watchdog, in a session of its own
     family = _family(launcher.pid, started)  # Ray's processes too, with or without our environment
     family.pop(launcher.pid, None)
     assert len(family) >= len(started)
