@@ -467,7 +467,6 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
     list of dict
         One row per point (the table's columns).
     """
-    from guardedtuning.privacy.attacks.harness import attack_run
 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds} is below 1; pass --seeds 3 for a mean with its spread")
@@ -493,7 +492,7 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
                 attacks = json.loads(attacks_path.read_text()) if attacks_path.is_file() else {}
                 if attacks.get("options") != _options_json(opts):
                     notify("attack", point, {"utility": record["utility"]["value"]})
-                    attacks = attack_run(cfg, run_dir, opts, log=lambda m, p=point: notify("log", p, {"message": m}))
+                    attacks = _attack(point, cfg, run_dir, opts, notify)
                     attacks["options"] = _options_json(opts)
                     attacks_path.write_text(json.dumps(attacks, indent=2))
                     record["privacy"]["attacks"] = {k: v for k, v in attacks.items()
@@ -505,6 +504,23 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
         plot(rows, out)
         notify("done", point, rows[-1])
     return rows
+
+
+def _attack(point: Point, cfg: Any, run_dir: Path, opts: AttackOptions,
+            notify: Callable[[str, Point, dict[str, Any]], None]) -> dict[str, Any]:
+    """The harness's attacks on one run; a recipe with no attack surface, or an attack that fails, is recorded
+    as skipped with the reason (the sweep goes on)."""
+    from guardedtuning.privacy.attacks.harness import attack_run
+
+    none = {a: None for a in opts.attacks}
+    if not recipes.get(point.recipe).attack_surface:
+        return {**none, "skipped": f"{point.recipe} declares nothing the attacks can target (its recipe's "
+                                   "attack_surface is empty)", "seconds": 0.0}
+    try:
+        return attack_run(cfg, run_dir, opts, log=lambda m: notify("log", point, {"message": m}))
+    except GuardedTuningError as exc:
+        notify("log", point, {"message": f"attacks failed: {exc}"})
+        return {**none, "skipped": f"the attacks failed: {exc}", "seconds": 0.0}
 
 
 def compare_rankings(fast: list[dict[str, Any]], full: list[dict[str, Any]], *, tie: float = 0.0) -> dict[str, Any]:

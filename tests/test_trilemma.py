@@ -259,3 +259,25 @@ def test_fast_schedule_is_a_reduction_of_full_with_every_attack():
     cfg_fast, cfg_full = (point_config(DEFAULT_POINT, s.sets, 0, __import__("pathlib").Path("x")) for s in (fast, full))
     steps = [c.federation.rounds * c.train.local_steps for c in (cfg_fast, cfg_full)]
     assert steps[0] < steps[1] and cfg_fast.data == cfg_full.data and cfg_fast.federation.num_clients == 10
+
+
+def test_a_recipe_without_attack_surface_is_skipped_and_a_failing_attack_does_not_stop_the_sweep(tmp_path,
+                                                                                                   monkeypatch):
+    import guardedtuning.privacy.attacks.harness as harness
+    from guardedtuning.errors import MessageError
+    from guardedtuning.trilemma import _attack
+
+    calls = []
+
+    def failing(cfg, run_dir, opts, log=None):
+        calls.append(cfg.recipe)
+        raise MessageError("checkpoint: adapter tensors do not match this model")
+
+    monkeypatch.setattr(harness, "attack_run", failing)
+    opts = AttackOptions()
+    fed = _attack(Point("fedlora"), point_config(Point("fedlora"), BASE, 0, tmp_path / "f"), tmp_path / "f", opts,
+                  lambda *_a: None)
+    assert calls == [] and all(fed[a] is None for a in opts.attacks) and "attack_surface" in fed["skipped"]
+    out = _attack(Point("split"), point_config(Point("split"), BASE, 0, tmp_path / "s"), tmp_path / "s", opts,
+                  lambda *_a: None)
+    assert calls == ["split"] and "adapter tensors do not match" in out["skipped"]
