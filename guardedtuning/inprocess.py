@@ -22,6 +22,7 @@ import copy
 import random
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -30,6 +31,7 @@ from flwr.serverapp import Grid
 
 from guardedtuning import compat
 from guardedtuning.config import RunConfig
+from guardedtuning.launcher import OutputLock
 
 RUN_ID = 1
 """The run id every in-process run carries (the secure aggregation binds its rounds to it)."""
@@ -146,8 +148,9 @@ def set_task_identity() -> None:
 def run_in_process(cfg: RunConfig) -> dict[str, Any]:
     """Run ``cfg`` (any recipe) in this process and return its results record.
 
-    The checks of ``guardedtuning run`` (:func:`guardedtuning.preflight.preflight`) run first;
-    then the ServerApp's :func:`~guardedtuning.server_app.server_app.execute` with an
+    The checks of ``guardedtuning run`` (:func:`guardedtuning.preflight.preflight`) run first,
+    and the output folder's lock is held as ``guardedtuning run`` holds it (a live run in the
+    same folder is refused by PID); then the ServerApp's :func:`~guardedtuning.server_app.server_app.execute` with an
     :class:`InProcessGrid` of ``federation.num-clients`` nodes running the ClientApp.
     """
     from guardedtuning import recipes
@@ -156,7 +159,12 @@ def run_in_process(cfg: RunConfig) -> dict[str, Any]:
     from guardedtuning.server_app.server_app import execute
 
     preflight(cfg)
-    if not recipes.get(cfg.recipe).federated:
-        return execute(cfg, None)
-    grid = InProcessGrid(client_app, cfg.federation.num_clients, cfg.flat(), seed=cfg.seed)
-    return execute(cfg, grid, dispatch="in-process")
+    lock = OutputLock(Path(cfg.output.dir))  # one live run per output folder, as `guardedtuning run`
+    lock.acquire()
+    try:
+        if not recipes.get(cfg.recipe).federated:
+            return execute(cfg, None)
+        grid = InProcessGrid(client_app, cfg.federation.num_clients, cfg.flat(), seed=cfg.seed)
+        return execute(cfg, grid, dispatch="in-process")
+    finally:
+        lock.release()

@@ -68,6 +68,21 @@ def test_a_client_gets_a_copy_and_an_exception_becomes_an_error_reply():
     assert grid.pull_messages(ids) == []  # each reply is pulled once
 
 
+def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path):
+    from guardedtuning.errors import ConfigError
+    from guardedtuning.launcher import OutputLock
+
+    cfg = _cfg(tmp_path, "busy", "split")
+    held = OutputLock(tmp_path / "busy")
+    held.acquire()  # a live holder: this process, through another open file
+    try:
+        with pytest.raises(ConfigError, match=f"in use by a live run .PID {__import__('os').getpid()}"):
+            run_in_process(cfg)
+    finally:
+        held.release()
+    assert not (tmp_path / "busy" / "results.json").exists()
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("recipe", ["split", "guarded"])
 def test_in_process_gives_the_record_of_flowers_simulation_engine(tmp_path, recipe):
