@@ -10,9 +10,13 @@ the strategies with their secure-aggregation stages, the client handlers and the
 all run unchanged. Each message's content crosses as its protobuf (Flower's own serialisation)
 and its metadata as a copy, so neither side ever holds the other's objects, as on a wire. What differs from ``guardedtuning run``:
 the clients run one after another in this process (Flower's simulation runs as many at once
-as ``sim.num-cpus`` allows), and the node ids are drawn from the run's seed instead of at
-random (byte counts, those of the serialised messages
-(:func:`guardedtuning.wire.records.message_nbytes`), differ by the few bytes their varints take). ``tests/test_inprocess.py`` checks that a
+as ``sim.num-cpus`` allows), so a push returns when every client has answered and
+``comm.timeout`` never drops a slow one; and the node ids are drawn from the run's seed
+instead of at random. The ids decide which partitions the strategy samples in a round (it
+samples positions among the sorted ids) and the order of the clients' rows in the server's
+top, so with fewer clients per round than clients an in-process run trains other partitions
+than a given Flower run, as two Flower runs do; byte counts (of the serialised messages,
+:func:`guardedtuning.wire.records.message_nbytes`) differ by the few bytes the ids' varints take. ``tests/test_inprocess.py`` checks that a
 run gives the record Flower's simulation engine gives.
 """
 
@@ -36,8 +40,8 @@ from guardedtuning.launcher import OutputLock
 RUN_ID = 1
 """The run id every in-process run carries (the secure aggregation binds its rounds to it)."""
 
-SERVER_NODE_ID = 0
-"""The server's node id in the task identity (Flower's SuperLink node id is 0 too)."""
+SERVER_NODE_ID = 1
+"""The server's node id in the task identity (Flower's ``SUPERLINK_NODE_ID``)."""
 
 
 def node_ids(num_nodes: int, seed: int) -> list[int]:
@@ -95,11 +99,21 @@ class InProcessGrid(Grid):
         return list(self.node_ids)
 
     def deliver(self, node: int, message: Message) -> Message | None:
-        """The node's reply to ``message``: the ClientApp's, or an error reply if it raised (as Flower's engine)."""
+        """The node's reply to ``message``: the ClientApp's, or an error reply if it raised.
+
+        As Flower's simulation engine: the ClientApp works on a copy of the node's ``Context``,
+        kept only when it answers (a call that raised leaves the node's state as it was), and an
+        exception becomes an error reply with Flower's code and reason format.
+        """
+        ctx = self.contexts[node]
+        work = Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=dict(ctx.node_config),
+                       state=records_copy(ctx.state), run_config=dict(ctx.run_config))
         try:
-            reply = self.app(message, self.contexts[node])
+            reply = self.app(message, work)
         except Exception as exc:  # noqa: BLE001 - Flower's simulation engine turns any exception into an error reply
-            reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            code = int(compat.private("ErrorCode").CLIENT_APP_RAISED_EXCEPTION)
+            return Message(Error(code=code, reason=f"{type(exc)}:<'{exc}'>"), reply_to=message)
+        self.contexts[node] = work
         return reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -127,14 +141,18 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def records_copy(records: RecordDict) -> RecordDict:
+    """A copy of ``records`` that shares nothing with it, through Flower's protobuf."""
+    wire = compat.private("recorddict_to_proto")(records).SerializeToString()
+    return compat.private("recorddict_from_proto")(compat.private("ProtoRecordDict").FromString(wire))
+
+
 def wire_copy(message: Message) -> Message:
     """A copy of ``message`` that shares nothing with it: the content through Flower's protobuf, the metadata copied."""
     meta = copy.deepcopy(message.metadata)
     if message.has_error():
         return Message(Error(code=message.error.code, reason=message.error.reason), metadata=meta)
-    wire = compat.private("recorddict_to_proto")(message.content).SerializeToString()
-    content = compat.private("recorddict_from_proto")(compat.private("ProtoRecordDict").FromString(wire))
-    return Message(content=content, metadata=meta)
+    return Message(content=records_copy(message.content), metadata=meta)
 
 
 def set_task_identity() -> None:

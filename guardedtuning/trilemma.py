@@ -493,7 +493,8 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
                 if attacks.get("options") != _options_json(opts):
                     notify("attack", point, {"utility": record["utility"]["value"]})
                     attacks = _attack(point, cfg, run_dir, opts, notify)
-                    attacks["options"] = _options_json(opts)
+                    if not attacks.get("failed"):  # a failed attack is retried by the next run of the sweep
+                        attacks["options"] = _options_json(opts)
                     attacks_path.write_text(json.dumps(attacks, indent=2))
                     record["privacy"]["attacks"] = {k: v for k, v in attacks.items()
                                                     if k in ATTACK_COLUMNS and isinstance(v, dict)}
@@ -509,7 +510,7 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
 def _attack(point: Point, cfg: Any, run_dir: Path, opts: AttackOptions,
             notify: Callable[[str, Point, dict[str, Any]], None]) -> dict[str, Any]:
     """The harness's attacks on one run; a recipe with no attack surface, or an attack that fails, is recorded
-    as skipped with the reason (the sweep goes on)."""
+    as skipped with the reason (the sweep goes on; a failed one is marked ``failed`` and retried next time)."""
     from guardedtuning.privacy.attacks.harness import attack_run
 
     none = {a: None for a in opts.attacks}
@@ -518,9 +519,10 @@ def _attack(point: Point, cfg: Any, run_dir: Path, opts: AttackOptions,
                                    "attack_surface is empty)", "seconds": 0.0}
     try:
         return attack_run(cfg, run_dir, opts, log=lambda m: notify("log", point, {"message": m}))
-    except GuardedTuningError as exc:
-        notify("log", point, {"message": f"attacks failed: {exc}"})
-        return {**none, "skipped": f"the attacks failed: {exc}", "seconds": 0.0}
+    except Exception as exc:  # noqa: BLE001 - one point's failing attack must not end the sweep; it is recorded
+        why = str(exc) if isinstance(exc, GuardedTuningError) else f"{type(exc).__name__}: {exc}"
+        notify("log", point, {"message": f"attacks failed: {why}"})
+        return {**none, "skipped": f"the attacks failed: {why}", "failed": True, "seconds": 0.0}
 
 
 def compare_rankings(fast: list[dict[str, Any]], full: list[dict[str, Any]], *, tie: float = 0.0) -> dict[str, Any]:

@@ -7,7 +7,7 @@ times, about what one run releases of each row): estimate eta_t per released tok
 bottom, public) and compare the estimate with
 
 - the client's own eta table (``client`` importance, the old behaviour),
-- the public eta table (importance from the task's held-out rows, the new default),
+- the public eta table (importance from public rows no client holds and no evaluation reads, the default),
 - the client-only part, ``client eta - public eta``: what the client's rows say beyond public text.
 
 The estimate (default) needs no table: two releases of the same row differ by ``z1 - z2``

@@ -99,3 +99,14 @@ def test_batch_order_is_a_pure_function_of_step_with_full_batches_per_epoch():
     other = batch_indices(n, b, 0, seed=1, client=3)
     assert not np.array_equal(first[0], other)
     assert sorted(batch_indices(3, 8, 5, seed=0, client=0).tolist()) == [0, 1, 2]  # fewer rows than a batch
+
+
+def test_the_public_rows_are_disjoint_from_train_and_test_and_absent_when_none_are_left():
+    from guardedtuning.config import DataConfig
+    from guardedtuning.data.sources import load_task
+
+    task = load_task(DataConfig(name="synthetic", train_size=300, test_size=100), 0)
+    texts = {split: set(getattr(task, split)["text"]) for split in ("train", "test", "public")}
+    assert len(task.public) == 100
+    assert not texts["public"] & texts["train"] and not texts["public"] & texts["test"]
+    assert load_task(DataConfig(name="synthetic", train_size=0, test_size=100), 0).public is None

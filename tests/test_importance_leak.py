@@ -14,8 +14,8 @@ is what eta adds on top.
 
 The victim: a client whose labels are decided by 16 words that are discriminative only in
 its own rows (8 fruit words for class 0, 8 animal words for class 1; 60 filler words
-spread evenly over both classes). The public corpus (the task's held-out rows, what the
-attacker's auxiliary text is too) says nothing about them.
+spread evenly over both classes). The public corpus (rows of the task no client holds and no
+evaluation reads) says nothing about them.
 
 - ``privacy.importance-source=client``: the estimate's top 16 are the client's private
   discriminative words (the leak is real).
@@ -132,9 +132,9 @@ def _auc(scores: dict[int, float], positive: set[int]) -> float:
 
 
 def _public_eta(cfg, tok) -> torch.Tensor:
-    """The eta table the public rows give (the task's held-out split, the attacker's auxiliary text)."""
+    """The eta table the public rows give (``task.public``: no client holds them, no evaluation reads them)."""
     task = load_task(cfg.data, cfg.seed)
-    rows = collate(tokenize_rows(task.test, tok, "encoder", max_length=cfg.model.max_length,
+    rows = collate(tokenize_rows(task.public, tok, "encoder", max_length=cfg.model.max_length,
                                  label_names=task.label_names, instruction=task.instruction), tok.pad_token_id)
     imp = token_importance(rows.input_ids, rows.attention_mask, rows.class_ids, vocab_size=tok.vocab_size,
                            num_classes=task.num_labels, ignore_ids=special_ids(tok))

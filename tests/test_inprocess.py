@@ -41,7 +41,7 @@ def test_node_ids_are_distinct_and_reproducible():
 
 def test_a_client_gets_a_copy_and_an_exception_becomes_an_error_reply():
     import numpy as np
-    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
@@ -51,6 +51,8 @@ def test_a_client_gets_a_copy_and_an_exception_becomes_an_error_reply():
     def train(msg, context):
         arr = msg.content["a"]
         seen.append((context.node_config["partition-id"], arr))
+        calls = int(context.state["calls"]["n"]) if "calls" in context.state else 0
+        context.state["calls"] = ConfigRecord({"n": calls + 1})
         if context.node_config["partition-id"] == 1:
             raise RuntimeError("boom")
         return Message(RecordDict({"a": arr}), reply_to=msg)
@@ -66,6 +68,9 @@ def test_a_client_gets_a_copy_and_an_exception_becomes_an_error_reply():
     assert all(arr is not sent for _, arr in seen)  # the server's object never reaches the client
     assert [p for p, _ in seen] == [0, 1]
     assert grid.pull_messages(ids) == []  # each reply is pulled once
+    # as in Flower's engine: a call that raised leaves the node's state as it was, one that answered keeps it
+    ok, failed = grid.get_node_ids()
+    assert grid.contexts[ok].state["calls"]["n"] == 1 and "calls" not in grid.contexts[failed].state
 
 
 def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path):

@@ -280,4 +280,4 @@ def test_a_recipe_without_attack_surface_is_skipped_and_a_failing_attack_does_no
     assert calls == [] and all(fed[a] is None for a in opts.attacks) and "attack_surface" in fed["skipped"]
     out = _attack(Point("split"), point_config(Point("split"), BASE, 0, tmp_path / "s"), tmp_path / "s", opts,
                   lambda *_a: None)
-    assert calls == ["split"] and "adapter tensors do not match" in out["skipped"]
+    assert calls == ["split"] and "adapter tensors do not match" in out["skipped"] and out["failed"]

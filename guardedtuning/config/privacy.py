@@ -70,7 +70,7 @@ class PrivacyConfig:
     )
     importance_source: str = _opt(
         "public",
-        "PrivTune: rows token importance comes from: `public` (the task's held-out labelled rows, the same for "
+        "PrivTune: rows token importance comes from: `public` (labelled rows no client holds and no evaluation reads, the same for "
         "every client and known to the server: eta_t shows nothing of the client's data) or `client` (the "
         "client's own rows: eta_t, readable from one release, shows which tokens its labels make discriminative)",
     )
@@ -108,7 +108,7 @@ class PrivacyConfig:
             raise _fail("privacy.importance-strength", self.importance_strength, "a number in [0, 1)")
         if self.importance_source not in IMPORTANCE_SOURCES:
             raise _fail("privacy.importance-source", self.importance_source,
-                        "`public` (importance from the task's held-out rows, the default) or `client` (from the "
+                        "`public` (importance from public rows no client holds, the default) or `client` (from the "
                         "client's own rows, which its releases then reveal)")
         if self.knn_k < 1:
             raise _fail("privacy.knn-k", self.knn_k, "a positive integer")

@@ -45,6 +45,7 @@ class TaskData:
     test: Any  # datasets.Dataset
     label_names: tuple[str, ...]
     instruction: str
+    public: Any = None  # datasets.Dataset: labelled rows no client holds and no evaluation reads (None: none left)
 
     @property
     def num_labels(self) -> int:
@@ -170,7 +171,11 @@ def load_task(cfg: DataConfig, seed: int) -> TaskData:
     full = datasets.Dataset.from_list(rows).shuffle(seed=seed)
     test = full.select(range(cfg.test_size))
     rest = full.select(range(cfg.test_size, len(full)))
+    public = None
     if cfg.train_size and cfg.train_size < len(rest):
+        # the public rows: up to data.test-size more, after the training rows (disjoint from train and test)
+        left = rest.select(range(cfg.train_size, min(len(rest), cfg.train_size + cfg.test_size)))
+        public = left if len(left) else None
         rest = rest.select(range(cfg.train_size))
     instruction = INSTRUCTIONS.get(cfg.name, f"Classify the text as one of: {', '.join(names)}.")
-    return TaskData(cfg.name, rest, test, tuple(names), instruction)
+    return TaskData(cfg.name, rest, test, tuple(names), instruction, public)

@@ -47,7 +47,7 @@ from guardedtuning.config import DataConfig, DPConfig, PrivacyConfig, RunConfig
 from guardedtuning.data.batches import Batch, Example, batch_indices, collate, tokenize_rows
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import load_task
-from guardedtuning.errors import MessageError
+from guardedtuning.errors import DataError, MessageError
 from guardedtuning.models.loading import kind_of, load_tokenizer
 from guardedtuning.privacy.dchi import clip_tokens
 from guardedtuning.privacy.decorrelation import decorrelation_loss
@@ -95,16 +95,29 @@ def client_mechanism(cfg: RunConfig, pid: int, n: int) -> TokenMechanism:
 
 @functools.lru_cache(maxsize=4)
 def public_examples(data: DataConfig, seed: int, model: str, max_length: int) -> list[Example]:
-    """The task's public labelled rows (its held-out split), tokenised as a client tokenises.
+    """The task's public labelled rows, tokenised as a client tokenises.
 
     The rows PrivTune's token importance comes from under ``privacy.importance-source=public``:
-    every client, the server and the attacks' auxiliary text (``attacks/harness.py``) derive
-    the same split from the config, so the eta table they give is one public table. Cached
-    per process (key: the data config, seed, model and length), so the clients of one
-    process tokenise them once.
+    up to ``data.test-size`` rows of the shuffled corpus after the training rows, so no client
+    holds them and the evaluation never reads them (the held-out split, used before, made the
+    evaluated utility optimistic: the noise was shaped on the very rows it was scored on).
+    Every client and the attacks (``attacks/harness.py``) derive the same rows from the config,
+    so the eta table they give is one public table. Cached per process (key: the data config,
+    seed, model and length), so the clients of one process tokenise them once.
+
+    Raises
+    ------
+    DataError
+        When the corpus has no rows beyond the training and held-out ones.
     """
     task = load_task(data, seed)
-    return tokenize_rows(task.test, load_tokenizer(model), kind_of(model), max_length=max_length,
+    if task.public is None:
+        raise DataError(
+            f"privacy.importance-source=public needs labelled rows no client holds, but dataset {data.name!r} has "
+            f"none left after data.train-size={data.train_size} and data.test-size={data.test_size}; lower "
+            "data.train-size, or set privacy.importance-source=client (the releases then reveal which tokens "
+            "the client's own rows make discriminative)")
+    return tokenize_rows(task.public, load_tokenizer(model), kind_of(model), max_length=max_length,
                          label_names=task.label_names, instruction=task.instruction)
 
 

@@ -67,8 +67,8 @@ IMPORTANCE = ("per-token eta from token importance computed on the client's own 
               "D / eta_t on average), so a release shows which tokens the client's labels make "
               "class-discriminative; no bound covers this (set privacy.importance-source=public, or "
               "privacy.importance-strength=0)")
-IMPORTANCE_PUBLIC = ("per-token eta from token importance computed on public labelled rows (the task's held-out "
-                     "split, privacy.importance-source=public): the same eta table for every client, known to the "
+IMPORTANCE_PUBLIC = ("per-token eta from token importance computed on public labelled rows (rows of the corpus no "
+                     "client holds and no evaluation reads, privacy.importance-source=public): the same eta table for every client, known to the "
                      "server, so reading eta_t back from a release shows nothing of the client's data beyond "
                      "the token itself (eta_t is a public function of the token id, one more clue to which token "
                      "it is); the tokens' eta still differ, so no bound holds across importance levels "
