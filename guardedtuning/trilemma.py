@@ -211,6 +211,17 @@ def row_of(point: Point, records: Sequence[dict[str, Any]], attacks: dict[str, A
     return row
 
 
+def failed_row(point: Point) -> dict[str, Any]:
+    """The row of a point whose first run failed: no figures, the reason goes in ``skipped``."""
+    row: dict[str, Any] = {"point": point.name, "recipe": point.recipe, "knobs": json.dumps(point.sets, sort_keys=True),
+                           "default": point == DEFAULT_POINT, "seeds": 0, "utility_seeds": "[]"}
+    for key in ("utility", "utility_min", "utility_max", "utility_std", "majority_rate", "epsilon",
+                "bytes_per_client_round", "wall_s", "attack_s", "eia_max", "eia_nn_top5", "eia_nn_rouge_l",
+                "aia_majority", *ATTACK_COLUMNS):
+        row[key] = None
+    return row
+
+
 def references(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """The sweep's own yardsticks: noise-free ``split`` and ``central-ft`` utility (means over seeds)."""
     split = next((r["utility"] for r in rows if r["point"] == DENSE_REFERENCE.name), None)
@@ -478,13 +489,19 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
     for point in points:
         records: list[dict[str, Any]] = []
         attacks: dict[str, Any] = {}
+        failed = ""
         for seed in range(s0, s0 + seeds):
             run_dir = out / point.name / f"seed{seed}"
             cfg = point_config(point, base, seed, run_dir)
             record = _finished(run_dir, cfg)
             if record is None:
                 notify("run", point, {"seed": seed})
-                record = runner(cfg)
+                try:
+                    record = runner(cfg)
+                except GuardedTuningError as exc:  # one point's failing run is recorded; the sweep goes on
+                    notify("log", point, {"message": f"the run failed: {exc}"})
+                    failed = f"seed {seed}: the run failed: {exc}"
+                    break
             else:
                 notify("skip", point, {"seed": seed})
             if seed == s0:
@@ -500,7 +517,10 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
                                                     if k in ATTACK_COLUMNS and isinstance(v, dict)}
                     (run_dir / "results.json").write_text(json.dumps(record, indent=2))
             records.append(record)
-        rows.append(row_of(point, records, attacks))
+        row = row_of(point, records, attacks) if records else failed_row(point)
+        if failed:  # the seeds before the failure still count; the reason is in the row
+            row["skipped"] = "; ".join(x for x in (row.get("skipped"), failed) if x)
+        rows.append(row)
         write_table(rows, out, about=about)
         plot(rows, out)
         notify("done", point, rows[-1])
@@ -613,7 +633,8 @@ def main_cli(args: Any, console: Any) -> int:
             spread = f" ({data['utility_min']:.4f}-{data['utility_max']:.4f}, {data['seeds']} seeds)" \
                 if data["seeds"] > 1 and u is not None else ""
             progress.console.print(f"{escape(point.name)}: utility {u:.4f}{spread}  {attacks}" if u is not None
-                                   else f"{escape(point.name)}: no utility", highlight=False, soft_wrap=True)
+                                   else f"{escape(point.name)}: no utility ({escape(str(data.get('skipped')))})", highlight=False,
+                                   soft_wrap=True)
         elif kind == "log":
             progress.update(task, info=escape(f"{point.name}: {data['message']}"))
         else:

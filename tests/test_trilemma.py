@@ -281,3 +281,18 @@ def test_a_recipe_without_attack_surface_is_skipped_and_a_failing_attack_does_no
     out = _attack(Point("split"), point_config(Point("split"), BASE, 0, tmp_path / "s"), tmp_path / "s", opts,
                   lambda *_a: None)
     assert calls == ["split"] and "adapter tensors do not match" in out["skipped"] and out["failed"]
+
+
+def test_a_point_whose_run_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
+    from guardedtuning.errors import GuardedTuningError
+
+    def runner(cfg):
+        if cfg.train.lr == 0.004:
+            raise GuardedTuningError("round 3: every sampled client has spent its privacy budget")
+        return execute(cfg, LocalGrid(client_app, cfg.federation.num_clients, cfg.flat()))
+
+    pts = [Point("split", {"train.lr": 0.004}), Point("split")]
+    rows = sweep(pts, BASE, tmp_path, runner=runner, attack_options=AttackOptions(attacks=()))
+    assert rows[0]["utility"] is None and "spent its privacy budget" in rows[0]["skipped"]
+    assert rows[1]["utility"] is not None
+    assert "spent its privacy budget" in (tmp_path / "trilemma.csv").read_text()
