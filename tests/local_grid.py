@@ -76,3 +76,24 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         return self.pull_messages(self.push_messages(messages))
+
+
+def crash_before_checkpoint(cfg, monkeypatch, round_: int = 2) -> None:  # type: ignore[no-untyped-def]
+    """Run ``cfg`` on a LocalGrid until the server dies just before round ``round_``'s checkpoint."""
+    import pytest
+
+    from guardedtuning.clients.client_app import app as client_app
+    from guardedtuning.results import Recorder
+    from guardedtuning.server_app.server_app import execute
+
+    original = Recorder.save_checkpoint
+
+    def crash(self, r, state):  # type: ignore[no-untyped-def]
+        if r == round_:
+            raise RuntimeError("simulated crash after aggregation, before the checkpoint")
+        return original(self, r, state)
+
+    monkeypatch.setattr(Recorder, "save_checkpoint", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        execute(cfg, LocalGrid(client_app, cfg.federation.num_clients, cfg.flat()))
+    monkeypatch.setattr(Recorder, "save_checkpoint", original)

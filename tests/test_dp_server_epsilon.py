@@ -32,10 +32,9 @@ from guardedtuning.models.lora import load_trainable
 from guardedtuning.models.parts import client_bottom
 from guardedtuning.privacy.client import ACCOUNTANT_KEY, ClientPrivacy, partition_examples
 from guardedtuning.privacy.dpsgd import DPAccountant, amplified_epsilon, gaussian_epsilon
-from guardedtuning.results import Recorder
 from guardedtuning.server_app.server_app import execute
 from guardedtuning.wire.records import record_to_tensors
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, crash_before_checkpoint
 
 ROUNDS, STEPS = 2, 6
 
@@ -165,17 +164,7 @@ def test_a_crash_between_aggregation_and_checkpoint_is_charged(tiny_flat, monkey
     # a cap of the run's planned steps: a client that lost its state counts every row in every step it cannot
     # see (up to the cap), so with the auto cap (2 here) it would be out of budget after the restart
     cfg = build_config(_flat(tiny_flat, **{"dp.max-participations": 18, "federation.rounds": 3}))
-    original = Recorder.save_checkpoint
-
-    def crash_at_round_2(self, round_, state):
-        if round_ == 2:
-            raise RuntimeError("simulated crash after aggregation, before the checkpoint")
-        return original(self, round_, state)
-
-    monkeypatch.setattr(Recorder, "save_checkpoint", crash_at_round_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        execute(cfg, LocalGrid(client_app, 3, cfg.flat()))
-    monkeypatch.setattr(Recorder, "save_checkpoint", original)
+    crash_before_checkpoint(cfg, monkeypatch, 2)
     resumed = execute(cfg, LocalGrid(client_app, 3, cfg.flat()))  # a restarted server: fresh client states
     assert [r["round"] for r in resumed["history"]] == [1, 2, 3]
     assert spy.truth(80)[1] == 4 * STEPS  # rounds 1, 2, 2 again and 3 really happened

@@ -26,7 +26,7 @@ from guardedtuning.models.lora import load_trainable
 from guardedtuning.models.parts import split_model
 from guardedtuning.results import Recorder
 from guardedtuning.server_app.server_app import execute
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, crash_before_checkpoint
 
 AUTO = {"tiny-bert": AutoModel, "tiny-llama": AutoModelForCausalLM}
 
@@ -168,17 +168,7 @@ def test_a_run_writes_the_adapter_at_each_checkpoint_and_resumes_from_safetensor
     flat = _flat(tmp_path)
     cfg = build_config(flat)
     out = Path(cfg.output.dir)
-    original = Recorder.save_checkpoint
-
-    def crash_at_round_2(self, round_, state):
-        if round_ == 2:
-            raise RuntimeError("simulated crash before the checkpoint")
-        return original(self, round_, state)
-
-    monkeypatch.setattr(Recorder, "save_checkpoint", crash_at_round_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        execute(cfg, LocalGrid(client_app, 3, cfg.flat()))
-    monkeypatch.setattr(Recorder, "save_checkpoint", original)
+    crash_before_checkpoint(cfg, monkeypatch, 2)
     first = read_checkpoint(out)
     assert first["round"] == 1 and not list(out.glob("*.pt"))
     assert json.loads((out / "adapter" / "guardedtuning.json").read_text())["round"] == 2  # written, then crash
