@@ -381,3 +381,21 @@ def test_the_worst_rows_participations_give_the_server_epsilon_and_persist():
     np.testing.assert_array_equal(back.participations, [4, 3, 3, 4, 3])
     with pytest.raises(MessageError, match="counts 5 rows but this client has 6"):
         back.participate(np.array([0]), n=6)
+
+
+@pytest.mark.parametrize("target", [8.0, 32.0])
+def test_a_visible_membership_plan_takes_every_planned_step_at_a_large_target(target):
+    """Regression: at ``dp.target-epsilon=32`` on the fast schedule the amplified epsilon (blind to the
+    participation cap) passed the target in round 3 and every client stopped at 31.99 against the server.
+    With membership visible the cap bounds both figures, so every planned step runs and ends within the target."""
+    p = DPPlan.from_config(DPConfig(target_epsilon=target), num_examples=400, batch_size=16, rounds=3,
+                           local_steps=10)
+    acc, rng = DPAccountant(), np.random.default_rng(0)
+    for _ in range(p.planned_steps):
+        assert not budget_spent(acc, p, steps=1)
+        counts = acc.rows(400)
+        rows = np.flatnonzero((rng.random(400) < p.sample_rate) & (counts < p.max_participations))
+        acc.record(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate)
+        acc.participate(rows, n=400)
+    eps = acc.server_epsilon(noise_multiplier=p.noise_multiplier, delta=p.delta)
+    assert 0 < eps <= target and acc.max_participations <= p.max_participations

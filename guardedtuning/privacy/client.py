@@ -391,10 +391,18 @@ class ClientPrivacy:
         return self.accountant.epsilon(delta=self.plan.delta)
 
     def epsilon_model(self) -> float | None:
-        """Epsilon of the released model against third parties (amplification by sampling); None without DP-SGD."""
+        """Epsilon of the released model against third parties; None without DP-SGD.
+
+        The amplified epsilon of the steps taken, and where membership is visible at most the
+        epsilon against the server (the model is computed from what the server sees, and the
+        cap bounds that figure while the amplified one, blind to the cap, keeps growing).
+        """
         if self.plan is None or self.accountant is None:
             return None
-        return self.accountant.epsilon(delta=self.plan.delta)
+        amplified = self.accountant.epsilon(delta=self.plan.delta)
+        if self.plan.membership_visible:
+            return min(amplified, self.epsilon())
+        return amplified
 
     def metrics(self) -> dict[str, float]:
         """``{"epsilon": ...}`` for a reply's metrics under DP-SGD, else nothing."""

@@ -364,18 +364,19 @@ class DPAccountant:
 def budget_spent(accountant: DPAccountant, plan: DPPlan, *, steps: int = 1) -> bool:
     """True if ``steps`` more steps would take this client's epsilon past its target.
 
-    The amplified epsilon of the steps (every plan); where membership is visible also the
-    worst row's epsilon against the server after ``steps`` more participations (at most
-    the cap).
+    Where membership is visible: the worst row's epsilon against the server after ``steps``
+    more participations (at most the cap). That figure also bounds the released model (the
+    model is computed from what the server sees), so the amplified epsilon of the steps is
+    not checked there: it ignores the cap and exceeds the target long before any row does
+    at a large target (``dp.target-epsilon=32`` stopped runs at 31.99 against the server).
+    Otherwise: the amplified epsilon of the steps.
     """
+    if plan.membership_visible:
+        return accountant.server_epsilon(noise_multiplier=plan.noise_multiplier, delta=plan.delta, extra=steps,
+                                         cap=plan.max_participations) > plan.target_epsilon
     eps = accountant.epsilon_after(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                    steps=steps, delta=plan.delta)
-    if eps > plan.target_epsilon:
-        return True
-    if not plan.membership_visible:
-        return False
-    return accountant.server_epsilon(noise_multiplier=plan.noise_multiplier, delta=plan.delta, extra=steps,
-                                     cap=plan.max_participations) > plan.target_epsilon
+    return eps > plan.target_epsilon
 
 
 @dataclass
