@@ -1,18 +1,30 @@
 """Central utility on the held-out split, on the model assembled as it is used.
 
 Encoders: accuracy. Decoders: greedy generation, then exact match of the response
-with the label word (after stripping and lower-casing) and ROUGE-L F1; the utility of
-a decoder run is its exact match.
+with the reference (the label word, or an instruction row's response; after stripping,
+lower-casing and dropping a final full stop) and ROUGE-L F1 from the ``rouge-score``
+package (``rougeL`` with its default tokenizer and the Porter stemmer, as published
+instruction-tuning evaluations use it; that tokenizer keeps ASCII letters and digits only);
+the utility of a decoder run is its exact match.
+
+Instruction rows are prompted as they were trained (chat template or the plain one,
+:mod:`guardedtuning.data.instruct`); generation stops at eos or after
+``max(eval.max-new-tokens, the longest test response's token count)`` tokens, so a reference
+always fits. Rows whose prompt leaves no room in ``model.max-length`` are skipped under
+``data.bad-rows=skip`` (``eval_rows`` says how many were scored), else raise.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
-from guardedtuning.data.batches import encode, encode_prompts
+from guardedtuning.data.batches import Batch, encode, encode_prompts
+from guardedtuning.data.instruct import tokenise_instructions
 from guardedtuning.data.sources import TaskData
+from guardedtuning.errors import DataError
 from guardedtuning.models.parts import SplitModel
 
 
@@ -29,14 +41,16 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
+@functools.lru_cache(maxsize=1)
+def _scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace tokens."""
-    p, r = prediction.lower().split(), reference.lower().split()
-    lcs = lcs_length(p, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 of ``prediction`` against ``reference`` (``rouge-score``'s ``rougeL``, stemmed)."""
+    return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
 def normalize(text: str) -> str:
@@ -47,7 +61,25 @@ def normalize(text: str) -> str:
 def greedy_generate(model: SplitModel, tokenizer: Any, texts: list[str], *, instruction: str,
                     max_length: int, max_new_tokens: int, device: torch.device) -> list[str]:
     """Greedy decoding through bottom and top (no KV cache: answers are a few tokens)."""
-    batch = encode_prompts(tokenizer, texts, max_length=max_length, instruction=instruction).to(device)
+    batch = encode_prompts(tokenizer, texts, max_length=max_length, instruction=instruction)
+    return _greedy(model, tokenizer, batch.to(device), max_new_tokens=max_new_tokens, device=device)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> Batch:
+    """Prompt ids left-padded into one batch, for generation."""
+    width = max(len(r) for r in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, r in enumerate(prompts):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    empty = torch.zeros(len(prompts), dtype=torch.long)
+    return Batch(ids, mask, empty, empty)
+
+
+@torch.no_grad()
+def _greedy(model: SplitModel, tokenizer: Any, batch: Batch, *, max_new_tokens: int,
+            device: torch.device) -> list[str]:
     ids, mask = batch.input_ids, batch.attention_mask
     eos = tokenizer.eos_token_id
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
@@ -71,6 +103,9 @@ def evaluate(model: SplitModel, tokenizer: Any, task: TaskData, *, max_length: i
              max_new_tokens: int, device: torch.device) -> dict[str, float]:
     """Utility metrics on ``task.test``; ``"utility"`` is the headline number."""
     model.eval()
+    if task.format == "instruction":
+        return _evaluate_instructions(model, tokenizer, task, max_length=max_length, batch_size=batch_size,
+                                      max_new_tokens=max_new_tokens, device=device)
     test = task.test
     n = len(test)
     if model.kind == "encoder":
@@ -93,6 +128,27 @@ def evaluate(model: SplitModel, tokenizer: Any, task: TaskData, *, max_length: i
             exact += float(normalize(pred) == normalize(ref))
             rouge += rouge_l(pred, ref)
     return {"utility": exact / n, "exact_match": exact / n, "rouge_l": rouge / n}
+
+
+def _evaluate_instructions(model: SplitModel, tokenizer: Any, task: TaskData, *, max_length: int, batch_size: int,
+                           max_new_tokens: int, device: torch.device) -> dict[str, float]:
+    """Exact match and ROUGE-L of greedy responses to the test rows' prompts."""
+    tok = tokenise_instructions(task.test, tokenizer, max_length=max_length)
+    if not tok.kept:
+        raise DataError(f"no test row of {task.source} has a prompt that fits model.max-length={max_length} "
+                        "(data.bad-rows=skip left none); raise model.max-length")
+    responses = task.test["response"]
+    refs = [responses[k] for k in tok.kept]
+    budget = max(max_new_tokens, max(len(r) for r in tok.responses))
+    exact, rouge = 0.0, 0.0
+    for start in range(0, len(refs), batch_size):
+        batch = left_padded(tok.prompts[start:start + batch_size], tokenizer.pad_token_id)
+        preds = _greedy(model, tokenizer, batch.to(device), max_new_tokens=budget, device=device)
+        for pred, ref in zip(preds, refs[start:start + batch_size], strict=True):
+            exact += float(normalize(pred) == normalize(ref))
+            rouge += rouge_l(pred, ref)
+    n = len(refs)
+    return {"utility": exact / n, "exact_match": exact / n, "rouge_l": rouge / n, "eval_rows": float(n)}
 
 
 def utility_metric(kind: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from guardedtuning import compat, recipes
 from guardedtuning.config import RunConfig
 from guardedtuning.data.partition import check_enough_rows, load_partition
-from guardedtuning.data.sources import load_task
+from guardedtuning.data.sources import data_record, load_task
 from guardedtuning.errors import ConfigError, ModelLoadError
 from guardedtuning.models.exposure import module_names
 from guardedtuning.models.loading import load_model_config, model_kind
@@ -45,6 +45,7 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
 
     server_device(cfg)  # a GPU this machine does not have fails here, not in the ServerApp
     task = load_task(cfg.data, cfg.seed)
+    data_record(cfg.data, model=cfg.model.name, max_length=cfg.model.max_length, seed=cfg.seed)  # bad rows fail here
     if recipe.federated:
         check_enough_rows(cfg.data, cfg.federation.num_clients, cfg.seed)
         load_partition(cfg.data, 0, cfg.federation.num_clients, cfg.seed)  # builds (and checks) all of them

@@ -387,6 +387,7 @@ class Recorder:
             "utility": {"metric": metric, "value": utility, "majority_rate": self.majority_rate, **self.utility_extra},
             "privacy": privacy or self.privacy_record(),
             "cost": cost,
+            **self.data_block(),
             **self.extra,
             **(extra or {}),
         }
@@ -394,6 +395,14 @@ class Recorder:
         self.plot(metric)
         self.event("done", utility=utility, metric=metric)
         return record
+
+    def data_block(self) -> dict[str, Any]:
+        """``{"data": ...}`` for instruction rows (template, bad rows skipped; data.sources.data_record), else {}."""
+        from guardedtuning.data.sources import data_record
+
+        c = self.cfg
+        data = data_record(c.data, model=c.model.name, max_length=c.model.max_length, seed=c.seed)
+        return {"data": data} if data else {}
 
     def client_cost(self) -> dict[str, Any]:
         """What a recipe costs a client and exposes of the model, comparable across recipes.

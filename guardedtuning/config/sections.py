@@ -67,23 +67,49 @@ class LoraConfig:
         return tuple(t.strip() for t in self.targets.split(",") if t.strip())
 
 
+DATA_FORMATS = ("auto", "label", "alpaca", "chat")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = _opt(
         "sentiment",
-        "`sentiment` (embedded corpus), `synthetic` (instructions with sensitive "
-        "attributes), a local .jsonl/.csv/.parquet file, or `hub:<dataset id>`",
+        "`sentiment` (embedded corpus), `synthetic` (classification rows with sensitive attributes), "
+        "`synthetic-instruct` (the same rows as instructions with free-text responses), a local "
+        ".jsonl/.csv/.parquet file, or `hub:<dataset id>` (read through flwr-datasets' FederatedDataset)",
     )
     text_field: str = _opt("text", "column holding the input text (local and hub data)")
     label_field: str = _opt("label", "column holding the label (local and hub data)")
     train_size: int = _opt(4000, "training rows kept after a seeded shuffle; 0 keeps all")
     test_size: int = _opt(500, "held-out rows for central evaluation")
-    partition: str = _opt("iid", "`iid` or `dirichlet` (non-IID by label)")
+    partition: str = _opt("iid", "`iid` or `dirichlet` (non-IID by data.partition-by)")
     alpha: float = _opt(0.5, "Dirichlet concentration; smaller is more skewed")
+    partition_by: str = _opt("label", "column the Dirichlet partitioner skews by (any column of the rows)")
+    format: str = _opt(
+        "auto", "`label` (text + class label), `alpaca` (instruction, optional input, output), `chat` (messages) "
+                "or `auto` (chat if data.messages-field is a column, alpaca if the instruction and response "
+                "fields are, else label)",
+    )
+    instruction_field: str = _opt("instruction", "alpaca: column holding the instruction")
+    input_field: str = _opt("input", "alpaca: column holding the optional input (absent or empty: none)")
+    response_field: str = _opt("output", "alpaca: column holding the response")
+    messages_field: str = _opt("messages", "chat: column holding the {role, content} turns (last: the response)")
+    split: str = _opt("train", "hub: the dataset split the rows come from (test rows are held out of it)")
+    bad_rows: str = _opt(
+        "error", "instruction rows with a missing field, an empty response or a prompt too long for "
+                 "model.max-length: `error` (one line naming the row) or `skip` (counted in the record)",
+    )
 
     def __post_init__(self) -> None:
         if self.partition not in ("iid", "dirichlet"):
             raise _fail("data.partition", self.partition, "`iid` or `dirichlet`")
+        if self.format not in DATA_FORMATS:
+            raise _fail("data.format", self.format, "`auto`, `label`, `alpaca` or `chat`")
+        if self.bad_rows not in ("error", "skip"):
+            raise _fail("data.bad-rows", self.bad_rows, "`error` or `skip`")
+        for key, value in (("data.partition-by", self.partition_by), ("data.split", self.split)):
+            if not value.strip():
+                raise _fail(key, value, "a non-empty name")
         if self.alpha <= 0:
             raise _fail("data.alpha", self.alpha, "a positive number")
         if self.train_size < 0:

