@@ -98,7 +98,7 @@ def test_a_sequence_longer_than_model_max_length_is_rejected(tiny_flat):
     """T is bounded by ``model.max-length`` (32 here): a client sending 50x longer sequences is dropped."""
     def long(acts):
         h, mask = acts["h"].numpy(), acts["mask"].numpy()
-        b, t, d = h.shape
+        (b, t), d = mask.shape, h.shape[-1]  # h is (B, T, D), or (N, D) with split.trim-padding
         acts["h"] = Array(np.zeros((b, 50 * t, d), dtype=np.float32))
         acts["mask"] = Array(np.ones((b, 50 * t), dtype=mask.dtype))
 

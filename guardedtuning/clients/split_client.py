@@ -9,8 +9,16 @@ client (:func:`split_step`):
    :meth:`ClientPrivacy.backward <guardedtuning.privacy.client.ClientPrivacy.backward>`;
 2. (s < S) the forward of step ``s``: the cut activations of batch ``s``, perturbed by
    the token mechanism (``privacy.mechanism``) and quantized (``privacy.quantize-bits``)
-   before they leave (:meth:`~guardedtuning.privacy.client.ClientPrivacy.release_batch`);
+   before they leave (:meth:`~guardedtuning.privacy.client.ClientPrivacy.release_batch`), then
+   trimmed to the real tokens' rows (``split.trim-padding``,
+   :func:`~guardedtuning.wire.split.acts_record`): both after the noise, post-processing;
    at ``s = S`` the bottom-LoRA update instead.
+
+The server's gradient arrives float32 or quantized (``split.grad-bits``), dense or trimmed,
+and is decoded and checked by :func:`~guardedtuning.wire.split.unpack_step`; a trimmed one
+is rebuilt on this client's own batch mask (:meth:`~guardedtuning.wire.split.SplitStep.grad_for`).
+A malformed gradient is a :class:`~guardedtuning.errors.MessageError` before anything is
+computed: the client's error reply drops it from the round, the run goes on.
 
 State in ``context.state``: the round's adapter and optimizer (:data:`ROUND_KEYS`,
 dropped when the round ends), and the client's message sequence, the Poisson rows of
@@ -92,7 +100,9 @@ def split_step(setup: ClientSetup, priv: ClientPrivacy, step: SplitStep, start: 
         if "split.optim" in state:
             load_optimizer_state(opt, bottom, state["split.optim"])
         g = base + step.step - 1
-        priv.backward(bottom, opt, setup.batch(priv, g, again=True), step.grad, device, step=g)
+        batch = setup.batch(priv, g, again=True)
+        grad = step.grad_for(batch.attention_mask, dim=bottom.release_dim, source=source)  # padding: zeros
+        priv.backward(bottom, opt, batch, grad, device, step=g)
     if step.step < step.steps:
         g = base + step.step
         acts = priv.release_batch(bottom, setup.batch(priv, g), device, step=g)
@@ -116,6 +126,6 @@ def handle_split_step(msg: Message, context: Context) -> Message:
         out = split_step(setup, priv, step, start, round_state(context.state, ROUND_KEYS), source=source)
     keep_round_state(context.state, out.state, ROUND_KEYS)
     if out.acts is not None:
-        return reply(msg, acts=wire.acts_record(out.acts), metrics=clock.metrics())
+        return reply(msg, acts=wire.acts_record(out.acts, trim=setup.cfg.split.trim_padding), metrics=clock.metrics())
     return update_reply(msg, context, out.update, num_examples=setup.round_examples(step.steps),
                         clock=clock, priv=priv)

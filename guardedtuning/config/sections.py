@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from guardedtuning.config.fields import fail as _fail
 from guardedtuning.config.fields import opt as _opt
 
+GRAD_BITS = (0, 4, 8)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -34,12 +36,26 @@ class SplitConfig:
         4, "numbers released per token: a trainable client-side projection D -> k before the noise "
            "(and k -> D on the server); 0 releases the D-dimensional hidden state",
     )
+    grad_bits: int = _opt(
+        0, "downlink: the server's activation gradients as 8 or 4 bits a value with one float32 scale per token; "
+           "0 = float32 (the uplink's is privacy.quantize-bits)",
+    )
+    stochastic_rounding: bool = _opt(
+        False, "round privacy.quantize-bits and split.grad-bits codes stochastically (unbiased: E[decoded] = value, "
+               "error < 1 step); false = to nearest (error <= 1/2 step)",
+    )
+    trim_padding: bool = _opt(
+        True, "send only the real tokens' rows (attention mask 1) both ways; padding is rebuilt as zeros, the losses "
+              "are unchanged. false sends (B, T, D)",
+    )
 
     def __post_init__(self) -> None:
         if self.layer < 1:
             raise _fail("split.layer", self.layer, "an integer >= 1")
         if self.release_dim < 0:
             raise _fail("split.release-dim", self.release_dim, "an integer >= 0 (0 = no projection)")
+        if self.grad_bits not in GRAD_BITS:
+            raise _fail("split.grad-bits", self.grad_bits, "0 (float32 gradients), 8 or 4")
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,9 @@ class ClientPrivacy:
     num_examples
         The client's rows (the accountant counts each row's participations where the plan's
         membership is visible, and a row at the plan's cap leaves later batches).
+    stochastic_rounding
+        ``split.stochastic-rounding``: quantize the release (``privacy.quantize-bits``) with
+        unbiased stochastic rounding, its uniforms drawn after the noise from the noise's generator.
     """
 
     seed: int
@@ -215,6 +218,7 @@ class ClientPrivacy:
     ordered: bool = True
     kept_rows: dict[int, np.ndarray] = field(default_factory=dict)
     num_examples: int = 0
+    stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
         if (self.plan is None) != (self.accountant is None):
@@ -266,7 +270,7 @@ class ClientPrivacy:
                     np.asarray(state[ROWS_KEY]["rows"], dtype=np.int64).reshape(-1)}
         priv = cls(seed=seed, mechanism=mechanism, knobs=cfg.privacy, plan=plan, accountant=accountant, pid=pid,
                    fresh=needs_noise and not fixed, sequence=sequence, ordered=needs_noise, kept_rows=kept,
-                   num_examples=num_examples)
+                   num_examples=num_examples, stochastic_rounding=cfg.split.stochastic_rounding)
         if accountant is not None:
             owed = max(0, int(ledger_steps))
             if ACCOUNTANT_KEY in state:
@@ -467,8 +471,9 @@ class ClientPrivacy:
         gen = self.generator(STREAM_TOKEN_NOISE, step)
         h = self.mechanism.perturb(h, mask, generator=gen, input_ids=input_ids)
         out: Released = {"mask": mask.to(torch.uint8)}
-        if self.knobs.quantize_bits:
-            out.update(quantize_activations(h, bits=self.knobs.quantize_bits).arrays())
+        if self.knobs.quantize_bits:  # after the noise: post-processing; stochastic rounding continues gen's stream
+            rounding = gen if self.stochastic_rounding else None
+            out.update(quantize_activations(h, bits=self.knobs.quantize_bits, generator=rounding).arrays())
         else:
             out["h"] = h
         return out

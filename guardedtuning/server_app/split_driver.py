@@ -4,8 +4,9 @@ A round, for the sampled clients C and local steps S (S + 1 round trips):
 
 - message 0 (``train.split``, step 0) carries the global bottom LoRA; each client
   answers with the cut activations of its batch 0;
-- message s (1 <= s <= S) carries the gradient for the activations of step s - 1; the
-  client back-propagates it, steps its optimizer, and answers with the activations of
+- message s (1 <= s <= S) carries the gradient for the activations of step s - 1 (only
+  the real tokens' rows under ``split.trim-padding``, quantized under ``split.grad-bits``:
+  :meth:`SplitDesign._step_message`); the client back-propagates it, steps its optimizer, and answers with the activations of
   step s, or, at s = S, with its bottom-LoRA update;
 - between messages the server runs the top once on all clients' activations
   (:func:`guardedtuning.training.top_step`), updating the top and head;
@@ -24,6 +25,7 @@ import statistics
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -150,9 +152,23 @@ class SplitDesign(Design):
             if client_losses:
                 losses.append(statistics.fmean(client_losses))
             rnd.step_event(step, steps, losses[-1:], ex, len(acts))
-            ex = rnd.exchange([step_message(n, rnd.number, step, steps, grads[n], rnd.resumed_after) for n in acts],
-                              step=step < steps)
+            ex = rnd.exchange([self._step_message(rnd, n, step, grads[n], acts[n]) for n in acts], step=step < steps)
         return Outcome(losses, ex)
+
+    def _step_message(self, rnd: Round, node: int, step: int, grad: torch.Tensor, acts: ClientActs) -> Message:
+        """Step ``step``'s message to ``node``: its gradient trimmed to its real tokens and quantized as configured.
+
+        ``split.trim-padding`` sends the rows at the client's mask only; ``split.grad-bits``
+        8 or 4 quantizes them per token, with ``split.stochastic-rounding`` from a generator
+        of (seed, round, step, node): the server's own randomness, reproducible.
+        """
+        sc = self.run.cfg.split
+        gen = None
+        if sc.grad_bits and sc.stochastic_rounding:
+            seq = np.random.SeedSequence([self.run.cfg.seed, rnd.number, step, node % 2**64])
+            gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0]))
+        return step_message(node, rnd.number, step, self.steps, grad, rnd.resumed_after,
+                            mask=acts.attention_mask if sc.trim_padding else None, bits=sc.grad_bits, generator=gen)
 
     def _unpack(self, rnd: Round, ok: dict[int, Message], failures: dict[int, str]) -> dict[int, ClientActs]:
         acts: dict[int, ClientActs] = {}
