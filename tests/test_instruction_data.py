@@ -216,16 +216,21 @@ def test_rouge_l_is_rouge_score_s():
     assert rouge_l("Your visits are booked.", "Your visit is booked") == pytest.approx(2 * 3 / 4 * 3 / 4 / 1.5)
 
 
-@pytest.mark.e2e  # a few seconds: a tiny decoder trained on the embedded instruction task, in process
-def test_a_tiny_decoder_learns_the_embedded_instruction_task(tiny_flat):
+@pytest.mark.parametrize("recipe", ["split", "central-ft"])
+@pytest.mark.e2e  # about a minute each: a tiny decoder trained on the embedded instruction task, in process
+def test_a_tiny_decoder_learns_the_embedded_instruction_task(tiny_flat, recipe):
     from guardedtuning.inprocess import run_in_process
 
-    flat = {**tiny_flat, "model.name": "tiny-llama", "data.name": "synthetic-instruct", "model.max-length": 80,
-            "federation.rounds": 3, "train.local-steps": 8, "data.test-size": 16, "eval.max-new-tokens": 4}
+    flat = {**tiny_flat, "recipe": recipe, "model.name": "tiny-llama", "data.name": "synthetic-instruct",
+            "model.max-length": 80, "federation.rounds": 3, "train.local-steps": 8, "data.test-size": 16,
+            "eval.max-new-tokens": 4, "central.lr": 3e-3}
     record = run_in_process(build_config(flat))
     losses = [r["train_loss"] for r in record["history"]]
     assert losses[-1] < losses[0], losses
     last = record["history"][-1]
     assert 0 <= last["rouge_l"] <= 1 and last["eval_rows"] == 16 and "exact_match" in last
+    if recipe == "central-ft":  # every weight trains: the responses get closer to the references
+        assert losses[-1] < 0.5 * losses[0] and last["rouge_l"] > record["history"][0]["rouge_l"] + 0.05, \
+            record["history"]
     assert record["data"]["template"] == "plain" and record["data"]["rows"]["test"] == 16
     assert record["utility"]["metric"] == "exact_match"
