@@ -234,3 +234,20 @@ def test_a_tiny_decoder_learns_the_embedded_instruction_task(tiny_flat, recipe):
             record["history"]
     assert record["data"]["template"] == "plain" and record["data"]["rows"]["test"] == 16
     assert record["utility"]["metric"] == "exact_match"
+
+
+def test_guardedtuning_run_stops_on_a_too_long_prompt_before_any_round_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    rows = [dict(r) for r in ALPACA]
+    rows[9]["input"] = "filler " * 300
+    name = _write(rows, tmp_path / "long.jsonl")
+    res = subprocess.run([sys.executable, "-m", "guardedtuning.cli", "run", "--out", str(tmp_path / "o"),
+                          "--recipe", "fedlora", "--set", "model.name=tiny-llama", "--set", f"data.name={name}",
+                          "--set", "data.test-size=5", "--set", "federation.num-clients=2",
+                          "--set", "federation.clients-per-round=2"], capture_output=True, text=True, timeout=300)
+    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"data file {name!r} row 9 (0-based): the prompt" in lines[0] and "model.max-length=64" in lines[0]
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -219,8 +219,9 @@ def tokenise_instructions(rows: Any, tokenizer: Any, *, max_length: int) -> Toke
     meta = Meta.of(rows)
     texts = [render_prompt(tokenizer, json.loads(m)) for m in rows["messages"]]
     eos = tokenizer.eos_token or ""
-    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer([r + eos for r in rows["response"]], add_special_tokens=False)["input_ids"]
+    # verbose=False: a prompt longer than the tokenizer's own limit is this function's to report (one line)
+    prompt_ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    response_ids = tokenizer([r + eos for r in rows["response"]], add_special_tokens=False, verbose=False)["input_ids"]
     index = rows["row"] if "row" in rows.column_names else list(range(len(rows)))
     prompts, responses, kept, too_long, truncated = [], [], [], 0, 0
     for k, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
