@@ -534,11 +534,12 @@ def _attack(point: Point, cfg: Any, run_dir: Path, opts: AttackOptions,
     from guardedtuning.privacy.attacks.harness import attack_run
 
     none = {a: None for a in opts.attacks}
-    if not recipes.get(point.recipe).attack_surface:
+    surface = recipes.get(point.recipe).attack_surface
+    if not surface:
         return {**none, "skipped": f"{point.recipe} declares nothing the attacks can target (its recipe's "
                                    "attack_surface is empty)", "seconds": 0.0}
     try:
-        return attack_run(cfg, run_dir, opts, log=lambda m: notify("log", point, {"message": m}))
+        return attack_run(cfg, run_dir, opts, log=lambda m: notify("log", point, {"message": m}), surface=surface)
     except Exception as exc:  # noqa: BLE001 - one point's failing attack must not end the sweep; it is recorded
         why = str(exc) if isinstance(exc, GuardedTuningError) else f"{type(exc).__name__}: {exc}"
         notify("log", point, {"message": f"attacks failed: {why}"})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from guardedtuning import recipes
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.privacy.attacks.harness import RELEASE_ATTACKS, UPDATE_ATTACKS, AttackOptions, attack_run
 from guardedtuning.recipes import build_config
@@ -39,7 +40,7 @@ def _ran(result):
 
 def test_every_release_attack_runs_on_a_gradfree_run(tiny_flat):
     cfg = _run(_small(tiny_flat, recipe="gradfree", **{"gradfree.adapter-dim": 16}))
-    out = attack_run(cfg, Path(cfg.output.dir), OPTS)
+    out = attack_run(cfg, Path(cfg.output.dir), OPTS, surface=recipes.get(cfg.recipe).attack_surface)
     assert all(_ran(out[a]) for a in RELEASE_ATTACKS), {a: out[a] for a in RELEASE_ATTACKS}
     assert all(out[a] is None for a in UPDATE_ATTACKS) and "gradfree's update" in out["skipped"]
     # nothing protects the frozen bottom's releases here: the attacks read them
@@ -50,7 +51,7 @@ def test_every_update_attack_runs_on_an_offsite_run_with_its_dp_plan(tiny_flat):
     flat = _small(tiny_flat, recipe="offsite", **{"offsite.emulator-layers": 1, "dp.enabled": True,
                                                    "aggregation.secure": True})
     cfg = _run(flat)
-    out = attack_run(cfg, Path(cfg.output.dir), OPTS)
+    out = attack_run(cfg, Path(cfg.output.dir), OPTS, surface=recipes.get(cfg.recipe).attack_surface)
     assert all(_ran(out[a]) for a in UPDATE_ATTACKS), {a: out[a] for a in UPDATE_ATTACKS}
     assert all(out[a] is None for a in RELEASE_ATTACKS) and "offsite releases no activations" in out["skipped"]
     alone, summed = out["update"], out["update_secure"]
@@ -58,3 +59,13 @@ def test_every_update_attack_runs_on_an_offsite_run_with_its_dp_plan(tiny_flat):
     assert alone["rows_attacked"] > 0 and summed["clients_in_sum"] == 3 and summed["secure_aggregation"]
     recorded = alone["dp_noise_multiplier_recorded"]
     assert recorded is None or alone["dp_noise_multiplier"] == pytest.approx(recorded)
+
+
+def test_a_fedlora_run_is_not_read_as_offsite_and_every_attack_says_why_it_was_skipped(tiny_flat):
+    """Regression: fedlora's checkpoint also holds "global", which the harness read as offsite's sandwich adapters
+    (the sweep died there); the recipe's declared attack surface (none) now decides."""
+    cfg = _run(_small(tiny_flat, recipe="fedlora"))
+    assert recipes.get("fedlora").attack_surface == ()
+    out = attack_run(cfg, Path(cfg.output.dir), OPTS, surface=recipes.get(cfg.recipe).attack_surface)
+    assert all(out[a] is None for a in (*RELEASE_ATTACKS, *UPDATE_ATTACKS))
+    assert all(f"{a}: not on the attack surface" in out["skipped"] for a in (*RELEASE_ATTACKS, *UPDATE_ATTACKS))

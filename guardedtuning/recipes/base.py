@@ -16,14 +16,11 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from guardedtuning.errors import ConfigError
+from guardedtuning.privacy.attacks import ADAPTER_UPDATES, RELEASED_ACTIVATIONS  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from guardedtuning.config import RunConfig
     from guardedtuning.models.exposure import WeightCounts
-
-# What the privacy attacks (guardedtuning.privacy.attacks) can aim at in a recipe's run.
-RELEASED_ACTIVATIONS = "released-activations"  # cut activations (+ labels) the server sees per step
-ADAPTER_UPDATES = "adapter-updates"  # a client's adapter update (plaintext or a secure sum)
 
 
 def resolve(path: str) -> Any:

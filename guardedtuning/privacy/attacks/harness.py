@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 from guardedtuning.config import RunConfig
 from guardedtuning.data.batches import Batch, collate, tokenize
 from guardedtuning.data.synthetic import synthetic_rows
+from guardedtuning.privacy.attacks import ADAPTER_UPDATES, RELEASED_ACTIVATIONS
 from guardedtuning.privacy.attacks.aia import attribute_report, pooled
 from guardedtuning.privacy.attacks.common import Releaser, aux_batches, aux_vocabulary, released_tensor, special_ids
 from guardedtuning.privacy.attacks.eia_adaptive import AdaptiveNN
@@ -136,10 +137,13 @@ def _examples(cfg: RunConfig, texts: list[str], labels: list[int]) -> list[Any]:
 
 
 def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOptions(),
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None, *, surface: Collection[str]) -> dict[str, Any]:
     """Every attack in ``opts.attacks`` that applies to the run; ``None`` where one does not.
 
-    What a run exposes is read from its checkpoint: a trained bottom and top (the split
+    ``surface``: what the run's recipe declares the attacks can target (its
+    ``attack_surface``: :data:`RELEASED_ACTIVATIONS`, :data:`ADAPTER_UPDATES`); an attack on
+    anything else is skipped with the reason. Within it, what the run exposes is read from
+    its checkpoint: a trained bottom and top (the split
     recipes: releases and bottom-LoRA updates), a global output head (``gradfree``: the
     releases of the frozen bottom; its head update is trained on hidden states the server
     computed, so no token attack applies to it), or global sandwich adapters (``offsite``:
@@ -152,7 +156,12 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
     from guardedtuning.models.parts import split_model
 
     out: dict[str, Any] = {a: None for a in opts.attacks}
-    state = read_state(run_dir)  # checkpoint.json + safetensors (or a v1 checkpoint.pt); {} without one
+    off = [a for a in opts.attacks if (a in RELEASE_ATTACKS and RELEASED_ACTIVATIONS not in surface)
+           or (a in UPDATE_ATTACKS and ADAPTER_UPDATES not in surface)]
+    if off:  # e.g. fedlora (nothing declared), whose checkpoint's "global" would otherwise read as offsite's
+        opts = dataclasses.replace(opts, attacks=tuple(a for a in opts.attacks if a not in off))
+    # checkpoint.json + safetensors (or a v1 checkpoint.pt); {} without one, or when nothing is left to attack
+    state = read_state(run_dir) if opts.attacks else {}
     say = log or (lambda _m: None)
     t_all = time.perf_counter()
     task = load_task(cfg.data, cfg.seed)
@@ -195,11 +204,13 @@ def attack_run(cfg: RunConfig, run_dir: Path, opts: AttackOptions = AttackOption
                                            vocab=_aux_vocab(cfg, tok, special, opts), recorded=recorded, opts=opts, local=emu,
                                            replays=replays)
                 _done(out, name, t0, say)
-    else:
+    elif opts.attacks:
         # no trained bottom, head or sandwich adapters to rebuild (fedlora's updates cover the whole model)
         skipped.update({a: "the run keeps no client-side part the attacks can replay" for a in opts.attacks})
+    for a in off:  # a design's own reason (e.g. "offsite releases no activations") comes first
+        skipped.setdefault(a, f"not on the attack surface the run's recipe declares ({', '.join(surface) or 'nothing'})")
     if skipped:
-        out["skipped"] = "; ".join(f"{a}: {why}" for a, why in skipped.items() if a in opts.attacks)
+        out["skipped"] = "; ".join(f"{a}: {why}" for a, why in skipped.items() if a in opts.attacks or a in off)
     out["seconds"] = round(time.perf_counter() - t_all, 1)
     return out
 
