@@ -67,10 +67,12 @@ def test_alpaca_input_column_is_optional(tmp_path):
     assert set(task.train["text"]) | set(task.test["text"]) == {f"Say {i}." for i in range(12)}
 
 
+@pytest.mark.parametrize("shape", ["alpaca", "chat"])
 @pytest.mark.parametrize("model", ["tiny-llama", "smollm2-135m"])  # plain template; SmolLM2's chat template
-def test_the_loss_covers_exactly_the_response_tokens(tmp_path, model):
+def test_the_loss_covers_exactly_the_response_tokens(tmp_path, model, shape):
     tok = load_tokenizer(model)
-    task = load_task(DataConfig(name=_write(ALPACA, tmp_path / "a.jsonl"), train_size=0, test_size=10), 0)
+    rows = ALPACA if shape == "alpaca" else [{"messages": _chat(i)} for i in range(40)]
+    task = load_task(DataConfig(name=_write(rows, tmp_path / "a.jsonl"), train_size=0, test_size=10), 0)
     rows = task.train.select(range(6))
     batch = collate(tokenize_rows(rows, tok, "decoder", max_length=64, label_names=task.label_names,
                                   instruction=task.instruction), tok.pad_token_id)
@@ -86,8 +88,11 @@ def test_the_loss_covers_exactly_the_response_tokens(tmp_path, model):
         assert batch.labels[i, scored].tolist() == response
     if model == "smollm2-135m":  # the model's own chat template, ending in the assistant turn
         assert render_prompt(tok, turns).endswith("<|im_start|>assistant\n")
-    else:  # the documented fallback
+    elif shape == "alpaca":  # the documented fallback
         assert render_prompt(tok, turns) == f"### Instruction:\n{turns[0]['content']}\n{PLAIN_RESPONSE}"
+    else:
+        assert render_prompt(tok, turns) == (f"### System:\nBe brief.\n### Instruction:\n{turns[1]['content']}\n"
+                                             f"{PLAIN_RESPONSE}")
 
 
 def test_an_encoder_refuses_instruction_rows(tmp_path):
