@@ -11,7 +11,7 @@ import pytest
 
 from guardedtuning.config import DataConfig, build_config
 from guardedtuning.data.batches import collate, tokenize_rows
-from guardedtuning.data.instruct import PLAIN_RESPONSE, render_prompt
+from guardedtuning.data.instruct import PLAIN_RESPONSE, Meta, render_prompt
 from guardedtuning.data.partition import load_partition
 from guardedtuning.data.sources import data_record, load_task
 from guardedtuning.data.synthetic import CONDITIONS, LABELS, synthetic_instruction_rows, synthetic_rows
@@ -186,6 +186,7 @@ def test_hub_datasets_go_through_federated_dataset_any_split_iid_and_dirichlet(t
     share = np.mean([max(Counter(p["category"]).values()) / len(p) for p in parts])
     iid_share = np.mean([max(Counter(p["category"]).values()) / len(p) for p in iid])
     assert sum(len(p) for p in parts) == 280 and share > iid_share + 0.15
+    assert Meta.of(iid[0]).source == f"hub dataset {folder!r} split 'train'"  # errors name the source in clients too
     assert {kw["dataset"] for kw in made} == {folder}
     assert any(type(kw["partitioners"]["train"]).__name__ == "DirichletPartitioner" for kw in made)
     with pytest.raises(DataError, match=r"no split 'dev' \(splits: train, validation\); pass --set data.split"):
