@@ -403,12 +403,12 @@ class Protocol:
         self.package = True  # offsite: whether round 1's message carries the emulator
         self.reset()
 
-    def reset(self, where: tuple[int, int, tuple[int, ...]] = (1, 0, (0, 0, 0))) -> None:
-        self.round_, self.stage, self.shape = where
+    def reset(self, where: tuple[int, int, tuple[int, ...], Any] = (1, 0, (0, 0, 0), None)) -> None:
+        self.round_, self.stage, self.shape, self.mask = where  # mask: the client's last released (B, T) mask
 
     @property
-    def where(self) -> tuple[int, int, tuple[int, ...]]:
-        return self.round_, self.stage, self.shape
+    def where(self) -> tuple[int, int, tuple[int, ...], Any]:
+        return self.round_, self.stage, self.shape, self.mask
 
     def next(self) -> Message:
         return first_message(self.kit, self.round_, package=self.package)
@@ -431,10 +431,10 @@ class Protocol:
         return Message(RecordDict(content), dst_node_id=1000, message_type=self.mtype)
 
     def released(self, reply: Message) -> tuple[int, ...]:
-        """(rows, T, width) of the activations a reply released."""
+        """(rows, T, width) of the activations a reply released (h may be trimmed to the real tokens' rows)."""
         acts = reply.content["acts"]
         if "h" in acts:
-            return tuple(acts["h"].shape)
+            return (*acts["mask"].shape, acts["h"].shape[-1])
         return (*acts["mask"].shape, int(acts["meta"].numpy()[1]))
 
 
@@ -443,11 +443,15 @@ class SplitProtocol(Protocol):
         if self.stage == 0:
             return first_message(self.kit, self.round_)
         grad = 1e-3 * torch.randn(self.shape, generator=self.gen)
-        return split_wire.step_message(1000, self.round_, self.stage, self.kit.design.steps, grad, 0)
+        # every way a gradient is sent: float32, 8 or 4 bits (split.grad-bits), dense or trimmed to the real tokens
+        bits, mask = (0, 8, 4)[self.round_ % 3], self.mask if self.round_ % 2 else None
+        return split_wire.step_message(1000, self.round_, self.stage, self.kit.design.steps, grad, 0, mask=mask,
+                                       bits=bits)
 
     def answered(self, reply: Message) -> None:
         if "acts" in reply.content:
             self.shape, self.stage = self.released(reply), self.stage + 1
+            self.mask = torch.from_numpy(reply.content["acts"]["mask"].numpy().copy())
         else:  # the update (or a spent budget): the round is over
             self.round_, self.stage = self.round_ + 1, 0
 

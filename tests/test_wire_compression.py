@@ -396,11 +396,9 @@ def test_the_recorded_bytes_are_the_serialised_messages_lengths_and_hold_the_new
 def test_eight_bits_both_ways_cut_the_bytes_and_a_tiny_split_run_still_learns(tiny_flat, tmp_path):
     """The issue's figure: bytes per client-round of the cut, fp32 dense against 8-bit trimmed (printed)."""
     base = {**tiny_flat, "federation.rounds": 3}
-    runs = {
+    runs = {  # simulations/bench_cut_wire.py prints the other settings too
         "fp32 dense": {"split.trim-padding": False},
-        "fp32 trimmed": {},
         "8-bit trimmed": {"split.grad-bits": 8, "privacy.quantize-bits": 8},
-        "4-bit trimmed": {"split.grad-bits": 4, "privacy.quantize-bits": 4, "split.stochastic-rounding": True},
     }
     out = {}
     for name, extra in runs.items():
@@ -416,3 +414,39 @@ def test_eight_bits_both_ways_cut_the_bytes_and_a_tiny_split_run_still_learns(ti
     dense, q8 = out["fp32 dense"]["cost"], out["8-bit trimmed"]["cost"]
     assert q8["bytes_up_per_client_round"] < 0.5 * dense["bytes_up_per_client_round"]
     assert q8["bytes_down_per_client_round"] < 0.5 * dense["bytes_down_per_client_round"]
+
+
+# ------------------------------------------------------------------ after the noise: post-processing of the release
+
+
+def test_quantization_and_trimming_are_applied_to_the_noised_release():
+    """What leaves is a function of the noised release alone (plus rounding randomness): the noise comes first.
+
+    Same seed and step, so the same d_chi draw: the quantized, trimmed release equals quantizing and
+    trimming the unquantized noised release. Quantizing before the noise would leave the sent
+    values off every code grid of the noised ones, and this equality would fail.
+    """
+    from guardedtuning.privacy.mechanisms import DChiMechanism
+
+    h = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mech = DChiMechanism(eta=5.0, clip=1.0)
+    noised = ClientPrivacy(seed=9, mechanism=mech, knobs=PrivacyConfig(mechanism="dchi", eta=5.0)).release(
+        h, mask, input_ids=ids, step=4)["h"]
+    assert not torch.allclose(noised, h, atol=0.1)  # the noise is there
+    for stochastic in (False, True):
+        priv = ClientPrivacy(seed=9, mechanism=mech, knobs=PrivacyConfig(mechanism="dchi", eta=5.0, quantize_bits=8),
+                             stochastic_rounding=stochastic)
+        out = priv.release(h, mask, input_ids=ids, step=4)
+        record = wire.acts_record({**out, "labels": torch.zeros(2, dtype=torch.long)}, trim=True)
+        sent = torch.from_numpy(record["codes"].numpy().astype(np.int16) - 128) * torch.from_numpy(
+            record["scales"].numpy())[:, None]  # (N, D): what the server reads
+        rows = noised[mask.bool()]
+        step = rows.abs().amax(-1, keepdim=True) / 127
+        assert sent.shape == rows.shape
+        assert bool(((sent - rows).abs() <= (1.0 if stochastic else 0.5) * step * (1 + 1e-5)).all())
+        if not stochastic:
+            expect = quantize_activations(rows, bits=8)
+            assert np.array_equal(record["codes"].numpy(), expect.codes)
+            assert np.array_equal(record["scales"].numpy(), expect.scales)

@@ -56,11 +56,13 @@ def test_acts_record_keeps_integer_codes_and_unpack_checks_them():
     with pytest.raises(MessageError, match="class ids in 0..0"):
         split.unpack_acts(_as_reply(msg, RecordDict({"acts": split.acts_record(acts)})), hidden=4, max_batch=2,
                           num_labels=1, kind="encoder")
-    codes = {"codes": np.zeros((2, 3, 4), np.uint8), "scales": np.ones((2, 3), np.float32),
-             "meta": np.array([8, 4], np.int32)}
+    codes = {"codes": np.full((2, 3, 4), 128, np.uint8), "scales": np.ones((2, 3), np.float32),
+             "meta": np.array([8, 4], np.int32)}  # code 128: the value 0
     record = split.acts_record(codes)
     assert record["codes"].numpy().dtype == np.uint8
     assert split.dequantize(record, source="t").shape == (2, 3, 4)
+    with pytest.raises(MessageError, match="an 8-bit code is 0"):  # outside the format's 1..255
+        split.dequantize(split.acts_record({**codes, "codes": np.zeros((2, 3, 4), np.uint8)}), source="t")
     codes["scales"] = np.full((2, 3), np.inf, np.float32)
     with pytest.raises(MessageError, match="cannot be decoded"):
         split.dequantize(split.acts_record(codes), source="t")

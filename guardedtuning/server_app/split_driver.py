@@ -6,8 +6,8 @@ A round, for the sampled clients C and local steps S (S + 1 round trips):
   answers with the cut activations of its batch 0;
 - message s (1 <= s <= S) carries the gradient for the activations of step s - 1 (only
   the real tokens' rows under ``split.trim-padding``, quantized under ``split.grad-bits``:
-  :meth:`SplitDesign._step_message`); the client back-propagates it, steps its optimizer, and answers with the activations of
-  step s, or, at s = S, with its bottom-LoRA update;
+  :meth:`SplitDesign._step_message`); the client back-propagates it, steps its optimizer,
+  and answers with the activations of step s, or, at s = S, with its bottom-LoRA update;
 - between messages the server runs the top once on all clients' activations
   (:func:`guardedtuning.training.top_step`), updating the top and head;
 - the updates are aggregated by the strategy and added to the global bottom LoRA; the
