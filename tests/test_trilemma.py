@@ -269,7 +269,7 @@ def test_a_recipe_without_attack_surface_is_skipped_and_a_failing_attack_does_no
 
     calls = []
 
-    def failing(cfg, run_dir, opts, log=None):
+    def failing(cfg, run_dir, opts, log=None, *, surface):
         calls.append(cfg.recipe)
         raise MessageError("checkpoint: adapter tensors do not match this model")
 

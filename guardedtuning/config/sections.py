@@ -157,8 +157,8 @@ class FederationConfig:
 class TrainConfig:
     local_steps: int = _opt(20, "optimizer steps per client per round")
     batch_size: int = _opt(16, "examples per client step")
-    lr: float = _opt(2e-3, "client learning rate (AdamW)")
-    server_lr: float = _opt(2e-3, "server learning rate for the top (AdamW)")
+    lr: float = _opt(5e-3, "client learning rate (AdamW); the recipes other than guarded set 2e-3")
+    server_lr: float = _opt(5e-3, "server learning rate for the top (AdamW); the recipes other than guarded set 2e-3")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
 
     def __post_init__(self) -> None:

@@ -19,9 +19,10 @@ DP_SCOPE = ("the bottom-LoRA updates of each client (add/remove one of its examp
 RELEASE_SCOPE = "an example is released once each time a step samples it"
 
 # every knob of the guarded default off; a design adds back what it uses
-# the cut every other design keeps: after 2 blocks, the whole hidden state released, no token clip
-# (the guarded default cuts after 4 and releases a clipped 4-dim projection)
-FULL_CUT = {"split.layer": 2, "split.release-dim": 0, "privacy.clip": 0.0}
+# the cut every other design keeps: after 2 blocks, the whole hidden state released, no token clip, and
+# learning rates 2e-3 (the guarded default cuts after 4, releases a clipped 4-dim projection and, under its
+# noise, trains at 5e-3)
+FULL_CUT = {"split.layer": 2, "split.release-dim": 0, "privacy.clip": 0.0, "train.lr": 2e-3, "train.server-lr": 2e-3}
 BASELINE = {"privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
             "aggregation.density": 0.05, **FULL_CUT}
 

@@ -9,13 +9,15 @@ eta = 100 and costs most of the utility before they fall below 40 %; a 4-dimensi
 keeps what the task needs from each contextual token vector and little of which token it was, and
 noise of norm ~ k / eta = 2 on a view of norm <= 1 leaves the attacks at chance level. The clip and
 the uniform eta make the per-position guarantee a stated one: 2 * eta * clip = 4 per released
-position, against any other token vector.
+position, against any other token vector. Learning rates 5e-3 on both sides (2e-3 elsewhere): under
+this noise the larger steps learned more in the sweep (fast schedule, 3 seeds: accuracy 0.521 against
+0.488 at 2e-3, every token attack unchanged within a point).
 """
 
 from guardedtuning.recipes._split_family import split_recipe
 
 RECIPE = split_recipe("guarded", "split learning + low-dim release with d_chi noise + DP-SGD + secure aggregation (default)", {
-    "split.layer": 4, "split.release-dim": 4,
+    "split.layer": 4, "split.release-dim": 4, "train.lr": 5e-3, "train.server-lr": 5e-3,  # = the config defaults
     "privacy.mechanism": "dchi", "privacy.eta": 2.0, "privacy.clip": 1.0,
     "dp.enabled": True, "dp.target-epsilon": 8.0, "dp.delta": 1e-5, "dp.max-grad-norm": 1.0,
     "aggregation.secure": True, "aggregation.density": 1.0, "aggregation.bits": 8,
