@@ -275,6 +275,9 @@ class ClientPrivacy:
             owed = max(0, int(ledger_steps))
             if ACCOUNTANT_KEY in state:
                 accountant.load_state_dict({k: np.asarray(v) for k, v in state[ACCOUNTANT_KEY].items()})
+                if plan.membership_visible and accountant.participations is None and num_examples > 0:
+                    # steps without their rows (a state that kept no counts): every row in each, up to the cap
+                    accountant.charge_unseen(accountant.steps, n=num_examples, cap=plan.max_participations)
             elif resumed_after > 0:
                 owed = max(owed, min(resumed_after, round_ - 1) * cfg.train.local_steps)
             priv.charge(steps=owed - accountant.steps)
