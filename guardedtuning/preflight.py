@@ -13,7 +13,7 @@ from guardedtuning.data.partition import check_enough_rows, load_partition
 from guardedtuning.data.sources import data_record, load_task
 from guardedtuning.errors import ConfigError, ModelLoadError
 from guardedtuning.models.exposure import module_names
-from guardedtuning.models.loading import load_model_config, model_kind
+from guardedtuning.models.loading import load_model_config, model_kind, torch_dtype
 from guardedtuning.models.lora import check_lora_targets
 from guardedtuning.models.split import check_split_layer
 
@@ -43,7 +43,10 @@ def preflight(cfg: RunConfig) -> dict[str, object]:
         )
     from guardedtuning.server_app.common import server_device
 
-    server_device(cfg)  # a GPU this machine does not have fails here, not in the ServerApp
+    server = server_device(cfg)  # a GPU this machine does not have fails here, not in the ServerApp
+    torch_dtype(cfg.model.dtype, server)  # model.dtype=float16 on a CPU server fails here
+    if recipe.federated and not cfg.sim.num_gpus > 0:  # clients compute on the CPU (clients.common.client_device)
+        torch_dtype(cfg.model.dtype, "cpu")
     task = load_task(cfg.data, cfg.seed)
     data_record(cfg.data, model=cfg.model.name, max_length=cfg.model.max_length, seed=cfg.seed)  # bad rows fail here
     if recipe.federated:

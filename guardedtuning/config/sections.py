@@ -8,6 +8,7 @@ from guardedtuning.config.fields import fail as _fail
 from guardedtuning.config.fields import opt as _opt
 
 GRAD_BITS = (0, 4, 8)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,15 @@ class ModelConfig:
     )
     max_length: int = _opt(64, "tokens per example after truncation")
     num_layers: int = _opt(0, "tiny test models only: 0 keeps the model's own depth")
+    dtype: str = _opt(
+        "float32", "the frozen base weights: `float32`, `bfloat16`, or `float16` (GPU only); what trains (LoRA, "
+        "the release maps, the head) and its optimizer state stay float32, and so does every released activation; "
+        "central-ft trains every weight, so it keeps float32",
+    )
 
     def __post_init__(self) -> None:
+        if self.dtype not in MODEL_DTYPES:
+            raise _fail("model.dtype", self.dtype, "`float32`, `bfloat16` or `float16` (float16 needs a GPU)")
         if not self.name.strip():
             raise _fail("model.name", self.name, "a model name, folder or hub id")
         if self.max_length < 8:

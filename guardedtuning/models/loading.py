@@ -30,13 +30,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from guardedtuning.errors import ModelLoadError
+from guardedtuning.errors import ConfigError, ModelLoadError
 
 Kind = Literal["encoder", "decoder"]
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 TINY = ("tiny-bert", "tiny-llama")
 RANDOM = "random:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -187,16 +188,34 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0) -> Backbone:
+def torch_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The torch dtype of ``model.dtype`` for weights on ``device``; float16 on a CPU is a ConfigError."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"`model.dtype` must be one of {', '.join(DTYPES)} but is {dtype!r}; "
+                          "set it with --set model.dtype=bfloat16")
+    if dtype == "float16" and torch.device(device).type != "cuda":
+        raise ConfigError(
+            f"`model.dtype` is 'float16' but the model runs on {str(device)!r} (CPU float16 kernels are missing "
+            "or slow); use --set model.dtype=bfloat16 on a CPU, or give clients and server a GPU "
+            "(sim.num-gpus > 0, sim.server-device=auto)"
+        )
+    return DTYPES[dtype]
+
+
+def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0, dtype: str = "float32") -> Backbone:
     """Load a fresh copy of the model body (and LM head for decoders) on the CPU.
 
     ``num_layers > 0`` keeps only the first ``num_layers`` blocks (fast tests).
+    ``dtype`` (``model.dtype``) is that of every weight; the builders of :mod:`.parts` check it
+    against their device (:func:`torch_dtype`) and make what trains float32. Buffers (rotary
+    frequencies) keep theirs.
     Callers that need the weights more than once cache the *built* split modules, not
     this function's result (see :mod:`guardedtuning.models.split`).
     """
     from transformers import AutoModel, AutoModelForCausalLM, BertModel, LlamaForCausalLM
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    weights = torch_dtype(dtype, "cuda")  # a known name; the device is the caller's to check
     source = resolve_model_source(name)
     config = load_model_config(name)
     if num_layers:
@@ -221,14 +240,19 @@ def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0) -> Backbone:
         else:
             with _quiet_transformers():  # its load report lists the pooler we leave out on purpose
                 if kind == "encoder":
-                    full = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
+                    kw = {} if weights == torch.float32 else {"dtype": weights}  # float32: as it always loaded
+                    full = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False, **kw)
                 else:
-                    full = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
+                    full = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=weights)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load weights of {name!r} from {source} ({_first_line(exc)}); check the "
             "folder holds model.safetensors or pytorch_model.bin"
         ) from exc
+    if weights != torch.float32:
+        with torch.no_grad():  # weights only (initialised ones too); rotary frequencies stay float32
+            for p in full.parameters():
+                p.data = p.data.to(weights)
     full.eval()
     # the model's own config copy carries the attention implementation the masks need
     if kind == "encoder":

@@ -39,10 +39,14 @@ def add_lora(module: nn.Module, cfg: LoraConfig, kind: str) -> nn.Module:
     """Inject LoRA adapters into ``module`` in place and freeze everything else.
 
     Put ``module`` on its device *before* calling this (Opacus and peft otherwise
-    disagree about which tensors are the parameters).
+    disagree about which tensors are the parameters). peft gives the adapters the base
+    layer's dtype; lower-precision ones are cast back to float32 (peft's own
+    ``cast_adapter_dtype``), so LoRA, its gradients (per-sample ones under DP-SGD too) and
+    its optimizer state are float32 whatever ``model.dtype`` is.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
     targets = check_lora_targets(cfg, {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}, kind)
     peft_cfg = PeftLoraConfig(
@@ -51,6 +55,7 @@ def add_lora(module: nn.Module, cfg: LoraConfig, kind: str) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(peft_cfg, module)
+    cast_adapter_dtype(module, "default")  # bfloat16/float16 adapters -> float32; float32 ones untouched
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
     return module

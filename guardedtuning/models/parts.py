@@ -9,6 +9,10 @@
 Clients run many messages against one process (a Ray actor serves many simulated
 clients), so the built part is cached and each client's adapter weights are loaded
 into it per message: base weights are read once per process, never per message.
+
+``model.dtype``: the frozen base weights load in that dtype (float16 only on a GPU: a
+ConfigError on a CPU); LoRA, the release maps and the encoder's head are float32. ``full=True``
+(central fine-tuning) trains every weight, so it loads float32 whatever ``model.dtype`` says.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from guardedtuning.config import LoraConfig, ModelConfig, SplitConfig
-from guardedtuning.models.loading import load_backbone
+from guardedtuning.models.loading import load_backbone, torch_dtype
 from guardedtuning.models.lora import add_lora
 from guardedtuning.models.split import Bottom, Top, build_split, check_split_layer
 
@@ -65,9 +69,10 @@ def client_bottom(model: ModelConfig, split: SplitConfig | int, lora: LoraConfig
     and, like every builder here, it leaves the process's random state untouched.
     """
     layer, release_dim = _cut(split)
+    torch_dtype(model.dtype, device)  # float16 on a CPU fails here
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
+        backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed, dtype=model.dtype)
         check_split_layer(layer, backbone.num_layers, backbone.name)
         bottom = Bottom(backbone, layer, release_dim=release_dim, seed=seed)
         bottom.to(_device(device))  # device before LoRA: see opacus issue 820
@@ -97,7 +102,9 @@ def _split_model(
     *, lora_bottom: bool, lora_top: bool, full: bool,
 ) -> SplitModel:
     layer, release_dim = _cut(split)
-    backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
+    dtype = "float32" if full else model.dtype  # every weight trains: float32
+    torch_dtype(dtype, device)  # float16 on a CPU fails here
+    backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed, dtype=dtype)
     torch.manual_seed(seed)  # the head's initialisation
     bottom, top = build_split(backbone, layer, num_labels, release_dim=release_dim, seed=seed)
     out = SplitModel(bottom, top).to(_device(device))

@@ -15,6 +15,13 @@ classification); the decoder's head is the final norm and the LM head, with the
 causal-LM loss taken on response tokens only (labels of -100 are ignored).
 
 Without a release projection, bottom then top computes exactly what the unsplit model computes (tested).
+
+Precision (``model.dtype``): the blocks run in their weights' dtype (bfloat16 or float16 base
+weights), and everything around them is float32: the embeddings' output handed to the blocks,
+the release (so the token noise is drawn and added in float32 and the wire carries float32),
+the release maps, the encoder's head and every logit the loss sees. The crossings are casts at
+:meth:`_Blocks.run` (in) and :meth:`Bottom.release` / :class:`Top` (out); peft casts a LoRA
+layer's input to its float32 weights and its sum back to the base layer's dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +44,14 @@ def check_split_layer(layer: int, num_layers: int, name: str) -> None:
         )
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s base (non-LoRA) weights: what its blocks compute in."""
+    for name, p in module.named_parameters():
+        if "lora_" not in name:
+            return p.dtype
+    return torch.float32
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: (B, T) -> (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -55,6 +70,7 @@ class _Blocks(nn.Module):
     def run(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+        h = h.to(weight_dtype(self.layers))  # float32 in, the base weights' dtype inside
         if self.kind == "encoder":
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask)
             for layer in self.layers:
@@ -115,7 +131,8 @@ class Bottom(nn.Module):
         self.release_dim = release_dim or d
 
     def release(self, h: torch.Tensor) -> torch.Tensor:
-        """The cut's hidden states (B, T, D) -> what the client releases (B, T, release_dim)."""
+        """The cut's hidden states (B, T, D) -> what the client releases (B, T, release_dim), float32."""
+        h = h.float()  # a no-op on float32 weights
         return self.project(h) if self.project is not None else h
 
     def word_embeddings(self) -> torch.Tensor:
@@ -124,7 +141,9 @@ class Bottom(nn.Module):
         return emb.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(input_ids=input_ids) if self.kind == "encoder" else self.embeddings(input_ids)
+        """The embeddings' output (B, T, D), float32 whatever the weights' dtype."""
+        x = self.embeddings(input_ids=input_ids) if self.kind == "encoder" else self.embeddings(input_ids)
+        return x.float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.release(self.blocks.run(self.embed(input_ids), attention_mask))  # (B, T, release_dim)
@@ -160,13 +179,14 @@ class Top(nn.Module):
         return self.norm(h) if self.norm is not None else h
 
     def logits(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Encoder: (B, C) class logits. Decoder: (B, T, V) next-token logits."""
+        """Encoder: (B, C) class logits. Decoder: (B, T, V) next-token logits. Float32."""
         z = self.hidden(h, attention_mask)
         if self.kind == "encoder":
+            z = z.float()  # the pool and the (float32) head
             m = attention_mask.unsqueeze(-1).to(z.dtype)  # (B, T, 1)
             pooled = (z * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
             return self.head(pooled)
-        return self.head(z)
+        return self.head(z).float()
 
     def per_example_loss(
         self, h: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
@@ -177,7 +197,7 @@ class Top(nn.Module):
         z = self.hidden(h, attention_mask)[:, :-1]  # (B, T-1, D) predicts token t+1
         target = labels[:, 1:]  # (B, T-1)
         keep = target != IGNORE
-        logits = self.head(z[keep])  # (N, V): only response positions, saves memory
+        logits = self.head(z[keep]).float()  # (N, V): only response positions, saves memory
         nll = F.cross_entropy(logits, target[keep], reduction="none")  # (N,)
         rows = keep.nonzero()[:, 0]
         per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device)
