@@ -102,6 +102,17 @@ def test_an_encoder_refuses_instruction_rows(tmp_path):
                       instruction="")
 
 
+def test_a_classification_file_with_a_response_column_stays_classification(tmp_path):
+    """Regression (review): a label CSV with an extra `response` column was tokenised as instruction rows."""
+    rows = [{"text": f"row {i} is fine", "label": ["neg", "pos"][i % 2], "response": f"free text {i}"}
+            for i in range(20)]
+    task = load_task(DataConfig(name=_write(rows, tmp_path / "labels.csv"), train_size=10, test_size=10), 0)
+    assert task.format == "label" and "response" not in task.train.column_names
+    examples = tokenize_rows(task.train, load_tokenizer("tiny-bert"), "encoder", max_length=32,
+                             label_names=task.label_names, instruction="")
+    assert len(examples) == len(task.train) and {e.class_id for e in examples} == {0, 1}
+
+
 @pytest.mark.parametrize(("change", "field", "problem"), [
     ({"output": None}, "output", "a missing value"),
     ({"output": "   "}, "output", "an empty response"),

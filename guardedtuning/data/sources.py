@@ -164,7 +164,8 @@ def _records_frame(df: Any, cfg: DataConfig, what: str) -> tuple[list[dict[str, 
         labels = [index_s[str(v)] for v in raw]
     if len(names) < 2:
         raise DataError(f"{what} column {cfg.label_field!r} has {len(names)} distinct label(s); a task needs >= 2")
-    extra = [c for c in cols if c not in (cfg.text_field, cfg.label_field, "text", "label")]
+    # "response"/"messages" mark instruction rows downstream (tokenize_rows): a classification row never keeps them
+    extra = [c for c in cols if c not in (cfg.text_field, cfg.label_field, "text", "label", "response", "messages")]
     rows = []
     for i, (text, label) in enumerate(zip(df[cfg.text_field], labels, strict=True)):
         row = {"text": str(text), "label": label}
