@@ -103,8 +103,8 @@ def test_bf16_per_sample_gradients_are_fp32_and_match_a_per_example_loop(name):
     against each example run alone (another shape, so other bf16 roundings) within 0.9 % relative
     L2 on tiny-llama, 0.0 on tiny-bert (float32 weights: 7e-6).
     """
-    bb = load_backbone(name, dtype="bfloat16")
-    bottom, top = build_split(bb, 2, num_labels=3)
+    bb = load_backbone(name)
+    bottom, top = build_split(bb, 2, num_labels=3, dtype=torch.bfloat16)
     add_lora(bottom, LoraConfig(rank=4), bb.kind)
     _random_lora_b(bottom, 1)
     for p in top.parameters():

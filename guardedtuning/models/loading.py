@@ -202,20 +202,19 @@ def torch_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0, dtype: str = "float32") -> Backbone:
+def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0) -> Backbone:
     """Load a fresh copy of the model body (and LM head for decoders) on the CPU.
 
     ``num_layers > 0`` keeps only the first ``num_layers`` blocks (fast tests).
-    ``dtype`` (``model.dtype``) is that of every weight; the builders of :mod:`.parts` check it
-    against their device (:func:`torch_dtype`) and make what trains float32. Buffers (rotary
-    frequencies) keep theirs.
+    The weights are float32; the split's parts cast what they keep to ``model.dtype``
+    (:mod:`.split`), so the blocks a part drops are never cast (casting the whole model first
+    tripled the peak RSS of a SmolLM2 bottom).
     Callers that need the weights more than once cache the *built* split modules, not
     this function's result (see :mod:`guardedtuning.models.split`).
     """
     from transformers import AutoModel, AutoModelForCausalLM, BertModel, LlamaForCausalLM
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    weights = torch_dtype(dtype, "cuda")  # a known name; the device is the caller's to check
     source = resolve_model_source(name)
     config = load_model_config(name)
     if num_layers:
@@ -240,19 +239,14 @@ def load_backbone(name: str, *, num_layers: int = 0, seed: int = 0, dtype: str =
         else:
             with _quiet_transformers():  # its load report lists the pooler we leave out on purpose
                 if kind == "encoder":
-                    kw = {} if weights == torch.float32 else {"dtype": weights}  # float32: as it always loaded
-                    full = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False, **kw)
+                    full = AutoModel.from_pretrained(source, config=config, add_pooling_layer=False)
                 else:
-                    full = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=weights)
+                    full = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load weights of {name!r} from {source} ({_first_line(exc)}); check the "
             "folder holds model.safetensors or pytorch_model.bin"
         ) from exc
-    if weights != torch.float32:
-        with torch.no_grad():  # weights only (initialised ones too); rotary frequencies stay float32
-            for p in full.parameters():
-                p.data = p.data.to(weights)
     full.eval()
     # the model's own config copy carries the attention implementation the masks need
     if kind == "encoder":

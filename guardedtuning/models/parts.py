@@ -69,12 +69,12 @@ def client_bottom(model: ModelConfig, split: SplitConfig | int, lora: LoraConfig
     and, like every builder here, it leaves the process's random state untouched.
     """
     layer, release_dim = _cut(split)
-    torch_dtype(model.dtype, device)  # float16 on a CPU fails here
+    dtype = torch_dtype(model.dtype, device)  # float16 on a CPU fails here
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed, dtype=model.dtype)
+        backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
         check_split_layer(layer, backbone.num_layers, backbone.name)
-        bottom = Bottom(backbone, layer, release_dim=release_dim, seed=seed)
+        bottom = Bottom(backbone, layer, release_dim=release_dim, seed=seed, dtype=dtype)
         bottom.to(_device(device))  # device before LoRA: see opacus issue 820
         add_lora(bottom, lora, backbone.kind)
         _train_release_maps(bottom)
@@ -102,11 +102,10 @@ def _split_model(
     *, lora_bottom: bool, lora_top: bool, full: bool,
 ) -> SplitModel:
     layer, release_dim = _cut(split)
-    dtype = "float32" if full else model.dtype  # every weight trains: float32
-    torch_dtype(dtype, device)  # float16 on a CPU fails here
-    backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed, dtype=dtype)
+    dtype = torch_dtype("float32" if full else model.dtype, device)  # every weight trains: float32
+    backbone = load_backbone(model.name, num_layers=model.num_layers, seed=seed)
     torch.manual_seed(seed)  # the head's initialisation
-    bottom, top = build_split(backbone, layer, num_labels, release_dim=release_dim, seed=seed)
+    bottom, top = build_split(backbone, layer, num_labels, release_dim=release_dim, seed=seed, dtype=dtype)
     out = SplitModel(bottom, top).to(_device(device))
     if full:
         for p in out.parameters():

@@ -52,6 +52,17 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``module``'s parameters (not its buffers: rotary frequencies stay float32) in place.
+
+    Each Parameter object is kept (tied weights stay tied; optimizers and Opacus see the same
+    tensors); float32 is a no-op.
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.to(dtype)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: (B, T) -> (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -121,11 +132,13 @@ class ReleaseProjection(nn.Module):
 class Bottom(nn.Module):
     """Client side: embeddings + first ``k`` blocks (+ the release projection). (B, T) ids -> (B, T, D or k)."""
 
-    def __init__(self, backbone: Backbone, k: int, *, release_dim: int = 0, seed: int = 0) -> None:
+    def __init__(self, backbone: Backbone, k: int, *, release_dim: int = 0, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.kind = backbone.kind
         self.embeddings = backbone.body.embeddings if backbone.kind == "encoder" else backbone.body.embed_tokens
         self.blocks = _Blocks(backbone, list(backbone.blocks[:k]))
+        cast_weights(self, dtype)  # the base weights; the release projection below is float32
         d = backbone.hidden_size
         self.project: ReleaseProjection | None = ReleaseProjection(d, release_dim, seed) if release_dim else None
         self.release_dim = release_dim or d
@@ -153,10 +166,11 @@ class Top(nn.Module):
     """Server side: blocks ``k..L`` and the task head."""
 
     def __init__(self, backbone: Backbone, k: int, num_labels: int, *, release_dim: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.kind = backbone.kind
         self.blocks = _Blocks(backbone, list(backbone.blocks[k:]))
+        cast_weights(self.blocks, dtype)
         d = backbone.hidden_size
         # k -> D back into the residual stream; starts as the transpose of the client's initial map
         self.expand: nn.Linear | None = nn.Linear(release_dim, d) if release_dim else None
@@ -169,8 +183,10 @@ class Top(nn.Module):
             self.norm: nn.Module | None = None
         else:
             assert backbone.lm_head is not None
-            self.head = backbone.lm_head
+            self.head = backbone.lm_head  # frozen (tied to the input embeddings): the base dtype
             self.norm = backbone.body.norm
+            cast_weights(self.head, dtype)
+            cast_weights(self.norm, dtype)
 
     def hidden(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.expand is not None:
@@ -207,8 +223,11 @@ class Top(nn.Module):
 
 
 def build_split(backbone: Backbone, layer: int, num_labels: int, *, release_dim: int = 0,
-                seed: int = 0) -> tuple[Bottom, Top]:
-    """Bottom and top sharing the backbone's modules (nothing is copied but the release maps)."""
+                seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Bottom, Top]:
+    """Bottom and top sharing the backbone's modules (nothing is copied but the release maps).
+
+    ``dtype``: that of the base weights (``model.dtype``); the release maps and the encoder's head are float32.
+    """
     check_split_layer(layer, backbone.num_layers, backbone.name)
-    return (Bottom(backbone, layer, release_dim=release_dim, seed=seed),
-            Top(backbone, layer, num_labels, release_dim=release_dim, seed=seed))
+    return (Bottom(backbone, layer, release_dim=release_dim, seed=seed, dtype=dtype),
+            Top(backbone, layer, num_labels, release_dim=release_dim, seed=seed, dtype=dtype))
