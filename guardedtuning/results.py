@@ -160,7 +160,7 @@ class PrivacyLedger:
         the cap where the server sees membership (the server cannot tell which rows they
         used), else as Poisson steps. None for a node that never reported a DP plan.
         """
-        from guardedtuning.privacy.dpsgd import amplified_epsilon, gaussian_epsilon
+        from guardedtuning.privacy.dpsgd import amplified_epsilon, capped_epsilon, gaussian_epsilon
 
         entry = self.nodes.get(int(node))
         if entry is None or not entry.report:
@@ -176,6 +176,8 @@ class PrivacyLedger:
         model = max(own[1], amplified_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta))
         if int(r.get("dp_membership_visible", 0)):
             cap = int(r.get("dp_max_participations", 0))
+            # as the client's own figure: the cap bounds the model too, whichever rows were drawn
+            model = max(own[1], min(model, capped_epsilon(noise_multiplier=sigma, delta=delta, steps=steps, cap=cap)))
             k = int(r.get("dp_participations", 0)) + missing
             ledger = gaussian_epsilon(noise_multiplier=sigma, participations=min(k, cap) if cap else k, delta=delta)
         else:
@@ -480,7 +482,8 @@ class Recorder:
         scope = f"{covers}; {against}"
         model_scope = ("of the released model (the aggregated adapters) against third parties who see only it, per "
                        "client, add/remove one of its examples, with amplification by Poisson sampling over the "
-                       "steps taken")
+                       "steps taken" + ("; at most min(dp.max-participations, steps) full Gaussian mechanisms "
+                                        "(the cap bounds every row, whichever rows were drawn)" if visible else ""))
         return {"enabled": True, "epsilon": epsilon, "scope": scope, "epsilon_model": epsilon_model,
                 "epsilon_model_scope": model_scope,
                 "target_epsilon": dp.target_epsilon, "delta": dp.delta, "max_grad_norm": dp.max_grad_norm,

@@ -399,3 +399,22 @@ def test_a_visible_membership_plan_takes_every_planned_step_at_a_large_target(ta
         acc.participate(rows, n=400)
     eps = acc.server_epsilon(noise_multiplier=p.noise_multiplier, delta=p.delta)
     assert 0 < eps <= target and acc.max_participations <= p.max_participations
+
+
+def test_charging_unseen_steps_never_lowers_a_rows_count():
+    """Review finding: counts above the cap (from another plan) were lowered to it by min(count + steps, cap)."""
+    acc = DPAccountant()
+    acc.rows(3)[:] = [3, 0, 0]
+    acc.charge_unseen(1, n=3, cap=1)
+    assert acc.rows(3).tolist() == [3, 1, 1]
+
+
+def test_the_models_capped_epsilon_holds_over_every_draw_not_the_realised_worst_row():
+    """A third party does not see which rows were drawn: min(cap, steps) mechanisms, not the worst row's count."""
+    from guardedtuning.privacy.dpsgd import capped_epsilon
+
+    eps = capped_epsilon(noise_multiplier=1.0, delta=1e-5, steps=10, cap=4)
+    assert eps == gaussian_epsilon(noise_multiplier=1.0, participations=4, delta=1e-5)
+    assert capped_epsilon(noise_multiplier=1.0, delta=1e-5, steps=2, cap=4) == gaussian_epsilon(
+        noise_multiplier=1.0, participations=2, delta=1e-5)
+    assert eps > gaussian_epsilon(noise_multiplier=1.0, participations=1, delta=1e-5)

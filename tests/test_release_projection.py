@@ -93,3 +93,14 @@ def test_settings_a_projection_cannot_honour_are_refused():
         config_for("fedlora", {"split.release-dim": 4})
     with pytest.raises(ModelLoadError, match="hidden size"):
         split_model(ModelConfig(name="tiny-bert"), SplitConfig(layer=2, release_dim=10_000), LoraConfig(), 3, "cpu", 0)
+
+
+def test_an_empty_poisson_draw_releases_the_projections_width():
+    """Regression (review): an empty batch released (0, 1, hidden) zeros, which the server refuses from a
+    release-dim bottom (it expects k), so the client was dropped from the round late in a capped DP run."""
+    from guardedtuning.privacy.client import _empty_batch
+
+    model = split_model(ModelConfig(name="tiny-bert"), SPLIT, LoraConfig(rank=2), 3, "cpu", 0)
+    priv = ClientPrivacy(seed=0, mechanism=DChiMechanism(eta=2.0), knobs=build_config({}).privacy)
+    out = priv.release_batch(model.bottom, _empty_batch(), torch.device("cpu"), step=1)
+    assert tuple(out["h"].shape) == (0, 1, SPLIT.release_dim)

@@ -51,7 +51,14 @@ from guardedtuning.errors import DataError, MessageError
 from guardedtuning.models.loading import kind_of, load_tokenizer
 from guardedtuning.privacy.dchi import clip_tokens
 from guardedtuning.privacy.decorrelation import decorrelation_loss
-from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep, budget_spent, poisson_batch_indices
+from guardedtuning.privacy.dpsgd import (
+    DPAccountant,
+    DPPlan,
+    DPStep,
+    budget_spent,
+    capped_epsilon,
+    poisson_batch_indices,
+)
 from guardedtuning.privacy.local_dpsgd import LossBatch, dp_local_train
 from guardedtuning.privacy.mechanisms import NoMechanism, TokenMechanism, mechanism_from_config
 from guardedtuning.privacy.privtune import privtune_base, privtune_from_config
@@ -400,15 +407,18 @@ class ClientPrivacy:
     def epsilon_model(self) -> float | None:
         """Epsilon of the released model against third parties; None without DP-SGD.
 
-        The amplified epsilon of the steps taken, and where membership is visible at most the
-        epsilon against the server (the model is computed from what the server sees, and the
-        cap bounds that figure while the amplified one, blind to the cap, keeps growing).
+        The amplified epsilon of the steps taken, and where membership is visible at most
+        ``min(cap, steps)`` full Gaussian mechanisms: the cap bounds every row's participations
+        whatever the sampling drew, while the amplified figure, blind to the cap, keeps growing.
+        (Not the worst row's *realised* count: a third party does not see which rows were
+        drawn, so the bound must hold over every draw.)
         """
         if self.plan is None or self.accountant is None:
             return None
         amplified = self.accountant.epsilon(delta=self.plan.delta)
         if self.plan.membership_visible:
-            return min(amplified, self.epsilon())
+            return min(amplified, capped_epsilon(noise_multiplier=self.plan.noise_multiplier, delta=self.plan.delta,
+                                                 steps=self.accountant.steps, cap=self.plan.max_participations))
         return amplified
 
     def metrics(self) -> dict[str, float]:
@@ -490,10 +500,11 @@ class ClientPrivacy:
     def release_batch(self, bottom: nn.Module, batch: Batch, device: torch.device, *, step: int) -> Released:
         """The release of one batch through ``bottom`` (:meth:`release`), with the batch's labels.
 
-        An empty batch (a Poisson draw of no rows) releases (0, 1, D) zeros.
+        An empty batch (a Poisson draw of no rows) releases (0, 1, D) zeros, D the released
+        width (``split.release-dim`` when the bottom has a projection, else its hidden size).
         """
         if len(batch) == 0:
-            hidden = int(bottom.word_embeddings().shape[1])  # type: ignore[operator]
+            hidden = int(getattr(bottom, "release_dim", 0) or bottom.word_embeddings().shape[1])  # type: ignore[operator]
             return {"h": torch.zeros((0, 1, hidden)), "mask": batch.attention_mask.to(torch.uint8),
                     "labels": batch.labels}
         h = forward_activations(bottom, batch, device)  # (B, T, D)

@@ -132,6 +132,13 @@ def gaussian_epsilon(*, noise_multiplier: float, participations: int, delta: flo
     return float(eps)
 
 
+def capped_epsilon(*, noise_multiplier: float, delta: float, steps: int, cap: int) -> float:
+    """Epsilon of any row after ``steps`` steps when no row takes part in more than ``cap`` (0: no cap):
+    ``min(cap, steps)`` full Gaussian mechanisms, whichever rows the sampling drew."""
+    return gaussian_epsilon(noise_multiplier=noise_multiplier, participations=min(cap, steps) if cap else steps,
+                            delta=delta)
+
+
 def amplified_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Epsilon of ``steps`` Poisson-sampled Gaussian steps at ``sample_rate`` (RDP, with amplification)."""
     if steps <= 0:
@@ -293,10 +300,10 @@ class DPAccountant:
         """``steps`` steps whose rows this accountant does not know: each row may have been in each, up to ``cap``.
 
         The cap holds for them too (the client that took them enforced it), so every row's
-        count becomes ``min(cap, count + steps)``.
+        count becomes ``min(cap, count + steps)``, never less than it was.
         """
         counts = self.rows(n)
-        np.minimum(counts + int(steps), int(cap), out=counts)
+        np.maximum(counts, np.minimum(counts + int(steps), int(cap)), out=counts)
 
     @property
     def max_participations(self) -> int:
