@@ -364,6 +364,24 @@ def test_a_trimmed_release_with_a_lying_mask_is_refused():
         assert says in str(err.value), (name, str(err.value))
 
 
+def test_quantized_codes_for_more_values_than_a_batch_can_hold_are_refused_before_decoding(monkeypatch):
+    """Review finding: 4-bit codes decode to 8x their size in float32; a client's reply of many rows was
+    dequantized before the batch/length limits were checked. Now the count is checked first."""
+    from guardedtuning.privacy import quantize
+
+    decoded = []
+    original = quantize.dequantize_activations
+    monkeypatch.setattr(wire, "dequantize_activations", lambda q: decoded.append(q) or original(q))
+    rows = quantize_activations(torch.randn(400, 4), bits=4)  # (N, D) rows: 400 > 2 rows x 16 tokens
+    record = wire.acts_record({"h": torch.zeros(1, 1, 4), "mask": torch.ones(1, 1, dtype=torch.uint8),
+                               "labels": torch.zeros(1, dtype=torch.long)})
+    record = ArrayRecord({**{k: record[k] for k in record.keys() if k != "h"},
+                          **{k: Array(v) for k, v in rows.arrays().items()}})
+    with pytest.raises(MessageError, match="more than the 128"):
+        wire.unpack_acts(_as_reply(record), hidden=4, max_batch=2, num_labels=2, kind="encoder", max_length=16)
+    assert decoded == []
+
+
 # ------------------------------------------------------------------ bytes: the record counts the serialised payloads
 
 

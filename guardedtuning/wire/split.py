@@ -358,7 +358,7 @@ def unpack_acts(msg: Message, *, hidden: int, max_batch: int, num_labels: int, k
     record = get_record(msg.content, ACTS_KEY, ArrayRecord, source=source, sender="ClientApp")
     acts = record_to_tensors(record, source=source)
     if "codes" in acts:  # quantized uplink (privacy.quantize-bits)
-        acts["h"] = dequantize(record, source=source)
+        acts["h"] = dequantize(record, source=source, max_values=max(1, max_batch) * max_length * hidden)
     for key in ("h", "mask", "labels"):
         if key not in acts:
             raise MessageError(f"{source}: activations record lacks {key!r}")
@@ -408,14 +408,17 @@ def _dense_release(h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
     return dense, labels
 
 
-def dequantize(record: ArrayRecord, *, source: str, what: str = "activations") -> torch.Tensor:
+def dequantize(record: ArrayRecord, *, source: str, what: str = "activations",
+               max_values: int | None = None) -> torch.Tensor:
     """Quantized values (codes, scales, meta) back to float32, checked before use.
 
     Codes must be uint8 (B, T, D) or packed (B, T, ceil(D/2)), or with trimmed padding
     (N, D) / (N, ceil(D/2)); scales finite, non-negative float32 of the codes' leading shape
     ((B, T) or (N,)); the decoded values must be finite, since one client's inf would reach
     every client through the shared top (and a server's inf would wreck a client's bottom).
-    Used for the uplink's activations and the downlink's gradients (``what``).
+    Used for the uplink's activations and the downlink's gradients (``what``). ``max_values``:
+    the most float32 values the message may decode to, checked before anything is decoded
+    (4-bit codes grow 8x: a sender must not make the receiver allocate what it cannot hold).
     """
     try:
         arrays = {k: record[k].numpy() for k in ("codes", "scales", "meta")}
@@ -432,6 +435,9 @@ def dequantize(record: ArrayRecord, *, source: str, what: str = "activations") -
             raise ValueError(f"{bits}-bit codes (4 or 8 expected)")
         if dim < 1 or codes.shape[-1] != (dim if bits == 8 else (dim + 1) // 2):
             raise ValueError(f"{codes.shape[-1]} code columns for {bits}-bit values of dimension {dim}")
+        if max_values is not None and int(np.prod(codes.shape[:-1], dtype=np.int64)) * dim > max_values:
+            raise ValueError(f"{codes.shape[:-1]} x {dim} values, more than the {max_values} a message of at most "
+                             "the batch size x model.max-length tokens of the released width can hold")
         _check_codes(codes, bits, dim)
         h = dequantize_activations(QuantizedActivations.from_arrays(arrays))
     except (KeyError, ValueError, IndexError, TypeError, RuntimeError) as exc:
