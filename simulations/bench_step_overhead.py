@@ -24,13 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from guardedtuning.config import build_config
 from guardedtuning.launcher import run_to_completion
+from guardedtuning.recipes import config_for
 
 
 def run_once(model: str, steps: int, clients: int, poll: float, dispatch: float, out: Path) -> dict:
-    cfg = build_config({  # plain split: the step's transport, without the guarded knobs' compute
-        "recipe": "split", "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
+    cfg = config_for("split", {  # plain split (its recipe's cut): the step's transport, no guarded knobs
+        "privacy.mechanism": "none", "dp.enabled": False, "aggregation.secure": False,
         "model.name": model, "model.max-length": 64, "data.train-size": 400, "data.test-size": 50,
         "federation.num-clients": max(2, clients), "federation.clients-per-round": clients,
         "federation.rounds": 2, "train.local-steps": steps, "train.batch-size": 16,

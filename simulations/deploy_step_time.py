@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from guardedtuning.config import build_config
 from guardedtuning.deploy import LocalFederation
 from guardedtuning.launcher import app_dir, run_to_completion, write_run_config
+from guardedtuning.recipes import config_for
 
 
 def flat_config(model: str, clients: int, steps: int, out: Path, poll: float) -> dict:
@@ -52,11 +52,11 @@ def round2_medians(out: Path) -> tuple[float, float, int]:
 
 
 def run_simulation(flat: dict) -> None:
-    run_to_completion(build_config(flat), timeout=3600)
+    run_to_completion(config_for(flat["recipe"], flat), timeout=3600)
 
 
 def run_deployment(flat: dict, root: Path, *, warm: bool, tls: bool) -> None:
-    cfg = build_config(flat)
+    cfg = config_for(flat["recipe"], flat)  # the recipe's overrides (its cut), then ours
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     with LocalFederation(root, cfg.federation.num_clients, tls=tls, auth=tls, warm=warm) as fed:
