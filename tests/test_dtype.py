@@ -213,3 +213,32 @@ def test_a_bf16_guarded_round_in_process_has_finite_losses(tiny_flat):
     assert len(out["history"]) == 1
     row = out["history"][0]
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
+
+
+def test_the_inversion_attacks_run_on_a_bf16_bottom():
+    """Nearest-neighbour and relaxed-token (white-box, through the bf16 blocks) inversion: clean text recovered.
+
+    Before word_embeddings() and the relaxed embeddings' inputs were cast, the optimization attack failed
+    on a bf16 bottom with a dtype mismatch. Measured: ASR 0.94 (NN) and 0.93 (optimization), as in float32.
+    """
+    from guardedtuning.privacy.attacks.common import special_ids
+    from guardedtuning.privacy.attacks.eia_nn import NearestNeighbourEIA
+    from guardedtuning.privacy.attacks.eia_opt import OptimizationEIA
+    from guardedtuning.privacy.attacks.metrics import token_report
+    from tests.conftest import TINY
+    from tests.test_attacks import _batch as attack_batch
+    from tests.test_attacks import _releaser, _texts
+
+    cfg = build_config({**TINY, "model.max-length": 24, "model.dtype": "bfloat16"})
+    bottom = client_bottom(cfg.model, cfg.split.layer, cfg.lora, "cpu", cfg.seed)
+    assert bottom.word_embeddings().dtype == torch.float32
+    tok = load_tokenizer(cfg.model.name)
+    b = attack_batch(tok, _texts(8, seed=5))
+    h = _releaser(cfg, bottom)(b)
+    nn_bottom = NearestNeighbourEIA.from_bottom(bottom, table="bottom", context=(tok.cls_token_id, tok.sep_token_id))
+    assert token_report(nn_bottom.candidates(h), b.input_ids, b.attention_mask, special_ids(tok))["asr"] >= 0.9
+    cands = NearestNeighbourEIA.from_bottom(bottom, table="embedding").candidates(h, k=16)
+    out = OptimizationEIA(bottom, steps=30).invert(h, b.attention_mask, cands)
+    assert token_report(out, b.input_ids, b.attention_mask, special_ids(tok))["asr"] >= 0.9
+    noisy = _releaser(cfg, bottom, "dchi", eta=0.5)(b)
+    assert token_report(nn_bottom.candidates(noisy), b.input_ids, b.attention_mask, special_ids(tok))["asr"] < 0.1

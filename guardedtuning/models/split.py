@@ -63,6 +63,14 @@ def cast_weights(module: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
+def _inputs_embeds_to_weight_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: float32 ``inputs_embeds`` (the attacks' relaxed tokens) in the embeddings' dtype."""
+    x = kwargs.get("inputs_embeds")
+    if x is not None:
+        kwargs["inputs_embeds"] = x.to(weight_dtype(module))
+    return args, kwargs
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: (B, T) -> (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -139,6 +147,8 @@ class Bottom(nn.Module):
         self.embeddings = backbone.body.embeddings if backbone.kind == "encoder" else backbone.body.embed_tokens
         self.blocks = _Blocks(backbone, list(backbone.blocks[:k]))
         cast_weights(self, dtype)  # the base weights; the release projection below is float32
+        if backbone.kind == "encoder" and dtype != torch.float32:
+            self.embeddings.register_forward_pre_hook(_inputs_embeds_to_weight_dtype, with_kwargs=True)
         d = backbone.hidden_size
         self.project: ReleaseProjection | None = ReleaseProjection(d, release_dim, seed) if release_dim else None
         self.release_dim = release_dim or d
@@ -149,9 +159,9 @@ class Bottom(nn.Module):
         return self.project(h) if self.project is not None else h
 
     def word_embeddings(self) -> torch.Tensor:
-        """The vocabulary embedding matrix (V, D)."""
+        """The vocabulary embedding matrix (V, D), float32 (a copy when the base weights are not)."""
         emb = self.embeddings.word_embeddings if self.kind == "encoder" else self.embeddings
-        return emb.weight
+        return emb.weight.float()  # the attacks compare it with float32 releases
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embeddings' output (B, T, D), float32 whatever the weights' dtype."""
