@@ -201,13 +201,14 @@ def test_preflight_refuses_float16_without_a_gpu(tiny_flat):
         preflight(cfg)
 
 
-def test_a_bf16_guarded_round_in_process_has_finite_losses(tiny_flat):
-    """One round of the default recipe (d_chi noise, DP-SGD, secure aggregation) with bf16 base weights."""
+@pytest.mark.parametrize("recipe", ["guarded", "fedlora", "privtune", "gradfree"])
+def test_a_bf16_round_in_process_has_finite_losses(tiny_flat, recipe):
+    """One round with bf16 base weights: the default recipe (d_chi noise, DP-SGD, secure aggregation) and others."""
     from guardedtuning.inprocess import run_in_process
     from guardedtuning.recipes import config_for
 
     flat = {k: v for k, v in tiny_flat.items() if k.startswith(("model.", "data.", "federation.", "train.", "output."))}
-    cfg = config_for("guarded", {**flat, "split.layer": 2, "federation.rounds": 1, "train.local-steps": 2,
+    cfg = config_for(recipe, {**flat, "split.layer": 2, "federation.rounds": 1, "train.local-steps": 2,
                                  "model.dtype": "bfloat16"})
     out = run_in_process(cfg)
     assert len(out["history"]) == 1

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guardedtuning.models.split import IGNORE, Bottom, Top
+from guardedtuning.models.split import IGNORE, Bottom, Top, weight_dtype
 
 
 class OutputAdapter(nn.Module):
@@ -65,7 +65,7 @@ class GradfreeHead(nn.Module):
         if self.kind == "encoder":
             m = attention_mask.unsqueeze(-1).to(a.dtype)  # (B, T, 1)
             return self.head((a * m).sum(1) / m.sum(1).clamp(min=1.0))  # (B, C)
-        return self.head(a)
+        return self.head(a.to(weight_dtype(self.head))).float()  # the LM head may be bf16 (model.dtype)
 
     def per_example_loss(self, z: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) loss of each example: cross-entropy, or mean response-token NLL."""
@@ -74,7 +74,8 @@ class GradfreeHead(nn.Module):
         a = self.adapter(z)[:, :-1]  # (B, T-1, D) predicts token t+1
         target = labels[:, 1:]  # (B, T-1)
         keep = target != IGNORE
-        nll = F.cross_entropy(self.head(a[keep]), target[keep], reduction="none")  # (N,)
+        logits = self.head(a[keep].to(weight_dtype(self.head))).float()  # (N, V)
+        nll = F.cross_entropy(logits, target[keep], reduction="none")  # (N,)
         per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device)
         per_row.index_add_(0, keep.nonzero()[:, 0], nll)
         return per_row / keep.sum(1).clamp(min=1).to(nll.dtype)

@@ -19,9 +19,10 @@ Without a release projection, bottom then top computes exactly what the unsplit 
 Precision (``model.dtype``): the blocks run in their weights' dtype (bfloat16 or float16 base
 weights), and everything around them is float32: the embeddings' output handed to the blocks,
 the release (so the token noise is drawn and added in float32 and the wire carries float32),
-the release maps, the encoder's head and every logit the loss sees. The crossings are casts at
-:meth:`_Blocks.run` (in) and :meth:`Bottom.release` / :class:`Top` (out); peft casts a LoRA
-layer's input to its float32 weights and its sum back to the base layer's dtype.
+the release maps, the top's hidden states, the encoder's head and every logit the loss sees. The
+crossings are casts at :meth:`_Blocks.run` (in), :meth:`Bottom.release` and :meth:`Top.hidden`
+(out), and around a decoder's frozen LM head; peft casts a LoRA layer's input to its float32
+weights and its sum back to the base layer's dtype.
 """
 
 from __future__ import annotations
@@ -202,17 +203,16 @@ class Top(nn.Module):
         if self.expand is not None:
             h = self.expand(h)
         h = self.blocks.run(h, attention_mask)
-        return self.norm(h) if self.norm is not None else h
+        return (self.norm(h) if self.norm is not None else h).float()  # (B, T, D) float32
 
     def logits(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encoder: (B, C) class logits. Decoder: (B, T, V) next-token logits. Float32."""
         z = self.hidden(h, attention_mask)
         if self.kind == "encoder":
-            z = z.float()  # the pool and the (float32) head
             m = attention_mask.unsqueeze(-1).to(z.dtype)  # (B, T, 1)
             pooled = (z * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
             return self.head(pooled)
-        return self.head(z).float()
+        return self.head(z.to(weight_dtype(self.head))).float()
 
     def per_example_loss(
         self, h: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
@@ -223,7 +223,7 @@ class Top(nn.Module):
         z = self.hidden(h, attention_mask)[:, :-1]  # (B, T-1, D) predicts token t+1
         target = labels[:, 1:]  # (B, T-1)
         keep = target != IGNORE
-        logits = self.head(z[keep]).float()  # (N, V): only response positions, saves memory
+        logits = self.head(z[keep].to(weight_dtype(self.head))).float()  # (N, V): only response positions
         nll = F.cross_entropy(logits, target[keep], reduction="none")  # (N,)
         rows = keep.nonzero()[:, 0]
         per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device)
