@@ -1,7 +1,7 @@
 """Peak RSS and weight bytes of a client bottom (LoRA r=8, release 4) and one forward + backward, by ``model.dtype``.
 
-Not a pytest file: ``python tests/dtype_memory.py NAME DTYPE LAYER`` (one process per figure, since
-``ru_maxrss`` is the process's peak), e.g. ``python tests/dtype_memory.py smollm2-135m bfloat16 10``.
+A benchmark script: ``python simulations/dtype_memory.py NAME DTYPE LAYER`` (one process per figure, since
+``ru_maxrss`` is the process's peak), e.g. ``python simulations/dtype_memory.py smollm2-135m bfloat16 10``.
 """
 
 from __future__ import annotations
