@@ -58,7 +58,12 @@ class Observer:
             self.adapters[rnd] = record_to_tensors(request.content["arrays"], source="test")
         if not reply.has_error() and "acts" in reply.content:
             acts = reply.content["acts"]
-            self.released.append((node, rnd, step, acts["h"].numpy(), acts["mask"].numpy(), acts["labels"].numpy()))
+            h, mask = acts["h"].numpy(), acts["mask"].numpy()
+            if h.ndim == 2:  # split.trim-padding: the real tokens' rows only; the server rebuilds (B, T, D)
+                dense = np.zeros((*mask.shape, h.shape[-1]), dtype=h.dtype)
+                dense[mask.astype(bool)] = h
+                h = dense
+            self.released.append((node, rnd, step, h, mask, acts["labels"].numpy()))
         return reply
 
 

@@ -77,7 +77,7 @@ def _corrupt_acts(target_node, at_call):
         if calls["n"] == at_call:
             acts = reply.content["acts"]
             h = acts["h"].numpy()
-            acts["h"] = Array(np.ascontiguousarray(h[:, :, :-1]))  # wrong hidden size
+            acts["h"] = Array(np.ascontiguousarray(h[..., :-1]))  # wrong hidden size ((B, T, D) or trimmed (N, D))
         return reply
 
     return tamper
@@ -89,7 +89,7 @@ def test_a_malformed_reply_is_rejected_and_the_round_goes_on(tiny_flat):
     assert len(record["history"]) == 2 and record["utility"]["value"] is not None
     events = [json.loads(x) for x in (Path(tiny_flat["output.dir"]) / "events.jsonl").read_text().splitlines()]
     dropped = [e for e in events if e["event"] == "dropped"]
-    assert len(dropped) == 1 and dropped[0]["node"] == 1001 and "expected float (B, T, 64)" in dropped[0]["reason"]
+    assert len(dropped) == 1 and dropped[0]["node"] == 1001 and "expected float (N, 64)" in dropped[0]["reason"]  # trimmed by default
 
 
 def test_a_nan_update_is_rejected_by_the_strategy(tiny_flat):
