@@ -64,7 +64,12 @@ def _step0(flat, adapter, *, round_=1, resumed_after=0, steps=None):
 def _released(msg: Message, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
     """The released activations (B, T, D) and mask of a step-0 reply."""
     acts = handle_split_step(msg, context).content["acts"]
-    return torch.from_numpy(acts["h"].numpy()), torch.from_numpy(acts["mask"].numpy()).bool()
+    h, mask = torch.from_numpy(acts["h"].numpy()), torch.from_numpy(acts["mask"].numpy()).bool()
+    if h.dim() == 2:  # split.trim-padding (the default): the real tokens' rows; rebuild (B, T, D), zeros at padding
+        dense = torch.zeros((*mask.shape, h.shape[-1]), dtype=h.dtype)
+        dense[mask] = h
+        h = dense
+    return h, mask
 
 
 def _clean(tiny_flat, adapter):
