@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from guardedtuning.data.batches import Batch, encode, encode_prompts
+from guardedtuning.data.batches import Batch, encode, encode_prompts, left_padded
 from guardedtuning.data.instruct import tokenise_instructions
 from guardedtuning.data.sources import TaskData
 from guardedtuning.errors import DataError
@@ -63,18 +63,6 @@ def greedy_generate(model: SplitModel, tokenizer: Any, texts: list[str], *, inst
     """Greedy decoding through bottom and top (no KV cache: answers are a few tokens)."""
     batch = encode_prompts(tokenizer, texts, max_length=max_length, instruction=instruction)
     return _greedy(model, tokenizer, batch.to(device), max_new_tokens=max_new_tokens, device=device)
-
-
-def left_padded(prompts: list[list[int]], pad_id: int) -> Batch:
-    """Prompt ids left-padded into one batch, for generation."""
-    width = max(len(r) for r in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, r in enumerate(prompts):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    empty = torch.zeros(len(prompts), dtype=torch.long)
-    return Batch(ids, mask, empty, empty)
 
 
 @torch.no_grad()

@@ -118,14 +118,18 @@ def encode(
 
 def encode_prompts(tokenizer: Any, texts: list[str], *, max_length: int, instruction: str) -> Batch:
     """Left-padded prompts for greedy generation."""
-    rows = prompt_ids(tokenizer, instruction, texts, budget=max_length)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
+    return left_padded(prompt_ids(tokenizer, instruction, texts, budget=max_length), tokenizer.pad_token_id)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> Batch:
+    """Prompt ids left-padded into one batch, for generation."""
+    width = max(len(r) for r in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, r in enumerate(prompts):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
-    empty = torch.zeros(len(rows), dtype=torch.long)
+    empty = torch.zeros(len(prompts), dtype=torch.long)
     return Batch(ids, mask, empty, empty)
 
 
