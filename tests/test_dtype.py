@@ -21,10 +21,11 @@ from guardedtuning.models.lora import add_lora, load_trainable, trainable_state
 from guardedtuning.models.parts import client_bottom, split_model
 from guardedtuning.models.split import build_split
 from guardedtuning.privacy.client import ClientPrivacy
-from guardedtuning.privacy.dpsgd import DPAccountant, DPPlan, DPStep
+from guardedtuning.privacy.dpsgd import DPStep
 from guardedtuning.privacy.mechanisms import DChiMechanism
 from guardedtuning.training import forward_activations
 from tests.test_privacy_dpsgd import LABELS, TEXTS, brute_force, plan, server_grad
+from tests.test_release_projection import one_dp_step
 
 KINDS = {"tiny-bert": "encoder", "tiny-llama": "decoder"}
 SPLIT = SplitConfig(layer=2, release_dim=4)
@@ -155,18 +156,7 @@ def test_bf16_trainable_weights_change_after_a_dp_step_and_a_plain_step():
     """Opacus issue 820: the device move comes before LoRA, so the optimizer holds the hooked tensors."""
     bottom = client_bottom(ModelConfig(name="tiny-llama", dtype="bfloat16"), SPLIT, LoraConfig(rank=2), "cpu", 1)
     batch = _batch("tiny-llama")
-    start = trainable_state(bottom)
-    grad = torch.randn(*batch.input_ids.shape, 4) * batch.attention_mask.unsqueeze(-1)
-    dp = DPPlan(noise_multiplier=1.0, sample_rate=0.5, max_grad_norm=1.0, expected_batch_size=4.0,
-                planned_steps=10, target_epsilon=50.0, delta=1e-5)
-    step = DPStep(bottom, dp)
-    try:
-        params = [p for p in bottom.parameters() if p.requires_grad]
-        step.step(torch.optim.SGD(params, lr=0.1), batch, grad, generator=torch.Generator().manual_seed(0),
-                  accountant=DPAccountant())
-    finally:
-        step.close()
-    after = trainable_state(bottom)
+    start, after = one_dp_step(bottom, batch, width=4)
     assert all(not torch.equal(after[n], start[n]) for n in start)
     assert {v.dtype for v in after.values()} == {torch.float32}
     load_trainable(bottom, start, source="test")  # the cached bottom back as it was

@@ -60,13 +60,10 @@ def test_the_token_noise_lives_in_the_released_space():
     assert stats.kstest(r, stats.gamma(a=clean.shape[-1] + 1, scale=1 / eta).cdf).pvalue < 1e-6
 
 
-def test_dp_sgd_moves_the_projection_with_the_adapter():
-    """The projection is a trainable bottom tensor under DP-SGD (opacus issue 820's trap checked here too)."""
-    bottom = client_bottom(ModelConfig(name="tiny-bert"), SPLIT, LoraConfig(rank=2), "cpu", 1)
-    batch = _batch()
+def one_dp_step(bottom, batch, *, width: int):
+    """One DP-SGD step of ``bottom`` on ``batch`` from a random server gradient: (trainable state before, after)."""
     start = trainable_state(bottom)
-    assert any(n.startswith("project.") for n in start)
-    grad = torch.randn(*batch.input_ids.shape, 4) * batch.attention_mask.unsqueeze(-1)
+    grad = torch.randn(*batch.input_ids.shape, width) * batch.attention_mask.unsqueeze(-1)
     plan = DPPlan(noise_multiplier=1.0, sample_rate=0.5, max_grad_norm=1.0, expected_batch_size=4.0,
                   planned_steps=10, target_epsilon=50.0, delta=1e-5)
     step = DPStep(bottom, plan)
@@ -76,7 +73,15 @@ def test_dp_sgd_moves_the_projection_with_the_adapter():
                   accountant=DPAccountant())
     finally:
         step.close()
-    after = trainable_state(bottom)
+    return start, trainable_state(bottom)
+
+
+def test_dp_sgd_moves_the_projection_with_the_adapter():
+    """The projection is a trainable bottom tensor under DP-SGD (opacus issue 820's trap checked here too)."""
+    bottom = client_bottom(ModelConfig(name="tiny-bert"), SPLIT, LoraConfig(rank=2), "cpu", 1)
+    batch = _batch()
+    start, after = one_dp_step(bottom, batch, width=4)
+    assert any(n.startswith("project.") for n in start)
     assert all(not torch.equal(after[n], start[n]) for n in start)
     with torch.no_grad():
         for n, p in bottom.named_parameters():
