@@ -75,7 +75,8 @@ def rand_k_support(*, size: int, density: float, seed: bytes) -> np.ndarray:
     return np.sort(idx).astype(np.int64)
 
 
-def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: bytes) -> np.ndarray:
+def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: bytes,
+                  candidates: np.ndarray | None = None) -> np.ndarray:
     """The largest ``|score|`` coordinates, plus ``explore * k`` random others.
 
     ``score`` must be public (e.g. the sum of past public aggregates), never a client's own
@@ -88,11 +89,14 @@ def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: by
     score : numpy.ndarray
         Public score, shape ``(size,)``.
     density : float
-        Fraction of coordinates kept, in (0, 1].
+        Fraction of the ``size`` coordinates kept, in (0, 1].
     explore : float
         Fraction of the ``k`` coordinates drawn at random among the rest, in [0, 1].
     seed : bytes
         The round's public seed.
+    candidates : numpy.ndarray, optional
+        The coordinates the support may use (:func:`eligible_coordinates`); all when omitted.
+        ``k`` is ``support_size(size, density)``, at most the number of candidates.
 
     Returns
     -------
@@ -106,14 +110,60 @@ def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: by
         raise ValueError("`score` holds NaN or inf; pass the accumulated public aggregate")
     size = score.size
     k = support_size(size=size, density=density)
+    if candidates is None:
+        cand = np.arange(size)
+    else:
+        cand = np.asarray(candidates, dtype=np.int64)
+        if cand.ndim != 1 or not cand.size or (np.diff(cand) <= 0).any() or cand[0] < 0 or cand[-1] >= size:
+            raise ValueError(f"`candidates` must be sorted distinct indices in [0, {size}), at least one")
+        k = min(k, cand.size)
     gen = _generator(seed, b"top-k")
-    tiebreak = gen.permutation(size)
-    order = np.lexsort((tiebreak, -np.abs(score)))  # largest |score| first, ties by permutation
+    tiebreak = gen.permutation(cand.size)
+    order = np.lexsort((tiebreak, -np.abs(score[cand])))  # largest |score| first, ties by permutation
     k_top = k - round(explore * k)
     top = order[:k_top]
-    rest = np.setdiff1d(np.arange(size), top, assume_unique=True)
+    rest = np.setdiff1d(np.arange(cand.size), top, assume_unique=True)
     extra = gen.choice(rest, size=k - k_top, replace=False) if k > k_top else np.empty(0, np.int64)
-    return np.sort(np.concatenate([top, extra])).astype(np.int64)
+    return np.sort(cand[np.concatenate([top, extra]).astype(np.int64)]).astype(np.int64)
+
+
+SCOPES = ("all", "lora-b")
+"""What a support may use: every coordinate, or all but LoRA's A matrices (``lora-b``)."""
+
+
+def eligible_coordinates(shapes: Mapping[str, tuple[int, ...]], *, scope: str) -> np.ndarray:
+    """The flat indices (sorted-name order, as :func:`flatten`) a support of ``scope`` may use.
+
+    ``lora-b`` leaves out every tensor whose name holds ``.lora_A.`` (peft's naming): the
+    update of LoRA's A is never sent, so the global A stays at its initial value, which
+    every party draws from the run's seed (A is frozen across rounds; B starts at zero, so
+    the product ``B A`` still starts at zero and learns through B). LoRA's B, heads,
+    projections and any other tensor stay eligible.
+
+    Parameters
+    ----------
+    shapes : mapping of str to tuple of int
+        Tensor name -> shape of the adapter.
+    scope : str
+        ``"all"`` or ``"lora-b"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted int64 indices.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"`scope` is {scope!r}; expected `all` or `lora-b`")
+    out, start = [], 0
+    for name in sorted(shapes):
+        n = int(np.prod(shapes[name], dtype=np.int64))
+        if scope == "all" or ".lora_A." not in f".{name}.":
+            out.append(np.arange(start, start + n, dtype=np.int64))
+        start += n
+    if not out or not sum(a.size for a in out):
+        raise ValueError(f"`scope` {scope!r} leaves no coordinate of the adapter ({sorted(shapes)[:3]}...); "
+                         "use aggregation.scope=all")
+    return np.concatenate(out)
 
 
 def support_digest(support: np.ndarray) -> bytes:

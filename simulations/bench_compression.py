@@ -1,59 +1,181 @@
-"""Bytes and utility of secure sparse aggregation against plain FedAvg, side by side.
+"""Bytes against utility of the wire and update settings, for split, guarded and fedlora, in one table.
 
-Runs a federated recipe (``fedlora`` by default: every byte it uploads is the adapter
-update) twice on Flower's simulation engine with the same seed, clients and data: once
-with plain FedAvg of dense fp32 updates, once with ``aggregation.secure`` (sparse,
-quantized, masked), and prints utility per round and bytes uploaded per client and round
-(serialised messages, all secure-aggregation stages included) against the dense fp32
-size of the update.
+Each variant is one in-process run (:func:`guardedtuning.inprocess.run_in_process`: the real
+ServerApp and ClientApps, the secure-aggregation stages included, over an in-process grid; it
+computes what the Flower run computes) on the same schedule, seed, clients and data. The table
+has, per variant: the wire setting, the bytes up and down per client-round (every serialised
+message of the round: activations, gradients, updates and all secure-aggregation stages), the
+bytes of the adapter update alone (the round's final replies plus the secure stages' messages,
+up), that as a fraction of the dense fp32 update, the whole round's fraction of the dense fp32
+``split`` round, the utility, and the utility as a fraction of its recipe's uncompressed run
+(plain FedAvg of dense fp32 updates, fp32 cut).
 
-    python simulations/bench_compression.py [--recipe fedlora] [--model minilm-l6] [--rounds 3]
-        [--density 0.05] [--bits 8] [--max-weight 1024]
+Each run's record goes to ``<out>/<variant>/results.json``; a variant whose record is there,
+written by the same config, is read back instead of run again (``--fresh`` reruns it).
+
+    python simulations/bench_compression.py [--out /work/runs/compression] [--only NAME ...]
+        [--rounds 3] [--local-steps 10] [--fresh] [--list]
+
+The default schedule is the sweep's fast one (``federation.rounds=3``, ``train.local-steps=10``;
+10 clients, 5 a round, MiniLM, the sentiment task).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from guardedtuning.launcher import run_to_completion
-from guardedtuning.recipes import build_config, get
+# (name, recipe, reference variant (uncompressed, same recipe), wire setting in words, run-config sets)
+VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
+    ("split-fp32", "split", "split-fp32", "fp32 cut, dense fp32 FedAvg", {}),
+    ("guarded-plain", "guarded", "guarded-plain", "fp32 cut, dense fp32 FedAvg (no secure agg.)",
+     {"aggregation.secure": False, "split.trim-padding": False}),
+    ("guarded-default", "guarded", "guarded-plain", "default: trimmed fp32 cut, secure 100 % 8 bit", {}),
+    ("guarded-b2", "guarded", "guarded-plain", "secure top-k 8 % (B, projection), 2 bit, weight 1",
+     {"aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.density": 0.08,
+      "aggregation.bits": 2, "aggregation.max-weight": 1}),
+    ("fedlora-plain", "fedlora", "fedlora-plain", "dense fp32 FedAvg", {}),
+    ("fedlora-rand5", "fedlora", "fedlora-plain", "secure rand-k 5 %, 8 bit, weight 1 (issue 13's start)",
+     {"aggregation.secure": True, "aggregation.density": 0.05, "aggregation.bits": 8, "aggregation.max-weight": 1}),
+    ("fedlora-topk5", "fedlora", "fedlora-plain", "secure top-k 5 % (explore 0.5), 8 bit, weight 1",
+     {"aggregation.secure": True, "aggregation.density": 0.05, "aggregation.bits": 8, "aggregation.max-weight": 1,
+      "aggregation.support": "topk"}),
+    ("fedlora-rand13-2b", "fedlora", "fedlora-plain", "secure rand-k 13.5 %, 2 bit, weight 1",
+     {"aggregation.secure": True, "aggregation.density": 0.135, "aggregation.bits": 2, "aggregation.max-weight": 1}),
+    ("fedlora-b2", "fedlora", "fedlora-plain", "secure top-k 13.5 % (B, head), 2 bit clip 0.02, weight 1",
+     {"aggregation.secure": True, "aggregation.density": 0.135, "aggregation.bits": 2, "aggregation.max-weight": 1,
+      "aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.clip": 0.02}),
+]
 
 
-def run_once(flat: dict, out: Path) -> dict:
-    return run_to_completion(build_config({**flat, "output.dir": str(out)}))
+class UpdateTally:
+    """Bytes of the adapter update alone: the final replies of each round plus the secure stages' messages.
+
+    Installed around :meth:`ServerRun.aggregate` and :meth:`ServerRun._settle` for one run (the
+    same numbers the ledger adds, kept apart from the activations and gradients of split learning).
+    """
+
+    def __init__(self) -> None:
+        self.up = self.down = 0
+
+    def install(self) -> None:
+        from guardedtuning.server_app.common import ServerRun
+
+        aggregate, settle, tally = ServerRun.aggregate, ServerRun._settle, self
+
+        def counted_aggregate(run, strategy, round_, ex, *, since=0):  # type: ignore[no-untyped-def]
+            tally.up += sum(ex.bytes_up[n] for n in ex.ok() if n in ex.bytes_up)
+            return aggregate(run, strategy, round_, ex, since=since)
+
+        def counted_settle(run, strategy, round_, since, metrics):  # type: ignore[no-untyped-def]
+            if metrics is not None and "secagg-bytes-up" in metrics:
+                tally.up += int(metrics["secagg-bytes-up"])
+                tally.down += int(metrics["secagg-bytes-down"])
+            return settle(run, strategy, round_, since, metrics)
+
+        ServerRun.aggregate, ServerRun._settle = counted_aggregate, counted_settle
+        self._restore = (aggregate, settle)
+
+    def uninstall(self) -> None:
+        from guardedtuning.server_app.common import ServerRun
+
+        ServerRun.aggregate, ServerRun._settle = self._restore
+
+
+def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, schedule: dict[str, Any],
+                fresh: bool, run: bool = True) -> dict[str, Any] | None:
+    """One variant's summary: read back from ``<out>/<name>/summary.json`` when its config matches, else run.
+
+    ``run=False``: only read back (None when there is no matching record).
+    """
+    from guardedtuning.inprocess import run_in_process
+    from guardedtuning.recipes import config_for
+
+    folder = out / name
+    cfg = config_for(recipe, {**schedule, **sets, "output.dir": str(folder), "output.resume": False})
+    done = folder / "summary.json"
+    if done.is_file() and not fresh:
+        summary = json.loads(done.read_text())
+        if summary.get("config") == cfg.flat():
+            return summary
+    if not run:
+        return None
+    tally = UpdateTally()
+    tally.install()
+    t0 = time.perf_counter()
+    try:
+        rec = run_in_process(cfg)
+    finally:
+        tally.uninstall()
+    c = rec["cost"]
+    clients = sum(len(ev["clients"]) for ev in _events(folder) if ev.get("event") == "round_start")
+    summary = {
+        "name": name, "recipe": recipe, "config": cfg.flat(), "utility": rec["utility"]["value"],
+        "history": [h["utility"] for h in rec["history"]],
+        "up": c["bytes_up_per_client_round"], "down": c["bytes_down_per_client_round"],
+        "update_up": tally.up / max(1, clients), "secagg_down": tally.down / max(1, clients),
+        "dense_update": c["dense_bytes_per_client_round"], "wall_s": time.perf_counter() - t0,
+    }
+    done.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _events(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def table(rows: list[dict[str, Any]], words: dict[str, str], refs: dict[str, str]) -> str:
+    by = {r["name"]: r for r in rows}
+    dense_split = by.get("split-fp32")
+    head = ("| recipe | variant | wire setting | up B/client-round | down B/client-round | update up B "
+            "| update / dense fp32 update | round / dense fp32 split | utility | of uncompressed |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        ref = by.get(refs[r["name"]])
+        total = (r["up"] + r["down"]) / (dense_split["up"] + dense_split["down"]) if dense_split else None
+        kept = None if ref is None else r["utility"] / ref["utility"]
+        lines.append(
+            f"| {r['recipe']} | {r['name']} | {words[r['name']]} | {r['up']:,.0f} | {r['down']:,.0f} "
+            f"| {r['update_up']:,.0f} | {100 * r['update_up'] / r['dense_update']:.2f} % "
+            f"| {'-' if total is None else f'{100 * total:.1f} %'} | {r['utility']:.3f} "
+            f"| {'-' if kept is None else f'{100 * kept:.1f} %'} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="fedlora")
-    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--out", type=Path, default=Path("/work/runs/compression"))
+    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--density", type=float, default=0.05)
-    p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--max-weight", type=int, default=1024)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--fresh", action="store_true", help="rerun variants whose record exists")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
     args = p.parse_args()
-    base = {**get(args.recipe).overrides, "recipe": args.recipe, "aggregation.secure": False, "model.name": args.model, "federation.rounds": args.rounds,
-            "federation.num-clients": 10, "federation.clients-per-round": 5, "train.local-steps": 20}
-    secure = {**base, "aggregation.secure": True, "aggregation.density": args.density,
-              "aggregation.bits": args.bits, "aggregation.max-weight": args.max_weight}
-    with tempfile.TemporaryDirectory() as tmp:
-        plain_rec = run_once(base, Path(tmp) / "plain")
-        secure_rec = run_once(secure, Path(tmp) / "secure")
-    print(f"\n{args.recipe} on {args.model}, 10 clients, 5 per round, {args.rounds} rounds, 20 local steps")
-    print(f"{'round':>5} {'FedAvg dense fp32':>20} {'secure sparse':>20}")
-    for a, b in zip(plain_rec["history"], secure_rec["history"], strict=True):
-        print(f"{a['round']:>5} {a['utility']:>20.4f} {b['utility']:>20.4f}")
-    for name, rec in (("FedAvg dense fp32", plain_rec), (f"secure, density {args.density}, {args.bits} bits", secure_rec)):
-        c = rec["cost"]
-        up, dense = c["bytes_up_per_client_round"], c["dense_bytes_per_client_round"]
-        print(f"{name:38s} up {up:>12,.0f} B/client-round  dense fp32 update {dense:>10,.0f} B  "
-              f"-> {100 * (1 - up / dense):5.1f}% less than dense; down {c['bytes_down_per_client_round']:,.0f} B")
-    ratio = secure_rec["cost"]["bytes_up_per_client_round"] / plain_rec["cost"]["bytes_up_per_client_round"]
-    print(f"secure upload / FedAvg upload: {ratio:.4f} ({100 * (1 - ratio):.1f}% less); final utility "
-          f"{secure_rec['utility']['value']:.4f} vs {plain_rec['utility']['value']:.4f}")
+    names = [v[0] for v in VARIANTS]
+    if args.list:
+        for name, recipe, _, words, sets in VARIANTS:
+            print(f"{name:20s} {recipe:8s} {words}  {sets}")
+        return 0
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        p.error(f"--only {unknown}: no such variant; --list shows {names}")
+    schedule = {"federation.rounds": args.rounds, "train.local-steps": args.local_steps}
+    rows = []
+    for name, recipe, _, _, sets in VARIANTS:
+        chosen = args.only is None or name in args.only
+        row = run_variant(name, recipe, sets, out=args.out, schedule=schedule, fresh=args.fresh and chosen,
+                          run=chosen)
+        if row is not None:
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+    print(f"\nin-process runs, {args.rounds} rounds of {args.local_steps} local steps, 10 clients, 5 a round, "
+          "MiniLM, sentiment; bytes are serialised messages per client-round")
+    print(table(rows, {v[0]: v[3] for v in VARIANTS}, {v[0]: v[2] for v in VARIANTS}))
     return 0
 
 

@@ -259,6 +259,10 @@ class AggregationConfig:
     clip: float = _opt(0.05, "secure: quantization range [-clip, clip] of a sent value")
     support: str = _opt("rand", "secure: `rand` (rand-k from a public round seed) or `topk` (of the public aggregate)")
     explore: float = _opt(0.5, "secure, topk: fraction of the support drawn at random")
+    scope: str = _opt(
+        "all", "secure, topk: coordinates the support may use: `all`, or `lora-b` (never LoRA's A matrices, whose "
+               "global value then stays at its shared random init; B, the head and other tensors are eligible)"
+    )
     degree: int = _opt(
         0, "secure: neighbours per client in the masking graph; 0 = the smallest that meets security-bits and "
            "collusion (complete graph up to 10 clients; docs/threat-model.md)"
@@ -289,6 +293,12 @@ class AggregationConfig:
             raise _fail("aggregation.support", self.support, "`rand` or `topk`")
         if not 0 <= self.explore <= 1:
             raise _fail("aggregation.explore", self.explore, "a number in [0, 1]")
+        if self.scope not in ("all", "lora-b"):
+            raise _fail("aggregation.scope", self.scope, "`all` or `lora-b`")
+        if self.scope != "all" and self.support != "topk":
+            raise _fail("aggregation.scope", self.scope, "`all` unless aggregation.support=topk (the server sends a "
+                        "scoped support's indices; set aggregation.support=topk, with aggregation.explore=1 for a "
+                        "random one)")
         if self.degree < 0:
             raise _fail("aggregation.degree", self.degree, "an integer >= 0 (0 picks O(log n))")
         if not (self.threshold == 0 or self.threshold >= 2):

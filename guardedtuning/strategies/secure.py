@@ -61,12 +61,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from guardedtuning.codecs import (
+    SCOPES,
     dequantize_mean,
+    eligible_coordinates,
     encode_downlink,
     max_level,
     rand_k_support,
     scatter,
-    support_size,
     top_k_support,
     unflatten,
 )
@@ -142,6 +143,10 @@ class SecureAggregation(Strategy):
         public aggregate, with ``explore`` of the k drawn at random).
     explore : float
         Random fraction of a top-k support, in [0, 1].
+    scope : str
+        Coordinates a top-k support may use (:func:`~guardedtuning.codecs.eligible_coordinates`):
+        ``"all"``, or ``"lora-b"`` (never LoRA's A, which then stays at its shared initial
+        value; the support holds at most the eligible coordinates). Needs ``support="topk"``.
     degree : int
         Neighbours per client in the masking graph; 0 picks the smallest that meets
         ``security_bits`` and ``collusion`` (:func:`~.secagg.graph.min_degree`); ``>= n - 1``
@@ -181,7 +186,8 @@ class SecureAggregation(Strategy):
 
     def __init__(
         self, strategy: Strategy, *, num_sampled_clients: int, seed: int = 0, density: float = 0.05, bits: int = 8,
-        clip: float = 0.05, support: str = "rand", explore: float = 0.5, degree: int = 0, threshold: int = 0,
+        clip: float = 0.05, support: str = "rand", explore: float = 0.5, scope: str = "all", degree: int = 0,
+        threshold: int = 0,
         max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "bits", downlink_bits: int = 0,
         timeout: float = 600.0, poll: float = 0.002, security_bits: int = SECURITY_BITS, collusion: float = COLLUSION,
     ) -> None:
@@ -193,6 +199,8 @@ class SecureAggregation(Strategy):
             ("clip", clip, clip > 0, "a positive number"),
             ("support", support, support in SUPPORTS, f"one of {SUPPORTS}"),
             ("explore", explore, 0 <= explore <= 1, "a number in [0, 1]"),
+            ("scope", scope, scope in SCOPES and (scope == "all" or support == "topk"),
+             f"one of {SCOPES}, and `all` unless support='topk' (the server sends a scoped support)"),
             ("degree", degree, degree >= 0, "an integer >= 0 (0 picks O(log n))"),
             ("threshold", threshold, threshold == 0 or threshold >= 2, "0 (auto) or an integer >= 2"),
             ("max_weight", max_weight, max_weight >= 1, "a positive integer"),
@@ -212,6 +220,7 @@ class SecureAggregation(Strategy):
         self.strategy = strategy
         self.num_sampled_clients, self.seed = num_sampled_clients, seed
         self.density, self.bits, self.clip, self.support, self.explore = density, bits, clip, support, explore
+        self.scope = scope
         self.degree, self.threshold, self.max_weight, self.norm_clip = degree, threshold, max_weight, norm_clip
         self.packing, self.downlink_bits, self.timeout, self.poll = packing, downlink_bits, timeout, poll
         self.rejections: list[str] = []
@@ -221,8 +230,8 @@ class SecureAggregation(Strategy):
         self._score: np.ndarray | None = None  # accumulated public aggregates (top-k support)
 
     def summary(self) -> None:
-        log.info("SecureAggregation: density %s, %d bits, clip %s, support %s, degree %s, threshold %s, "
-                 "security %d bits, collusion %.3g, around:", self.density, self.bits, self.clip, self.support,
+        log.info("SecureAggregation: density %s, %d bits, clip %s, support %s, scope %s, degree %s, threshold %s, "
+                 "security %d bits, collusion %.3g, around:", self.density, self.bits, self.clip, self.support, self.scope,
                  self.degree or "auto", self.threshold or "auto", self.security_bits, self.collusion)
         self.strategy.summary()
 
@@ -231,8 +240,13 @@ class SecureAggregation(Strategy):
         return hashlib.sha256(b"gt-secagg/round/" + self.seed.to_bytes(8, "little", signed=True)
                               + server_round.to_bytes(8, "little")).digest()
 
-    def round_params(self, server_round: int, nodes: list[int], size: int, run_id: int = 0) -> RoundParams | None:
-        """The round's public parameters, or None (logged) when the round cannot be secure."""
+    def round_params(self, server_round: int, nodes: list[int], size: int, run_id: int = 0,
+                     shapes: dict[str, tuple[int, ...]] | None = None) -> RoundParams | None:
+        """The round's public parameters, or None (logged) when the round cannot be secure.
+
+        ``shapes`` (name -> shape of the global arrays) sets the coordinates a scoped top-k
+        support may use; without it the support may use all ``size``.
+        """
         n = len(nodes)
         degree, t, quorum = round_shape(n, degree=self.degree, threshold=self.threshold,
                                         security_bits=self.security_bits, collusion=self.collusion)
@@ -248,7 +262,14 @@ class SecureAggregation(Strategy):
         seed = self.round_seed(server_round)
         if self.support == "topk":
             score = self._score if self._score is not None and self._score.size == size else np.zeros(size)
-            sup = top_k_support(score=score, density=self.density, explore=self.explore, seed=seed)
+            cand = None
+            if self.scope != "all" and shapes is not None:
+                try:
+                    cand = eligible_coordinates(shapes, scope=self.scope)
+                except ValueError as exc:
+                    log.warning("round %d skipped: %s", server_round, exc)
+                    return None
+            sup = top_k_support(score=score, density=self.density, explore=self.explore, seed=seed, candidates=cand)
         else:
             sup = rand_k_support(size=size, density=self.density, seed=seed)
         try:
@@ -275,7 +296,8 @@ class SecureAggregation(Strategy):
             return []
         current = {k: arrays[k].numpy().astype(np.float64) for k in arrays.keys()}
         size = int(sum(v.size for v in current.values()))
-        params = self.round_params(server_round, sorted(types), size, run_id=msgs[0].metadata.run_id)
+        params = self.round_params(server_round, sorted(types), size, run_id=msgs[0].metadata.run_id,
+                                   shapes={k: v.shape for k, v in current.items()})
         if params is None:
             return []
         rnd = _Round(params=params, grid=grid, types=types, current=current, server=ServerSecAgg(params))
@@ -447,7 +469,7 @@ class SecureAggregation(Strategy):
             **stats, "refused": 0 if arrays is not None else 1, "num-examples": float(result.weight),
             "clients": len(result.survivors), "dropped": len(params.nodes) - len(result.survivors),
             "advertised": len(masked), "quantization-step": params.clip / (max_level(params.bits) // 2),
-            "support-size": support_size(size=params.size, density=params.density),
+            "support-size": len(params.support),
         })
         return arrays, metrics
 

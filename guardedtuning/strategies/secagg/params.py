@@ -50,7 +50,8 @@ class RoundParams:
     size : int
         Length of the flattened adapter update.
     density : float
-        Fraction of the ``size`` coordinates sent.
+        Fraction of the ``size`` coordinates sent (a top-k support may hold fewer, when its
+        scope has fewer coordinates than ``ceil(density * size)``).
     support_mode : str
         ``"rand"`` (derived from ``seed``) or ``"topk"`` (indices sent by the server).
     support : numpy.ndarray
@@ -114,8 +115,12 @@ class RoundParams:
         max_level(self.bits)
         sup = np.asarray(self.support)
         k = support_size(size=self.size, density=self.density)
-        if sup.shape != (k,) or (k > 1 and not (np.diff(sup) > 0).all()) or sup[0] < 0 or sup[-1] >= self.size:
-            raise ValueError(f"`support` must be {k} sorted distinct indices in [0, {self.size})")
+        # a top-k support the server sends may be shorter than k (a scope with fewer coordinates, e.g. LoRA's B)
+        short = self.support_mode == "topk" and sup.ndim == 1 and 1 <= sup.size <= k
+        if (sup.shape != (k,) and not short) or (sup.size > 1 and not (np.diff(sup) > 0).all()) or sup[0] < 0 \
+                or sup[-1] >= self.size:
+            raise ValueError(f"`support` must be {k} sorted distinct indices in [0, {self.size})"
+                             + (" (at most that many in top-k mode)" if self.support_mode == "topk" else ""))
         self.field_bits  # noqa: B018 - raises if the field would exceed 64 bits
 
     @cached_property
