@@ -205,6 +205,12 @@ class Relay:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()  # strong references: asyncio keeps only weak ones
+
+    def _keep(self, task: asyncio.Task) -> asyncio.Task:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._main, name=f"relay-{self.netns}", daemon=True)
@@ -242,14 +248,15 @@ class Relay:
             task.cancel()
 
     async def _connection(self, i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._keep(asyncio.current_task())
         self.stats[i].connections += 1
         try:
             up_r, up_w = await asyncio.open_connection(*self.upstream)
         except OSError:
             writer.close()
             return
-        tasks = [asyncio.create_task(self._pump(i, reader, up_w, up=True)),
-                 asyncio.create_task(self._pump(i, up_r, writer, up=False))]
+        tasks = [self._keep(asyncio.create_task(self._pump(i, reader, up_w, up=True))),
+                 self._keep(asyncio.create_task(self._pump(i, up_r, writer, up=False)))]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if any(t.exception() is not None for t in done):  # a reset on one side ends both
@@ -285,7 +292,7 @@ class Relay:
                 writer.write(b"".join(out))
                 await writer.drain()
 
-        task = asyncio.create_task(sender())
+        task = self._keep(asyncio.create_task(sender()))
         last = 0.0
         try:
             while True:
@@ -495,7 +502,8 @@ class NetnsFederation(LocalFederation):
         # `ip netns exec` execs the command (same PID): parent-death signal, marker and group stay
         return self._spawn(self.wan.exec_prefix(ns) + cmd, log_name, home, cwd=cwd)
 
-    def start(self, *, timeout: float = 120.0) -> None:
+    def start(self, *, timeout: float = 600.0) -> None:
+        """As :meth:`LocalFederation.start`; ``timeout`` is generous: `flwr` takes minutes on a saturated machine."""
         from guardedtuning.deploy import MARKER
         from guardedtuning.launcher import Watchdog
 
@@ -538,6 +546,27 @@ class NetnsFederation(LocalFederation):
         if private_key is not None:
             cmd += ["--auth-supernode-private-key", str(private_key)]
         return cmd
+
+    def restart_node(self, i: int, *, retry_s: float = 5.0, settle_s: float = 15.0,
+                     deadline_s: float = 300.0) -> tuple[int, float]:
+        """Start SuperNode ``i`` again until it stays up (a service manager's restart-on-failure).
+
+        After a SIGKILL the SuperLink refuses the same key (``Failed to activate SuperNode``)
+        until the dead node misses its heartbeats (Flower: 2 x 30 s); a start that exits
+        within ``settle_s`` is retried after ``retry_s``. Returns (attempts, seconds taken).
+        """
+        t0 = time.monotonic()
+        attempts = 0
+        while time.monotonic() - t0 < deadline_s:
+            attempts += 1
+            proc = self.start_node(i)
+            try:
+                proc.wait(timeout=settle_s)
+            except subprocess.TimeoutExpired:
+                return attempts, time.monotonic() - t0
+            time.sleep(retry_s)
+        raise TimeoutError(f"SuperNode {i} did not come back within {deadline_s:.0f}s ({attempts} starts); "
+                           f"see {self.root / 'logs' / f'supernode-{i}.log'}")
 
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> list[int]:
         """Send ``sig`` to SuperNode ``i`` and its ClientApp process (everything started in its namespace)."""

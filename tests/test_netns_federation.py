@@ -94,16 +94,17 @@ def test_relay_delay_loss_and_tbf_rate():
             base = statistics.median(in_netns(wan.node_ns(0), round_trips, addr, small, 10))
             wan.shape(0, rtt=0.1)
             delayed = in_netns(wan.node_ns(0), round_trips, addr, small, 10)
-            assert 0.1 <= statistics.median(delayed) < 0.1 + base + 0.1, delayed
+            # lower bounds are exact; the upper one leaves room for a loaded machine's scheduling
+            assert 0.1 <= statistics.median(delayed) < 0.1 + 3 * base + 0.2, (base, delayed)
             # loss: a stalled segment waits one RTO (max(0.2 s, rtt)); one segment each way per round trip
             wan.shape(0, rtt=0.0, loss=0.3)
             lossy = in_netns(wan.node_ns(0), round_trips, addr, small, 40)
-            stalled = [t for t in lossy if t >= 0.2]
-            assert 6 <= len(stalled) <= 30, lossy  # P(stall) = 1 - 0.7^2 = 0.51 per round trip
-            assert wan.relay.stats[0].stalled >= len(stalled)
+            stalled = wan.relay.stats[0].stalled
+            assert 10 <= stalled <= 40, stalled  # of 80 segments at p = 0.3 (seeded)
+            assert sum(t >= 0.2 for t in lossy) >= stalled / 2, lossy  # each stall costs its round trip >= 0.2 s
             # the other link is untouched by link 0's shape
-            other = in_netns(wan.node_ns(1), round_trips, (wan.relay_ip(1), wan.port), small, 10)
-            assert statistics.median(other) < 0.05, other
+            in_netns(wan.node_ns(1), round_trips, (wan.relay_ip(1), wan.port), small, 10)
+            assert wan.relay.stats[1].stalled == 0 and wan.relay.stats[1].segments == 20
             # tbf at 100 Mbit/s each way: 4 MB echoed is >= 0.32 s on the wire
             wan.shape(0, loss=0.0)
             big = in_netns(wan.node_ns(0), round_trips, addr, b"\x5a" * 4_000_000, 2)
