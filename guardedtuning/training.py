@@ -221,6 +221,29 @@ def _pad_to(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
     return F.pad(t, spec, value=value)
 
 
+TOP_GROUP_ROWS = 16
+"""Rows per pass of the trimmed top (:func:`length_groups`): large enough for efficient matmuls on a CPU."""
+
+
+def used_lengths(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's used length, (N, T) -> (N,): one past its last position with a mask or a label, at least 1.
+
+    The positions after it reach no loss (no label) and no other position (no mask), so
+    cutting them off changes no result.
+    """
+    used = attention_mask.bool()
+    if labels.dim() == 2:
+        used = used | (labels != IGNORE)
+    pos = torch.arange(1, used.shape[1] + 1, device=used.device)
+    return (used * pos).amax(1).clamp(min=1)
+
+
+def length_groups(lengths: torch.Tensor, rows: int = TOP_GROUP_ROWS) -> list[tuple[torch.Tensor, int]]:
+    """Row indices sorted by length (longest first), in groups of ``rows``, each with its longest length."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return [(idx, int(lengths[idx[0]])) for idx in order.split(rows)]
+
+
 class NonFiniteClients(ValueError):
     """Raised by :func:`top_step` *before* the top's optimizer steps: these clients poisoned the pass.
 
@@ -242,6 +265,8 @@ def top_step(
     opt: torch.optim.Optimizer | None,
     acts: list[ClientActs],
     device: torch.device,
+    *,
+    trim_padding: bool = True,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """One batched top pass over every sampled client's activations.
 
@@ -269,6 +294,14 @@ def top_step(
         Each client's checked activations (non-empty batches).
     device : torch.device
         Where the top runs.
+    trim_padding : bool
+        Compute no padding: the rows of all clients, sorted by their used length (up to the
+        last position with a mask or a label), go through the top in groups of
+        :data:`TOP_GROUP_ROWS`, each cut to its longest row (:func:`length_groups`); False pads
+        every row to the longest row of any client, as one pass. Rows never interact in the
+        top, so both give the same losses and gradients up to float rounding (tested with
+        dropout off); with the top's dropout on, its random masks are drawn over different
+        shapes, so the two draw different (equally distributed) masks.
 
     Returns
     -------
@@ -293,7 +326,14 @@ def top_step(
         opt.zero_grad(set_to_none=True)
     top.train()
     try:
-        per_example = top.per_example_loss(h, mask, labels)  # (N,)
+        if trim_padding:
+            groups = length_groups(used_lengths(mask, labels))
+            parts = [top.per_example_loss(h[idx, :w], mask[idx, :w], labels[idx, :w] if labels.dim() == 2
+                                          else labels[idx]) for idx, w in groups]
+            order = torch.cat([idx for idx, _ in groups])
+            per_example = torch.cat(parts)[torch.argsort(order)]  # (N,), back in the clients' order
+        else:
+            per_example = top.per_example_loss(h, mask, labels)  # (N,)
     finally:
         top.eval()
     per_client = torch.stack([chunk.mean() for chunk in per_example.split(sizes)])  # (C,)
