@@ -14,6 +14,7 @@ medians are compared. Last line: ``overhead_ratio=<real wall / in-process wall>`
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +27,16 @@ from guardedtuning.config import parse_set  # noqa: E402
 from guardedtuning.inprocess import run_in_process  # noqa: E402
 from guardedtuning.launcher import run_to_completion  # noqa: E402
 from guardedtuning.recipes import DEFAULT, config_for  # noqa: E402
+
+
+def step_figures(out: Path) -> str:
+    """Medians over the run's split steps (``events.jsonl``): overhead (no party computing) and exchange wall."""
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e.get("event") == "step" and "overhead_s" in e]
+    if not steps:
+        return "no step events"
+    return (f"{len(steps)} steps: overhead median {statistics.median(e['overhead_s'] for e in steps) * 1000:.1f} ms, "
+            f"exchange median {statistics.median(e['exchange_s'] for e in steps) * 1000:.1f} ms")
 
 
 def main() -> int:
@@ -51,7 +62,8 @@ def main() -> int:
             rounds[name].append(float(record["cost"]["wall_s"]))
             utility[name].append(float(record["utility"]["value"]))
             print(f"repeat {rep} {name}: wall {walls[name][-1]:.1f} s (rounds {rounds[name][-1]:.1f} s), "
-                  f"{record['utility']['metric']} {utility[name][-1]:.4f}", flush=True)
+                  f"{record['utility']['metric']} {utility[name][-1]:.4f}; {step_figures(root / f'{name}{rep}')}",
+                  flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     med_rounds = {k: statistics.median(v) for k, v in rounds.items()}
     print(f"recipe {args.recipe}, {args.repeats} repeat(s), sets {sets or 'none'}")
