@@ -179,8 +179,13 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
 
 
-def row_of(point: Point, records: Sequence[dict[str, Any]], attacks: dict[str, Any]) -> dict[str, Any]:
-    """One table row: utility over the seeds' ``records``, cost and ε of the first, its ``attacks``."""
+def row_of(point: Point, records: Sequence[dict[str, Any]], attacks: dict[str, Any],
+           default: bool | None = None) -> dict[str, Any]:
+    """One table row: utility over the seeds' ``records``, cost and ε of the first, its ``attacks``.
+
+    ``default`` marks the row that computes what ``guardedtuning run`` runs (see :func:`computes_default`);
+    ``None`` compares the point with :data:`DEFAULT_POINT` by name.
+    """
     first = records[0]
     c = first["cost"]
     up, down = c.get("bytes_up_per_client_round"), c.get("bytes_down_per_client_round")
@@ -188,7 +193,7 @@ def row_of(point: Point, records: Sequence[dict[str, Any]], attacks: dict[str, A
     mean = sum(us) / len(us) if us else None
     row: dict[str, Any] = {
         "point": point.name, "recipe": point.recipe, "knobs": json.dumps(point.sets, sort_keys=True),
-        "default": point == DEFAULT_POINT, "seeds": len(records),
+        "default": point == DEFAULT_POINT if default is None else default, "seeds": len(records),
         "utility": mean, "utility_min": min(us) if us else None, "utility_max": max(us) if us else None,
         "utility_std": math.sqrt(sum((u - mean) ** 2 for u in us) / (len(us) - 1)) if len(us) > 1 else None,
         "utility_seeds": json.dumps([round(u, 4) for u in us]),
@@ -212,10 +217,11 @@ def row_of(point: Point, records: Sequence[dict[str, Any]], attacks: dict[str, A
     return row
 
 
-def failed_row(point: Point) -> dict[str, Any]:
+def failed_row(point: Point, default: bool | None = None) -> dict[str, Any]:
     """The row of a point whose first run failed: no figures, the reason goes in ``skipped``."""
     row: dict[str, Any] = {"point": point.name, "recipe": point.recipe, "knobs": json.dumps(point.sets, sort_keys=True),
-                           "default": point == DEFAULT_POINT, "seeds": 0, "utility_seeds": "[]"}
+                           "default": point == DEFAULT_POINT if default is None else default, "seeds": 0,
+                           "utility_seeds": "[]"}
     for key in ("utility", "utility_min", "utility_max", "utility_std", "majority_rate", "epsilon",
                 "bytes_per_client_round", "wall_s", "attack_s", "eia_max", "eia_nn_top5", "eia_nn_rouge_l",
                 "aia_majority", *ATTACK_COLUMNS):
@@ -426,6 +432,24 @@ RUNNERS: dict[str, Runner] = {"inprocess": in_process_runner, "flower": default_
 _NOT_COMPUTE = ("output.", "comm.", "sim.")
 
 
+def _compute_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The keys of two flat configs that change what a run computes (not output, comm or sim keys)."""
+    return [k for k in sorted(set(ours) | set(theirs)) if not k.startswith(_NOT_COMPUTE) and ours.get(k) != theirs.get(k)]
+
+
+def computes_default(point: Point, base: dict[str, Any], default_base: dict[str, Any], seed: int) -> bool:
+    """Whether ``point`` under ``base`` computes what the default recipe computes under ``default_base``.
+
+    ``default_base`` is the schedule's overrides alone: a sweep run with ``--set train.lr=...`` under
+    every point moves every point, and the default is the point that undoes it (if any), not the
+    point spelled ``guarded``.
+    """
+    here = Path("/nonexistent-trilemma-dir")
+    ours = json.loads(json.dumps(point_config(point, base, seed, here).flat()))
+    theirs = json.loads(json.dumps(point_config(DEFAULT_POINT, default_base, seed, here).flat()))
+    return not _compute_diff(ours, theirs)
+
+
 def _finished(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
     """The finished record in ``run_dir`` if its config is ``cfg``'s; ``None`` if none; refused if another."""
     path = run_dir / "results.json"
@@ -438,7 +462,7 @@ def _finished(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
     except GuardedTuningError as exc:
         raise ConfigError(f"{path}: its config does not build with this version ({exc}); delete {run_dir} to rerun "
                           "it, or pass another --out") from None
-    diff = [k for k in sorted(set(ours) | set(theirs)) if not k.startswith(_NOT_COMPUTE) and ours.get(k) != theirs.get(k)]
+    diff = _compute_diff(ours, theirs)
     if diff:
         shown = ", ".join(f"{k}={theirs.get(k)!r} (this sweep: {ours.get(k)!r})" for k in diff[:6])
         raise ConfigError(f"{path} was run with another config: {shown}; pass another --out, or delete {run_dir} "
@@ -452,7 +476,8 @@ def _options_json(opts: AttackOptions) -> dict[str, Any]:
 
 def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: Runner = default_runner,
           attack_options: AttackOptions | None = None, seeds: int = 1, about: str = "",
-          on_event: Callable[[str, Point, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          on_event: Callable[[str, Point, dict[str, Any]], None] | None = None,
+          default_base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run every point at ``seeds`` seeds, attack its first seed's run, tabulate and plot.
 
     Parameters
@@ -473,6 +498,9 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
         A line for ``trilemma.md`` (the schedule).
     on_event
         ``(kind, point, data)`` with kind ``run``/``skip`` (data: ``seed``), ``attack``, ``log``, ``done``.
+    default_base
+        The overrides under which the default recipe is "the default" (the schedule's, without the
+        user's ``--set`` values); the row computing that config is marked default. ``None``: ``base``.
 
     Returns
     -------
@@ -518,7 +546,8 @@ def sweep(points: Sequence[Point], base: dict[str, Any], out: Path, *, runner: R
                                                     if k in ATTACK_COLUMNS and isinstance(v, dict)}
                     (run_dir / "results.json").write_text(json.dumps(record, indent=2))
             records.append(record)
-        row = row_of(point, records, attacks) if records else failed_row(point)
+        is_default = computes_default(point, base, base if default_base is None else default_base, s0)
+        row = row_of(point, records, attacks, is_default) if records else failed_row(point, is_default)
         if failed:  # the seeds before the failure still count; the reason is in the row
             row["skipped"] = "; ".join(x for x in (row.get("skipped"), failed) if x)
         rows.append(row)
@@ -651,7 +680,8 @@ def main_cli(args: Any, console: Any) -> int:
             result = check_ranking(out, base, seeds=args.seeds, runner=runner, points=points, on_event=on_event)
         else:
             sweep(points, {**sched.sets, **base}, out, runner=runner, attack_options=sched.attacks, seeds=args.seeds,
-                  about=f"Schedule {sched.name}: {sched.about}. Runner: {runner_name}.", on_event=on_event)
+                  about=f"Schedule {sched.name}: {sched.about}. Runner: {runner_name}.", on_event=on_event,
+                  default_base=sched.sets)
     if args.check_ranking:
         console.print(f"fast ranks the check points as full: utility {result['utility']['agree']}, eia_max "
                       f"{result['eia_max']['agree']}; {out / 'ranking_check.md'}", highlight=False, soft_wrap=True)

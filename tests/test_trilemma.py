@@ -11,6 +11,7 @@ import pytest
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.errors import ConfigError
 from guardedtuning.privacy.attacks.harness import ATTACKS, AttackOptions
+from guardedtuning.recipes import config_for
 from guardedtuning.server_app.server_app import execute
 from guardedtuning.trilemma import (
     ATTACK_COLUMNS,
@@ -23,7 +24,9 @@ from guardedtuning.trilemma import (
     Schedule,
     check_ranking,
     compare_rankings,
+    computes_default,
     default_points,
+    failed_row,
     is_baseline,
     pareto,
     parse_point,
@@ -296,3 +299,20 @@ def test_a_point_whose_run_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert rows[0]["utility"] is None and "spent its privacy budget" in rows[0]["skipped"]
     assert rows[1]["utility"] is not None
     assert "spent its privacy budget" in (tmp_path / "trilemma.csv").read_text()
+
+
+def test_the_default_mark_follows_what_is_computed_not_the_points_name():
+    """A sweep run with ``--set train.lr=...`` under every point moves ``guarded`` off the default: the
+    point that sets the default's learning rate back is the one ``guardedtuning run`` computes."""
+    sched = {"federation.rounds": 3, "train.local-steps": 10}
+    lr = config_for(DEFAULT_POINT.recipe, {}).train.lr
+    moved = {**sched, "train.lr": lr / 2}
+    back = Point(DEFAULT_POINT.recipe, {"train.lr": lr})
+    assert computes_default(DEFAULT_POINT, sched, sched, 0)
+    assert not computes_default(DEFAULT_POINT, moved, sched, 0)
+    assert computes_default(back, moved, sched, 0)
+    assert not computes_default(Point("split"), sched, sched, 0)
+    rec = {"utility": {"value": 0.5, "majority_rate": 0.4}, "privacy": {}, "cost": {}}
+    assert row_of(DEFAULT_POINT, [rec], {}, False)["default"] is False
+    assert row_of(back, [rec], {}, True)["default"] is True
+    assert failed_row(back, True)["default"] is True
