@@ -255,6 +255,9 @@ def _prepare(run: ServerRun) -> tuple[SandwichModel, SandwichModel, dict[str, An
     return full, emu, info
 
 
+DECODER_FIGURES = ("rouge_l", "exact_match")  # a decoder's figures beside its utility, also for the emulator
+
+
 def _evaluate(run: ServerRun, full: SandwichModel, emu: SandwichModel, reference: FullReference | None,
               state: dict[str, torch.Tensor], round_: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Plug-in (the round's utility), emulator and full fine-tuning utility."""
@@ -264,10 +267,13 @@ def _evaluate(run: ServerRun, full: SandwichModel, emu: SandwichModel, reference
     emulated = run.evaluate(emu)
     extra: dict[str, Any] = {k: v for k, v in plug.items() if k != "utility"}
     extra["emulator_utility"] = emulated["utility"]
+    extra.update({f"emulator_{k}": v for k, v in emulated.items() if k in DECODER_FIGURES})
     extra["full_ft_utility"] = None
     if reference is not None:
         reference.train_round(round_, run.per_round or run.cfg.federation.clients_per_round)
-        extra["full_ft_utility"] = run.evaluate(reference.model)["utility"]
+        ft = run.evaluate(reference.model)
+        extra["full_ft_utility"] = ft["utility"]
+        extra.update({f"full_ft_{k}": v for k, v in ft.items() if k in DECODER_FIGURES})
     return plug, extra
 
 
