@@ -31,7 +31,7 @@ from typing import Any
 
 # (name, recipe, reference variant (uncompressed, same recipe), wire setting in words, run-config sets)
 VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
-    ("split-fp32", "split", "split-fp32", "fp32 cut, dense fp32 FedAvg", {}),
+    ("split-fp32", "split", "split-fp32", "fp32 cut with padding, dense fp32 FedAvg", {"split.trim-padding": False}),
     ("guarded-plain", "guarded", "guarded-plain", "fp32 cut, dense fp32 FedAvg (no secure agg.)",
      {"aggregation.secure": False, "split.trim-padding": False}),
     ("guarded-default", "guarded", "guarded-plain", "default: trimmed fp32 cut, secure 100 % 8 bit", {}),
@@ -48,6 +48,9 @@ VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
      {"aggregation.secure": True, "aggregation.density": 0.135, "aggregation.bits": 2, "aggregation.max-weight": 1}),
     ("fedlora-b2", "fedlora", "fedlora-plain", "secure top-k 13.5 % (B, head), 2 bit clip 0.02, weight 1",
      {"aggregation.secure": True, "aggregation.density": 0.135, "aggregation.bits": 2, "aggregation.max-weight": 1,
+      "aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.clip": 0.02}),
+    ("fedlora-b2-125", "fedlora", "fedlora-plain", "secure top-k 12.5 % (B, head), 2 bit clip 0.02, weight 1",
+     {"aggregation.secure": True, "aggregation.density": 0.125, "aggregation.bits": 2, "aggregation.max-weight": 1,
       "aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.clip": 0.02}),
 ]
 
@@ -87,10 +90,11 @@ class UpdateTally:
 
 
 def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, schedule: dict[str, Any],
-                fresh: bool, run: bool = True) -> dict[str, Any] | None:
+                fresh: bool, run: bool = True, reference: Path | None = None) -> dict[str, Any] | None:
     """One variant's summary: read back from ``<out>/<name>/summary.json`` when its config matches, else run.
 
-    ``run=False``: only read back (None when there is no matching record).
+    ``run=False``: only read back (None when there is no matching record). ``reference``: a
+    ``results.json`` of an earlier run of the same config (e.g. the sweep's), read instead of running.
     """
     from guardedtuning.inprocess import run_in_process
     from guardedtuning.recipes import config_for
@@ -104,6 +108,8 @@ def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, sche
             return summary
     if not run:
         return None
+    if reference is not None:
+        return from_record(name, recipe, cfg.flat(), json.loads(reference.read_text()), source=reference)
     tally = UpdateTally()
     tally.install()
     t0 = time.perf_counter()
@@ -124,6 +130,27 @@ def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, sche
     return summary
 
 
+def from_record(name: str, recipe: str, flat: dict[str, Any], rec: dict[str, Any], *, source: Path) -> dict[str, Any]:
+    """A summary from another run's ``results.json``; its config must match ``flat`` on every key both have.
+
+    The update's own bytes are known only when every upload is the update (no activations:
+    ``fedlora``) and no secure stage ran; else they are left out (None).
+    """
+    differ = {k: (rec["config"][k], v) for k, v in flat.items()
+              if k in rec["config"] and not k.startswith("output.") and rec["config"][k] != v}
+    if differ:
+        raise SystemExit(f"--reference {name}={source}: its config differs from the variant's: {differ}")
+    c = rec["cost"]
+    split_like = rec["config"].get("split.layer") is not None and recipe != "fedlora"
+    plain = not rec["config"].get("aggregation.secure")
+    return {"name": name, "recipe": recipe, "config": flat, "utility": rec["utility"]["value"],
+            "history": [h["utility"] for h in rec["history"]], "up": c["bytes_up_per_client_round"],
+            "down": c["bytes_down_per_client_round"],
+            "update_up": c["bytes_up_per_client_round"] if plain and not split_like else None,
+            "secagg_down": 0.0 if plain else None, "dense_update": c["dense_bytes_per_client_round"],
+            "wall_s": c["wall_s"], "source": str(source)}
+
+
 def _events(folder: Path) -> list[dict[str, Any]]:
     path = folder / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -137,14 +164,114 @@ def table(rows: list[dict[str, Any]], words: dict[str, str], refs: dict[str, str
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         ref = by.get(refs[r["name"]])
-        total = (r["up"] + r["down"]) / (dense_split["up"] + dense_split["down"]) if dense_split else None
+        total = None  # the whole round against dense fp32 split's: for the split-learning recipes
+        if dense_split and r["recipe"] != "fedlora":
+            total = (r["up"] + r["down"]) / (dense_split["up"] + dense_split["down"])
         kept = None if ref is None else r["utility"] / ref["utility"]
         lines.append(
             f"| {r['recipe']} | {r['name']} | {words[r['name']]} | {r['up']:,.0f} | {r['down']:,.0f} "
-            f"| {r['update_up']:,.0f} | {100 * r['update_up'] / r['dense_update']:.2f} % "
+            f"| {_num(r['update_up'])} | {_pct(r['update_up'], r['dense_update'])} "
             f"| {'-' if total is None else f'{100 * total:.1f} %'} | {r['utility']:.3f} "
             f"| {'-' if kept is None else f'{100 * kept:.1f} %'} |")
     return "\n".join(lines)
+
+
+def adapter_shapes(recipe: str, flat: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of what ``recipe``'s clients send as their update (built from the model, no training)."""
+    from guardedtuning.data.sources import load_task
+    from guardedtuning.models.lora import trainable_state
+    from guardedtuning.models.parts import client_full_model, split_model
+    from guardedtuning.recipes import build_config
+
+    cfg = build_config(flat)
+    labels = load_task(cfg.data, cfg.seed).num_labels
+    if recipe == "fedlora":
+        model = client_full_model(cfg.model, cfg.split.layer, cfg.lora, labels, "cpu", cfg.seed)
+        state = trainable_state(model)
+    else:
+        state = trainable_state(split_model(cfg.model, cfg.split, cfg.lora, labels, "cpu", cfg.seed,
+                                            lora_top=cfg.lora.top).bottom)
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def update_round_bytes(shapes: dict[str, tuple[int, ...]], flat: dict[str, Any], *, rounds: int = 2,
+                       scale: float = 0.005) -> dict[str, float]:
+    """Bytes per client-round of the adapter update alone, measured on the wire of a real secure round.
+
+    ``rounds`` rounds of ``flat``'s aggregation settings (the strategy ``make_strategy`` builds,
+    under ``secagg_mod``) over the in-process grid with a ClientApp that replies a random update
+    of ``scale`` (no model): up = the sealed final replies plus the stage replies, down = the
+    training messages (the global adapter and the mask request) plus the stage requests. Without
+    ``aggregation.secure``: plain FedAvg of the dense fp32 update. The last round is reported
+    (a top-k support is scored from round 2 on).
+    """
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from guardedtuning.inprocess import InProcessGrid
+    from guardedtuning.recipes import build_config
+    from guardedtuning.server_app.common import make_strategy
+    from guardedtuning.strategies.secagg.mod import secagg_mod
+    from guardedtuning.wire.exchange import exchange
+
+    cfg = build_config(flat)
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        rng = np.random.default_rng([context.node_id % 2**32, int(msg.content["config"]["server-round"])])
+        update = {k: rng.normal(0, scale, s).astype(np.float32) for k, s in shapes.items()}
+        return Message(RecordDict({"update": ArrayRecord({k: Array(v) for k, v in update.items()}),
+                                   "metrics": MetricRecord({"num-examples": cfg.train.batch_size
+                                                            * cfg.train.local_steps})}), reply_to=msg)
+
+    grid = InProcessGrid(app, cfg.federation.num_clients, cfg.flat(), seed=cfg.seed)
+    strategy = make_strategy(cfg, "train")
+    glob = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in shapes.items()})
+    out: dict[str, float] = {}
+    for r in range(1, rounds + 1):
+        msgs = list(strategy.configure_train(r, glob, ConfigRecord({"server-round": r}), grid))
+        ex = exchange(grid, msgs, timeout=600, poll=0.002)
+        _, metrics = strategy.aggregate_train(r, ex.replies.values())
+        n = len(msgs)
+        up, down = sum(ex.bytes_up.values()), sum(ex.bytes_down.values())
+        if metrics is not None and "secagg-bytes-up" in metrics:
+            up, down = up + metrics["secagg-bytes-up"], down + metrics["secagg-bytes-down"]
+        out = {"update_up": up / n, "update_down": down / n, "dense_update": 4.0 * sum(
+            int(np.prod(s)) for s in shapes.values()), "clients": n}
+    return out
+
+
+def bytes_table(out: Path, schedule: dict[str, Any]) -> str:
+    """The update codec's bytes per client-round for every variant, on the real adapters' shapes."""
+    from guardedtuning.recipes import get
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    lines = ["| recipe | variant | update setting | update up B | update down B | up / dense fp32 update |",
+             "|" + "---|" * 6]
+    for name, recipe, _, words, sets in VARIANTS:
+        flat = {**get(recipe).overrides, "recipe": recipe, **schedule, **sets}
+        if recipe not in shapes:
+            cache = out / f"shapes-{recipe}.json"
+            if cache.is_file():
+                shapes[recipe] = {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
+            else:
+                shapes[recipe] = adapter_shapes(recipe, flat)
+                cache.write_text(json.dumps(shapes[recipe]))
+        b = update_round_bytes(shapes[recipe], flat)
+        lines.append(f"| {recipe} | {name} | {words} | {b['update_up']:,.0f} | {b['update_down']:,.0f} "
+                     f"| {100 * b['update_up'] / b['dense_update']:.2f} % |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _pct(x: float | None, of: float | None) -> str:
+    return "-" if x is None or not of else f"{100 * x / of:.2f} %"
 
 
 def main() -> int:
@@ -155,7 +282,13 @@ def main() -> int:
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--fresh", action="store_true", help="rerun variants whose record exists")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
+    p.add_argument("--reference", nargs="*", default=[], metavar="NAME=RESULTS_JSON",
+                   help="read a variant from an earlier run's results.json of the same config instead of running it")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="measure only the update codec's bytes per client-round (secure rounds of a random update on "
+                        "each recipe's real adapter shapes; seconds, no training) and print that table")
     args = p.parse_args()
+    refs = dict(r.split("=", 1) for r in args.reference)
     names = [v[0] for v in VARIANTS]
     if args.list:
         for name, recipe, _, words, sets in VARIANTS:
@@ -165,11 +298,15 @@ def main() -> int:
     if unknown:
         p.error(f"--only {unknown}: no such variant; --list shows {names}")
     schedule = {"federation.rounds": args.rounds, "train.local-steps": args.local_steps}
+    if args.bytes_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print("\n" + bytes_table(args.out, schedule))
+        return 0
     rows = []
     for name, recipe, _, _, sets in VARIANTS:
         chosen = args.only is None or name in args.only
         row = run_variant(name, recipe, sets, out=args.out, schedule=schedule, fresh=args.fresh and chosen,
-                          run=chosen)
+                          run=chosen or name in refs, reference=Path(refs[name]) if name in refs else None)
         if row is not None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
