@@ -34,7 +34,7 @@ VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("split-fp32", "split", "split-fp32", "fp32 cut with padding, dense fp32 FedAvg", {"split.trim-padding": False}),
     ("guarded-plain", "guarded", "guarded-plain", "fp32 cut, dense fp32 FedAvg (no secure agg.)",
      {"aggregation.secure": False, "split.trim-padding": False}),
-    ("guarded-default", "guarded", "guarded-plain", "default: trimmed fp32 cut, secure 100 % 8 bit", {}),
+    ("guarded-default", "guarded", "guarded-plain", "default: fp32 cut, secure 100 % 8 bit, max-weight 1024", {}),
     ("guarded-b2", "guarded", "guarded-plain", "secure top-k 8 % (B, projection), 2 bit, weight 1",
      {"aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.density": 0.08,
       "aggregation.bits": 2, "aggregation.max-weight": 1}),
