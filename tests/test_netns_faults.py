@@ -283,7 +283,7 @@ def test_loss_on_one_link(tmp_path):
         wall = s.finish(s.submit())
         stats = s.wan.relay.stats[0]
     _, events = check_record(s, "5 % loss on one link", wall)
-    assert stats.stalled > 0 and stats.stalled / stats.segments == pytest.approx(0.05, abs=0.02), stats
+    assert stats.stalled > 0 and stats.stalled / stats.segments == pytest.approx(0.05, abs=0.03), stats
     print(f"  link 0: {stats.stalled} of {stats.segments} segments held back one RTO; "
           f"drops {[e for e in events if e['event'] == 'dropped']}")
 

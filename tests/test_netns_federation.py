@@ -94,17 +94,20 @@ def test_relay_delay_loss_and_tbf_rate():
             base = statistics.median(in_netns(wan.node_ns(0), round_trips, addr, small, 10))
             wan.shape(0, rtt=0.1)
             delayed = in_netns(wan.node_ns(0), round_trips, addr, small, 10)
-            # lower bounds are exact; the upper one leaves room for a loaded machine's scheduling
-            assert 0.1 <= statistics.median(delayed) < 0.1 + 3 * base + 0.2, (base, delayed)
+            # the lower bound is exact; the upper one only catches a delay applied many times over
+            # (a loaded CI machine's scheduling must not fail it)
+            assert 0.1 <= statistics.median(delayed) < 0.1 + 10 * base + 1.0, (base, delayed)
             # loss: a stalled segment waits one RTO (max(0.2 s, rtt)); one segment each way per round trip
             wan.shape(0, rtt=0.0, loss=0.3)
+            before = wan.relay.stats[0].segments
             lossy = in_netns(wan.node_ns(0), round_trips, addr, small, 40)
-            stalled = wan.relay.stats[0].stalled
-            assert 10 <= stalled <= 40, stalled  # of 80 segments at p = 0.3 (seeded)
+            stalled, segments = wan.relay.stats[0].stalled, wan.relay.stats[0].segments - before
+            # >= 80 segments (one each way per round trip; a loaded machine may split a read), p = 0.3 (seeded)
+            assert segments >= 80 and 0.15 * segments <= stalled <= 0.45 * segments, (stalled, segments)
             assert sum(t >= 0.2 for t in lossy) >= stalled / 2, lossy  # each stall costs its round trip >= 0.2 s
             # the other link is untouched by link 0's shape
             in_netns(wan.node_ns(1), round_trips, (wan.relay_ip(1), wan.port), small, 10)
-            assert wan.relay.stats[1].stalled == 0 and wan.relay.stats[1].segments == 20
+            assert wan.relay.stats[1].stalled == 0 and wan.relay.stats[1].segments >= 20  # >= 20: split reads
             # tbf at 100 Mbit/s each way: 4 MB echoed is >= 0.32 s on the wire
             wan.shape(0, loss=0.0)
             big = in_netns(wan.node_ns(0), round_trips, addr, b"\x5a" * 4_000_000, 2)
@@ -173,7 +176,7 @@ def test_guarded_run_over_namespaces(tmp_path):
         try:
             fed.start()
             assert all(netns_pids(wan.node_ns(i)) for i in range(2)) and netns_pids(wan.superlink_ns)
-            assert fed.run(REPO, run_config(flat), timeout=900) == 0, \
+            assert fed.run(REPO, run_config(flat), timeout=800) == 0, \
                 (fed.root / "logs" / "flwr-run.log").read_text()[-3000:]
             counters, stats = wan.counters(), wan.relay.stats
         finally:
