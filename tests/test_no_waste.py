@@ -136,3 +136,23 @@ def test_length_order_batches_every_row_once_shortest_first():
     batches = length_order([5, 1, 4, 1, 9], 2)
     assert batches == [[1, 3], [2, 0], [4]]
     assert length_order([5, 1, 4], 2, sort=False) == [[0, 1], [2]]
+
+
+def test_generation_by_length_gives_each_prompt_its_own_response(monkeypatch):
+    """Every response goes back to its own prompt: a stand-in for greedy decoding that echoes each
+    row's unpadded prompt makes a wrong reassembly visible (the decoder cases above can score 0.0
+    on both paths whatever the order, since an untrained tiny model answers junk)."""
+    from guardedtuning import evaluation
+
+    def echo(model, tokenizer, batch, *, max_new_tokens, device):
+        return [" ".join(map(str, ids[mask.bool()].tolist())) 
+                for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+
+    monkeypatch.setattr(evaluation, "_greedy", echo)
+    prompts = [[5 + k] * n for k, n in enumerate((7, 2, 9, 1, 4, 4, 8, 3))]  # lengths out of order
+    expected = [" ".join(map(str, p)) for p in prompts]
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    for sort in (True, False):
+        got = evaluation._generate_all(None, tok, prompts, batch_size=3, max_new_tokens=1, device=CPU, sort=sort)
+        assert got == expected, sort
+    assert length_order([len(p) for p in prompts], 3) != length_order([len(p) for p in prompts], 3, sort=False)
