@@ -236,11 +236,21 @@ def _recorded_noise_multiplier(run_dir: Path) -> float | None:
 
 
 def _aux(cfg: RunConfig, opts: AttackOptions) -> list[Any]:
-    """The attacker's public auxiliary rows: the run's held-out split (never a client's rows)."""
+    """The attacker's public auxiliary rows: the run's held-out split (never a client's rows).
+
+    Instruction rows are tokenised as the clients tokenise theirs (prompt template and
+    response), so the attacker's text has the victim's format and response vocabulary.
+    """
+    from guardedtuning.data.batches import tokenize_rows
     from guardedtuning.data.sources import load_task
+    from guardedtuning.models.loading import kind_of, load_tokenizer
 
     task = load_task(cfg.data, cfg.seed)
     rows = task.test.select(range(min(opts.aux_rows, len(task.test))))
+    if task.format == "instruction":
+        return tokenize_rows(rows, load_tokenizer(cfg.model.name), kind_of(cfg.model.name),
+                             max_length=cfg.model.max_length, label_names=task.label_names,
+                             instruction=task.instruction)
     return _examples(cfg, list(rows["text"]), list(rows["label"]))
 
 
