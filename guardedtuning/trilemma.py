@@ -311,6 +311,11 @@ def write_table(rows: list[dict[str, Any]], out: Path, *, about: str = "") -> No
              "| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     lines += ["| " + " | ".join(_md_row(r)) + " |" for r in rows]
     lines += ["", "Reference lines:", *reference_lines(rows)]
+    marked = [r["point"] for r in rows if r.get("default")]
+    if len(marked) != 1:
+        lines += ["", f"Default: {len(marked)} points compute what `guardedtuning run` runs under this schedule"
+                  + (f" ({', '.join(marked)}: the same config spelled twice)" if marked else
+                     " (the --set overrides move every point off it; add a point that sets them back to mark it)")]
     (out / "trilemma.md").write_text("\n".join(lines) + "\n")
 
 

@@ -266,9 +266,9 @@ class SecureAggregation(Strategy):
             if self.scope != "all" and shapes is not None:
                 try:
                     cand = eligible_coordinates(shapes, scope=self.scope)
-                except ValueError as exc:
-                    log.warning("round %d skipped: %s", server_round, exc)
-                    return None
+                except ValueError as exc:  # the same adapter every round: skipping would skip them all
+                    raise ConfigError(f"aggregation.scope={self.scope!r} cannot be used with this adapter: {exc}; "
+                                      "set aggregation.scope=all") from None
             sup = top_k_support(score=score, density=self.density, explore=self.explore, seed=seed, candidates=cand)
         else:
             sup = rand_k_support(size=size, density=self.density, seed=seed)
