@@ -266,7 +266,7 @@ def top_step(
     acts: list[ClientActs],
     device: torch.device,
     *,
-    trim_padding: bool = True,
+    trim_padding: bool = False,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """One batched top pass over every sampled client's activations.
 
@@ -301,7 +301,10 @@ def top_step(
         every row to the longest row of any client, as one pass. Rows never interact in the
         top, so both give the same losses and gradients up to float rounding (tested with
         dropout off); with the top's dropout on, its random masks are drawn over different
-        shapes, so the two draw different (equally distributed) masks.
+        shapes, so the two draw different (equally distributed) masks. Off by default: with it
+        on, the records of Flower's engine and of the in-process runner (which must agree:
+        tests/test_inprocess.py) drifted apart by ~1.5e-3 in a test loss after two rounds of
+        ``guarded`` (the padded pass: within 1e-3); the cause is not found yet.
 
     Returns
     -------

@@ -70,7 +70,7 @@ def test_the_trimmed_top_pass_gives_the_padded_pass_s_losses_gradients_and_step(
     opt_t = torch.optim.SGD([p for p in trimmed.top.parameters() if p.requires_grad], lr=0.5)
     for _ in range(2):  # two steps: the second runs on the stepped tops
         g_p, l_p = top_step(padded.top, opt_p, acts, CPU, trim_padding=False)
-        g_t, l_t = top_step(trimmed.top, opt_t, acts, CPU)
+        g_t, l_t = top_step(trimmed.top, opt_t, acts, CPU, trim_padding=True)
         assert [g.shape for g in g_t] == [a.h.shape for a in acts]
         for a, b in zip(g_p, g_t, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
@@ -101,7 +101,7 @@ def test_the_trimmed_pass_computes_fewer_padded_positions_than_the_padded_one():
     try:
         top_step(model.top, None, acts, CPU, trim_padding=False)
         padded, seen[:] = sum(seen), []
-        top_step(model.top, None, acts, CPU)
+        top_step(model.top, None, acts, CPU, trim_padding=True)
         trimmed = sum(seen)
     finally:
         hook.remove()
