@@ -263,7 +263,9 @@ class SecureAggregation(Strategy):
         if self.support == "topk":
             score = self._score if self._score is not None and self._score.size == size else np.zeros(size)
             cand = None
-            if self.scope != "all" and shapes is not None:
+            if self.scope != "all":
+                if shapes is None:  # a scoped support needs the tensor names; silently using all would lie
+                    raise ValueError(f"scope={self.scope!r} needs the adapter's shapes; pass shapes=")
                 try:
                     cand = eligible_coordinates(shapes, scope=self.scope)
                 except ValueError as exc:  # the same adapter every round: skipping would skip them all
