@@ -43,8 +43,9 @@ def update_of(node: int, round_: int, scale: float) -> dict[str, np.ndarray]:
     return {k: rng.normal(0, scale, s).astype(np.float32) for k, s in SHAPES.items()}
 
 
-def fake_app(scale: float, *, bad_node: int | None = None) -> ClientApp:
-    """Replies with a seeded fake update (``bad_node``: one tensor of the wrong shape); the mod seals it."""
+def fake_app(scale: float, *, bad_node: int | None = None, omit_a: bool = False) -> ClientApp:
+    """Replies with a seeded fake update (``bad_node``: one tensor of the wrong shape; ``omit_a``: without
+    the LoRA A tensors, as a client that froze them replies); the mod seals it."""
     app = ClientApp(mods=[SecAggMod(rounding_seed=lambda node, round_: node * 7 + round_)])
 
     @app.train()
@@ -52,6 +53,8 @@ def fake_app(scale: float, *, bad_node: int | None = None) -> ClientApp:
         update = update_of(context.node_id, int(msg.content["config"]["server-round"]), scale)
         if context.node_id == bad_node:
             update["head.bias"] = np.zeros(4, np.float32)
+        if omit_a:
+            update = {k: v for k, v in update.items() if ".lora_A." not in k}
         return Message(RecordDict({
             "update": ArrayRecord({k: Array(v) for k, v in update.items()}),
             "metrics": MetricRecord({"compute_s": 0.0, "num-examples": 10 + context.node_id % 5})}), reply_to=msg)
@@ -135,8 +138,9 @@ def test_the_codec_reaches_the_plaintext_sum_under_secure_aggregation(bits, dens
 
 
 def test_error_feedback_keeps_what_a_scoped_support_never_sends():
-    """The client's residual is its whole unsent update: on A (never eligible) it is the sum of every
-    round's A update; everywhere, sent + residual == update + old residual."""
+    """The codec alone: the residual is the whole unsent update, on A (never eligible) the sum of every
+    round's A update; everywhere, sent + residual == update + old residual. (A client under lora-b
+    freezes A and leaves it out of its update, so it keeps no residual there: see the next test.)"""
     cand = C.eligible_coordinates(SHAPES, scope="lora-b")
     residual, a_sum = None, np.zeros(SIZE)
     for round_ in (1, 2, 3):
@@ -151,6 +155,44 @@ def test_error_feedback_keeps_what_a_scoped_support_never_sends():
         np.testing.assert_allclose(comp.residual[a_coordinates()], a_sum[a_coordinates()], atol=1e-12)
         assert not comp.sent[a_coordinates()].any()
         residual = comp.residual
+
+
+def test_a_frozen_tensor_left_out_of_the_update_counts_as_zero_and_keeps_no_residual():
+    """Clients that froze LoRA's A (scope lora-b) reply without it: the mod takes A's update as zero, the
+    aggregate is still the plaintext mean of what the codecs sent, and no residual is kept on A."""
+    clients = 4
+    grid = LocalGrid(fake_app(0.02, omit_a=True), clients, {})
+    strategy = SecureSparseFedAvg(clients_per_round=clients, seed=1, density=0.3, bits=2, clip=0.05, support="topk",
+                                  explore=0.5, scope="lora-b", max_weight=16, timeout=0.2)
+    residual: dict[int, np.ndarray | None] = dict.fromkeys(grid.node_ids)
+    for round_ in (1, 2):
+        support, avg, metrics, _ = secure_round(strategy, grid, round_)
+        assert avg is not None and metrics["clients"] == clients and not strategy.rejections
+        total, weight = np.zeros(SIZE), 0
+        for v in grid.node_ids:
+            upd = update_of(v, round_, 0.02)
+            upd = {k: (np.zeros_like(x) if ".lora_A." in k else x) for k, x in upd.items()}
+            comp = C.compress_update(update=C.flatten(upd), residual=residual[v], support=support, bits=2, clip=0.05,
+                                     rng=np.random.default_rng(v * 7 + round_))
+            residual[v] = comp.residual.astype(np.float32).astype(np.float64)
+            w = min(16, 10 + v % 5)
+            total, weight = total + w * comp.sent, weight + w
+        got = C.flatten({k: avg[k].numpy() for k in SHAPES})
+        np.testing.assert_allclose(got, total / weight, rtol=1e-5, atol=1e-7)
+        assert not got[a_coordinates()].any()
+    for ctx in grid.contexts.values():
+        kept = ctx.state["secagg.residual"]["residual"].numpy()
+        assert kept.size == SIZE and not kept[a_coordinates()].any() and kept.any()
+
+
+def test_an_update_leaving_out_a_tensor_on_the_support_is_rejected():
+    """Under scope all the support may hold A: a client that left A out would silently send zeros there."""
+    grid = LocalGrid(fake_app(0.02, omit_a=True), 4, {})
+    strategy = SecureSparseFedAvg(clients_per_round=4, seed=0, density=1.0, bits=2, clip=0.05, support="topk",
+                                  scope="all", timeout=0.2)
+    _, avg, _, _ = secure_round(strategy, grid, 1)
+    assert avg is None
+    assert any("lora_A" in r and "aggregation.scope=lora-b" in r for r in strategy.rejections)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Context, Message
 
 from guardedtuning.clients.common import ClientSetup, Clock, client_setup, round_start_adapter, update_reply
 from guardedtuning.data.sources import load_task
-from guardedtuning.models.lora import load_trainable, trainable_state
+from guardedtuning.models.lora import apply_scope, load_trainable, trainable_state
 from guardedtuning.models.parts import client_full_model
 from guardedtuning.training import local_train, make_optimizer
 from guardedtuning.wire.records import get_record, round_value
@@ -19,11 +19,13 @@ def fedlora_train(setup: ClientSetup, start: dict[str, torch.Tensor], *, round_:
                   source: str) -> tuple[dict[str, torch.Tensor], list[float]]:
     """``train.local-steps`` plain steps of the whole model's LoRA from ``start``; the update and the losses.
 
-    Dropout draws depend on (seed, client, round) only.
+    Dropout draws depend on (seed, client, round) only. Under ``aggregation.scope=lora-b``
+    LoRA's A is frozen (:func:`~guardedtuning.models.lora.apply_scope`): the update has no A.
     """
     cfg, device = setup.cfg, setup.device
     model = client_full_model(cfg.model, cfg.split.layer, cfg.lora, load_task(cfg.data, cfg.seed).num_labels,
                               str(device), cfg.seed)
+    apply_scope(model, cfg.aggregation.scope)  # the model is cached: set for this run, before the optimizer
     load_trainable(model, start, source=source)
     opt = make_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     assert opt is not None  # the whole model carries LoRA and the head

@@ -48,7 +48,7 @@ from guardedtuning.clients.common import (
     update_reply,
 )
 from guardedtuning.errors import MessageError
-from guardedtuning.models.lora import load_trainable, trainable_state
+from guardedtuning.models.lora import apply_scope, load_trainable, trainable_state
 from guardedtuning.models.parts import client_bottom
 from guardedtuning.privacy.client import ClientPrivacy, Released
 from guardedtuning.training import (
@@ -85,6 +85,7 @@ def split_step(setup: ClientSetup, priv: ClientPrivacy, step: SplitStep, start: 
     """
     cfg, device = setup.cfg, setup.device
     bottom = client_bottom(cfg.model, cfg.split, cfg.lora, str(device), cfg.seed)
+    apply_scope(bottom, cfg.aggregation.scope)  # lora-b: LoRA's A frozen before the optimizer and Opacus
     base = (step.round_ - 1) * step.steps  # global step of this round's step 0
     if start is not None:
         load_trainable(bottom, start, source=source)

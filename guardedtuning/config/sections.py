@@ -260,8 +260,9 @@ class AggregationConfig:
     support: str = _opt("rand", "secure: `rand` (rand-k from a public round seed) or `topk` (of the public aggregate)")
     explore: float = _opt(0.5, "secure, topk: fraction of the support drawn at random")
     scope: str = _opt(
-        "all", "secure, topk: coordinates the support may use: `all`, or `lora-b` (never LoRA's A matrices, whose "
-               "global value then stays at its shared random init; B, the head and other tensors are eligible)"
+        "all", "secure, topk: coordinates the support may use: `all`, or `lora-b` (LoRA's A matrices are frozen on "
+               "every client and never sent, so the global A stays at its random init; B, the head and other "
+               "tensors train and are eligible)"
     )
     degree: int = _opt(
         0, "secure: neighbours per client in the masking graph; 0 = the smallest that meets security-bits and "
@@ -299,6 +300,10 @@ class AggregationConfig:
             raise _fail("aggregation.scope", self.scope, "`all` unless aggregation.support=topk (the server sends a "
                         "scoped support's indices; set aggregation.support=topk, with aggregation.explore=1 for a "
                         "random one)")
+        if self.scope != "all" and not self.secure:
+            raise _fail("aggregation.scope", self.scope, "`all` unless aggregation.secure=true (clients freeze LoRA's "
+                        "A under `lora-b` and leave it out of their update, which only the secure codec takes; set "
+                        "aggregation.secure=true or aggregation.scope=all)")
         if self.degree < 0:
             raise _fail("aggregation.degree", self.degree, "an integer >= 0 (0 picks O(log n))")
         if not (self.threshold == 0 or self.threshold >= 2):

@@ -61,15 +61,53 @@ def add_lora(module: nn.Module, cfg: LoraConfig, kind: str) -> nn.Module:
     return module
 
 
+SCOPES = ("all", "lora-b")
+"""``aggregation.scope``: every adapter tensor trains, or LoRA's A matrices are frozen (``lora-b``)."""
+
+
+def is_lora_a(name: str) -> bool:
+    """Whether a parameter name is one of LoRA's A matrices (peft's ``.lora_A.`` naming)."""
+    return ".lora_A." in f".{name}."
+
+
+def apply_scope(module: nn.Module, scope: str) -> None:
+    """Make the LoRA A matrices of ``module`` trainable (``scope="all"``) or frozen (``"lora-b"``).
+
+    Under ``lora-b`` the aggregated update never holds A (``aggregation.scope``), so A must
+    not move on a client either: frozen here (``requires_grad=False``), it is left out of the
+    optimizer, of DP-SGD's per-sample gradients and noise, and of :func:`trainable_state`, so
+    the client's update has no A and keeps no residual for it; :func:`load_trainable` still
+    copies the global A the server sends into it. Call it before an optimizer or Opacus
+    wraps ``module`` (after :func:`add_lora`, on the module's device: opacus issue 820),
+    and on every use of a cached module: a cached model may serve runs of either scope.
+
+    Raises
+    ------
+    ValueError
+        ``scope`` is not ``all`` or ``lora-b``.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"`scope` is {scope!r}; expected `all` or `lora-b` (aggregation.scope)")
+    for name, p in module.named_parameters():
+        if is_lora_a(name):
+            p.requires_grad_(scope == "all")
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the trainable parameters, by name."""
     return {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
 
 
 def load_trainable(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Copy ``state`` into the trainable parameters; names and shapes must match exactly."""
+    """Copy ``state`` into the trainable parameters; names and shapes must match exactly.
+
+    LoRA A matrices frozen by :func:`apply_scope` are loaded too when ``state`` holds them
+    (the global adapter does), so a client's frozen A is the server's, bit for bit.
+    """
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in module.named_parameters() if not p.requires_grad and is_lora_a(n) and n in state}
     missing = sorted(set(params) - set(state))
+    params.update(frozen)
     extra = sorted(set(state) - set(params))
     if missing or extra:
         raise MessageError(

@@ -38,7 +38,9 @@ no stage, with ``arrays``     the first message of a plain round: any unfinished
 *Sealing* a reply: the update (``update``, or ``arrays`` minus the global the app was
 given) gets error feedback, norm clipping and quantization on the public support
 (:func:`guardedtuning.codecs.compress_update`), the weight (``num-examples``, rounded
-and capped at ``max-weight``) is folded in, and the result is masked. The reply then
+and capped at ``max-weight``) is folded in, and the result is masked. An ``update`` may leave out tensors the client froze (LoRA's A
+under ``aggregation.scope=lora-b``): they count as zero and keep no residual, and a reply
+leaving out a tensor the round's support covers is refused. The reply then
 carries the masked vector (``secagg-masked`` and ``secagg-stage``) instead of the update,
 and its ``metrics`` without ``num-examples``; its other records are kept. A reply that
 is an error passes unchanged (the server counts the client as dropped).
@@ -254,16 +256,20 @@ def seal_reply(content: RecordDict, state: RecordDict, *, node_id: int, seed: in
     got = _arrays(_record(content, key, ArrayRecord, source=source, sender="ClientApp"))
     glob = _arrays(_state(state, STATE_GLOBAL, ArrayRecord, node_id=node_id,
                           hint="the global arrays are kept from the round's first training message"))
-    if set(got) != set(glob) or any(got[k].shape != glob[k].shape for k in glob):
+    if not set(got) <= set(glob) or any(got[k].shape != glob[k].shape for k in got):
         raise MessageError(f"{source}: {key!r} does not match the global arrays it was sent (names "
-                           f"{sorted(set(got) ^ set(glob))[:3]} or shapes differ); it is not sent")
+                           f"{sorted(set(got) - set(glob))[:3]} or shapes differ); it is not sent")
+    frozen = sorted(set(glob) - set(got))
+    _check_frozen(frozen, glob, params.support, source=source)
     if key == UPDATE_KEY:
-        update = got
+        update = dict(got)
     else:
-        update = {k: got[k].astype(np.float64) - glob[k].astype(np.float64) for k in glob}
+        update = {k: got[k].astype(np.float64) - glob[k].astype(np.float64) for k in got}
+    update.update({k: np.zeros(glob[k].shape, np.float32) for k in frozen})
     req = from_content(_state_content(state, node_id=node_id), MaskRequest, stage=COLLECT_MASKED,
                        server_round=params.server_round, source=f"state of node {node_id}")
-    masked = seal_update(update, num_examples=float(weight), state=state, node_id=node_id, request=req, seed=seed)
+    masked = seal_update(update, num_examples=float(weight), state=state, node_id=node_id, request=req, seed=seed,
+                         frozen=frozen)
     out = RecordDict({k: v for k, v in content.items() if k not in (UPDATE_KEY, ARRAYS_KEY, METRICS_KEY)})
     out[METRICS_KEY] = MetricRecord({k: v for k, v in metrics.items() if k != WEIGHT_KEY})
     for k, v in masked.items():
@@ -271,9 +277,31 @@ def seal_reply(content: RecordDict, state: RecordDict, *, node_id: int, seed: in
     return out
 
 
+def _check_frozen(frozen: list[str], glob: Mapping[str, np.ndarray], support: np.ndarray, *, source: str) -> None:
+    """A tensor left out of the reply was frozen (not trained): fine only if none of it is on the support.
+
+    Under ``aggregation.scope=lora-b`` the clients freeze LoRA's A and the support never holds it;
+    a left-out tensor the support does cover would be sent as zeros (the server would average
+    a zero in for this client), so the reply is refused instead.
+    """
+    if not frozen:
+        return
+    start, on_support = 0, []
+    for name in sorted(glob):
+        n = int(glob[name].size)
+        if name in frozen and np.any((support >= start) & (support < start + n)):
+            on_support.append(name)
+        start += n
+    if on_support:
+        raise MessageError(f"{source}: the update leaves out {on_support[:3]}, which the round's support covers; "
+                           "a client leaves out only tensors it froze and the support never holds (LoRA's A "
+                           "under aggregation.scope=lora-b): set aggregation.scope=lora-b on both sides, or train "
+                           "those tensors")
+
+
 def seal_update(
     update: Mapping[str, np.ndarray], *, num_examples: float, state: RecordDict, node_id: int,
-    request: MaskRequest, seed: int | None = None,
+    request: MaskRequest, seed: int | None = None, frozen: list[str] | tuple[str, ...] = (),
 ) -> RecordDict:
     """Compress, fold and mask this client's update; the ``collect-masked`` reply content.
 
@@ -291,6 +319,9 @@ def seal_update(
         The round's mask request (whom to mask with, the shares sent to this client).
     seed : int, optional
         Seeds the stochastic rounding; fresh OS entropy when omitted.
+    frozen : sequence of str
+        Tensors this client did not train (their update is zero, off the support): no
+        error-feedback residual is kept for them, and any kept earlier is dropped.
     """
     params = _params(state, node_id=node_id)
     source = f"update of node {node_id}"
@@ -304,6 +335,10 @@ def seal_update(
     if isinstance(kept, ArrayRecord) and "residual" in kept:
         old = kept["residual"].numpy()
         residual = old if old.shape == flat.shape else None  # the adapter changed: start afresh
+    dead = _coordinates(update, frozen)
+    if residual is not None and dead.size:
+        residual = residual.astype(np.float64)
+        residual[dead] = 0.0
     comp = compress_update(update=flat, residual=residual, support=params.support, bits=params.bits,
                            clip=params.clip, norm_clip=params.norm_clip, rng=np.random.default_rng(seed))
     try:
@@ -312,7 +347,9 @@ def seal_update(
         raise MessageError(f"{source}: {exc}") from exc
     client = _client(state, params, node_id=node_id, hint="sealing needs the round's keys")
     reply = client.masked_input(request, x=fold_weight(comp.q, weight=weight, max_weight=params.max_weight))
-    state[STATE_RESIDUAL] = ArrayRecord({"residual": Array(comp.residual.astype(np.float32))})
+    left = comp.residual.astype(np.float32)
+    left[dead] = 0.0  # already zero (a zero update off the support); explicit: nothing of a frozen tensor is kept
+    state[STATE_RESIDUAL] = ArrayRecord({"residual": Array(left)})
     _save(client, state)
     _clear(state, (STATE_MASK_REQUEST, STATE_GLOBAL))
     return to_content(reply, stage=COLLECT_MASKED, server_round=params.server_round)
@@ -350,6 +387,17 @@ def forget_round(state: RecordDict) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+def _coordinates(arrays: Mapping[str, np.ndarray], names: list[str] | tuple[str, ...]) -> np.ndarray:
+    """Flat indices (sorted-name order, as :func:`~guardedtuning.codecs.flatten`) of the tensors ``names``."""
+    out, start = [], 0
+    for name in sorted(arrays):
+        n = int(np.size(arrays[name]))
+        if name in names:
+            out.append(np.arange(start, start + n, dtype=np.int64))
+        start += n
+    return np.concatenate(out) if out else np.empty(0, np.int64)
+
 
 def _record(content: RecordDict, key: str, kind: type[R], *, source: str, sender: str = SENDER) -> R:
     rec = content.get(key) if key in content else None
