@@ -66,6 +66,8 @@ FLOWER_PRIVATE: dict[str, str] = {
     "get_project_dir": "flwr.common.config:get_project_dir",
     "ErrorCode": "flwr.common.constant:ErrorCode",
     "SubStatus": "flwr.common.constant:SubStatus",
+    "Status": "flwr.common.constant:Status",
+    "NodeState": "flwr.supernode.nodestate:NodeState",
     "HeartbeatSender": "flwr.supercore.heartbeat:HeartbeatSender",
     "make_task_heartbeat_fn_http": "flwr.supercore.heartbeat:make_task_heartbeat_fn_http",
     "pull_task_input": "flwr.supernode.runtime.run_clientapp:pull_task_input",
@@ -80,6 +82,14 @@ FLOWER_PRIVATE: dict[str, str] = {
     "recorddict_from_proto": "flwr.common.serde:recorddict_from_proto",
     "ProtoRecordDict": "flwr.proto.recorddict_pb2:RecordDict",
     "ndarray_to_bytes": "flwr.common:ndarray_to_bytes",
+    # tests of the warm SuperNode's loop on a real NodeState (tests/test_warm_node_dead_runs.py)
+    "NodeStateFactory": "flwr.supernode.nodestate:NodeStateFactory",
+    "ObjectStoreFactory": "flwr.supercore.object_store:ObjectStoreFactory",
+    "Run": "flwr.supercore.run:Run",
+    "RunStatus": "flwr.supercore.run:RunStatus",
+    "RunNotRunningException": "flwr.supercore.run:RunNotRunningException",
+    "get_object_tree": "flwr.supercore.inflatable.inflatable_object:get_object_tree",
+    "supernode_runtime.acquire_task": "flwr.supernode.servicer.runtime.runtime_handlers:acquire_task",
 }
 """Our name -> ``"module:attribute"`` of every private Flower symbol GuardedTuning uses."""
 
@@ -88,10 +98,14 @@ WARM_NODE_SYMBOLS = (
     "supernode_loop.pull_objects", "inflatable.pull_objects", "RuntimeTokenHttpInterceptor",
     "RuntimeVersionHttpInterceptor", "make_simple_http_retry_invoker", "RuntimeHttpClient", "AcquireTaskRequest",
     "TaskType", "install_from_fab", "get_load_client_app_fn", "get_project_config", "get_project_dir",
-    "ErrorCode", "SubStatus", "HeartbeatSender", "make_task_heartbeat_fn_http", "pull_task_input",
+    "ErrorCode", "SubStatus", "Status", "NodeState", "HeartbeatSender", "make_task_heartbeat_fn_http", "pull_task_input",
     "push_message", "push_task_output",
 )
 """What the warm SuperNode needs; if one is missing it runs Flower's stock SuperNode instead."""
+
+NODESTATE_METHODS = ("get_tasks", "finish_task", "get_messages_legacy", "delete_messages")
+"""Methods of Flower's ``NodeState`` the warm SuperNode calls to discard a dead run's orphaned task
+(:func:`guardedtuning.clients.warm_node.discard_dead_tasks`); one missing also means the stock SuperNode."""
 
 MESSAGE_INS_STORE = "message_ins_store"
 """Attribute of Flower's ``InMemoryLinkState`` holding the messages to deliver (a dict by message id)."""

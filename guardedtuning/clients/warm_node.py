@@ -29,7 +29,11 @@ CPU (``simulations/deploy_step_time.py``).
   FAB, load the ClientApp, call it, push the reply and the context back). Imports, base
   weights and tokenised data stay warm across messages, as in a simulation's Ray actor.
   Client state still lives in ``context.state``, which travels with every task as in
-  Flower's own runner.
+  Flower's own runner;
+- a task that Flower's SuperNode loop leaves behind when a run stops while one of its
+  messages is being received (its ServerApp died) is finished and its message dropped
+  (:func:`discard_dead_tasks`), so that the one-at-a-time runner does not wait on it
+  and the next run (a resumed one) is answered.
 
 Every Flower internal used here is reached through :mod:`guardedtuning.compat`. When its
 gate is off (a Flower version this was not written against, or
@@ -133,7 +137,11 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
         return "flower (the SuperNode loop is not the one this patch knows)"
 
     def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
+        state = kwargs.get("state")
+        before = unfinished_tasks(state)
         run_id = pull(*args, **kwargs)
+        if run_id is None and before is not None:
+            discard_dead_tasks(state, kwargs.get("object_store"), before)
         if run_id is not None:
             backoff.reset()
             log.debug("message stored at %.3f", time.time())
@@ -152,6 +160,48 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
                    compat.prompt_pull_objects(getattr(loop_pulls, "guardedtuning_wrapped", loop_pulls),
                                               backoff.start))
     return f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s)"
+
+
+def unfinished_tasks(state: Any) -> set[int] | None:
+    """IDs of the SuperNode's tasks that have not finished (None when ``state`` is not a NodeState we know)."""
+    if state is None or not all(callable(getattr(state, m, None)) for m in compat.NODESTATE_METHODS):
+        return None
+    finished = flower("Status").FINISHED
+    return {t.task_id for t in state.get_tasks() if t.status.status != finished}
+
+
+def discard_dead_tasks(state: Any, object_store: Any, before: set[int]) -> list[int]:
+    """Finish the tasks a pull that returned no run left unfinished, and drop their runs' messages.
+
+    Flower's ``_pull_and_store_message`` (flwr 1.41/1.42) creates a message's ClientApp task
+    and stores the message before it pulls the content; when the SuperLink answers the
+    content pull with "run not running" (its ServerApp died), it logs "Ignoring message" and
+    returns None, but leaves that task pending and the message stored, without content.
+    Flower's stock SuperNode starts a process per task, so there the orphan costs a
+    process; the warm runner runs one task at a time, and would wait on the orphan's
+    content (Flower's pull waits up to 2 h) while every later message, a resumed run's
+    included, queued behind it. A pull that returns None has stored no live message, so
+    every task it left unfinished is an orphan: each is finished as failed and the
+    unanswered messages of its run are deleted with their objects. Returns the runs.
+    """
+    sub_status = flower("SubStatus")
+    new = unfinished_tasks(state)
+    orphans = [t for t in state.get_tasks(task_ids=sorted(new - before))] if new else []
+    runs = sorted({t.run_id for t in orphans})
+    for task in orphans:
+        state.finish_task(task.task_id, sub_status=sub_status.FAILED,
+                          details="its run is not RUNNING any more (its ServerApp stopped) while the SuperNode "
+                                  "received the message; discarded by guardedtuning's warm SuperNode")
+    if runs:
+        dead = state.get_messages_legacy(run_ids=runs, is_reply=False)
+        ids = [m.metadata.message_id for m in dead]
+        state.delete_messages(message_ids=ids)
+        for message_id in ids:
+            if object_store is not None:
+                object_store.delete(message_id)
+        log.warning("discarded %d task(s) and %d message(s) of run(s) %s, which stopped while a message was "
+                    "being received", len(orphans), len(ids), ", ".join(map(str, runs)))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,6 +296,8 @@ class TaskRunner:
             retry.max_tries = 1  # as Flower's runner does on exit: no retries for a finished task
             try:
                 push_task_output(client=client, context=context, sub_status=status, details=details)
+            except Exception:  # noqa: BLE001 - e.g. a task the SuperNode finished for a dead run: the next task runs
+                log.exception("failed to push the task's output")
             finally:
                 client.close()
             log.debug("reply and context pushed %.3f", time.time())
@@ -351,6 +403,10 @@ def stock_reason() -> str | None:
     gone = compat.missing(compat.WARM_NODE_SYMBOLS)
     if gone:
         return f"flwr {g.flwr_version} lacks {', '.join(sorted(gone))}"
+    node_state = flower("NodeState")
+    lacking = [m for m in compat.NODESTATE_METHODS if not callable(getattr(node_state, m, None))]
+    if lacking:
+        return f"flwr {g.flwr_version}'s NodeState lacks {', '.join(lacking)}"
     return None
 
 
