@@ -14,7 +14,12 @@ Each run's record goes to ``<out>/<variant>/results.json``; a variant whose reco
 written by the same config, is read back instead of run again (``--fresh`` reruns it).
 
     python simulations/bench_compression.py [--out /work/runs/compression] [--only NAME ...]
-        [--rounds 3] [--local-steps 10] [--fresh] [--list]
+        [--rounds 3] [--local-steps 10] [--seeds 0 1 2] [--fresh] [--list]
+
+``--seeds``: each variant runs once per seed (``seed=<s>``, records in ``<out>/<variant>/seed<s>/``)
+and the table gives the mean over the seeds with the min-max; "of uncompressed" is then the mean
+utility against the reference variant's mean at the same seeds, with the min-max of the per-seed
+ratios. Without it: one run at the config's seed, in ``<out>/<variant>/``, as before.
 
 The default schedule is the sweep's fast one (``federation.rounds=3``, ``train.local-steps=10``;
 10 clients, 5 a round, MiniLM, the sentiment task).
@@ -35,8 +40,14 @@ VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("guarded-plain", "guarded", "guarded-plain", "fp32 cut, dense fp32 FedAvg (no secure agg.)",
      {"aggregation.secure": False, "split.trim-padding": False}),
     ("guarded-default", "guarded", "guarded-plain", "default: fp32 cut, secure 100 % 8 bit, max-weight 1024", {}),
-    ("guarded-b2", "guarded", "guarded-plain", "secure top-k 8 % (B, projection), 2 bit, weight 1",
+    ("guarded-b2", "guarded", "guarded-plain", "secure top-k 8 % (B, projection; A frozen), 2 bit, weight 1",
      {"aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.density": 0.08,
+      "aggregation.bits": 2, "aggregation.max-weight": 1}),
+    ("guarded-b2-4", "guarded", "guarded-plain", "secure top-k 4 % (B, projection; A frozen), 2 bit, weight 1",
+     {"aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.density": 0.04,
+      "aggregation.bits": 2, "aggregation.max-weight": 1}),
+    ("guarded-b2-3", "guarded", "guarded-plain", "secure top-k 3 % (B, projection; A frozen), 2 bit, weight 1",
+     {"aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.density": 0.03,
       "aggregation.bits": 2, "aggregation.max-weight": 1}),
     ("fedlora-plain", "fedlora", "fedlora-plain", "dense fp32 FedAvg", {}),
     ("fedlora-rand5", "fedlora", "fedlora-plain", "secure rand-k 5 %, 8 bit, weight 1 (issue 13's start)",
@@ -46,10 +57,10 @@ VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
       "aggregation.support": "topk"}),
     ("fedlora-rand13-2b", "fedlora", "fedlora-plain", "secure rand-k 13.5 %, 2 bit, weight 1",
      {"aggregation.secure": True, "aggregation.density": 0.135, "aggregation.bits": 2, "aggregation.max-weight": 1}),
-    ("fedlora-b2", "fedlora", "fedlora-plain", "secure top-k 13.5 % (B, head), 2 bit clip 0.02, weight 1",
+    ("fedlora-b2", "fedlora", "fedlora-plain", "secure top-k 13.5 % (B, head; A frozen), 2 bit clip 0.02, weight 1",
      {"aggregation.secure": True, "aggregation.density": 0.135, "aggregation.bits": 2, "aggregation.max-weight": 1,
       "aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.clip": 0.02}),
-    ("fedlora-b2-125", "fedlora", "fedlora-plain", "secure top-k 12.5 % (B, head), 2 bit clip 0.02, weight 1",
+    ("fedlora-b2-125", "fedlora", "fedlora-plain", "secure top-k 12.5 % (B, head; A frozen), 2 bit clip 0.02, weight 1",
      {"aggregation.secure": True, "aggregation.density": 0.125, "aggregation.bits": 2, "aggregation.max-weight": 1,
       "aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.clip": 0.02}),
 ]
@@ -64,6 +75,7 @@ class UpdateTally:
 
     def __init__(self) -> None:
         self.up = self.down = 0
+        self.other = 0  # bytes of the final replies' other records (split learning's privacy report, metrics)
 
     def install(self) -> None:
         from guardedtuning.server_app.common import ServerRun
@@ -71,7 +83,9 @@ class UpdateTally:
         aggregate, settle, tally = ServerRun.aggregate, ServerRun._settle, self
 
         def counted_aggregate(run, strategy, round_, ex, *, since=0):  # type: ignore[no-untyped-def]
-            tally.up += sum(ex.bytes_up[n] for n in ex.ok() if n in ex.bytes_up)
+            ok = ex.ok()
+            tally.up += sum(ex.bytes_up[n] for n in ok if n in ex.bytes_up)
+            tally.other += sum(other_records_nbytes(m) for m in ok.values())
             return aggregate(run, strategy, round_, ex, since=since)
 
         def counted_settle(run, strategy, round_, since, metrics):  # type: ignore[no-untyped-def]
@@ -87,6 +101,17 @@ class UpdateTally:
         from guardedtuning.server_app.common import ServerRun
 
         ServerRun.aggregate, ServerRun._settle = self._restore
+
+
+UPDATE_RECORDS = ("update", "arrays", "secagg-stage", "secagg-masked")
+
+
+def other_records_nbytes(message: Any) -> int:
+    """Serialised bytes of a final reply's records that are not the update (the update, or its sealed form)."""
+    from guardedtuning.compat import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for key, rec in message.content.items() if key not in UPDATE_RECORDS
+               for obj in get_all_nested_objects(rec).values())
 
 
 def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, schedule: dict[str, Any],
@@ -124,6 +149,7 @@ def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, sche
         "history": [h["utility"] for h in rec["history"]],
         "up": c["bytes_up_per_client_round"], "down": c["bytes_down_per_client_round"],
         "update_up": tally.up / max(1, clients), "secagg_down": tally.down / max(1, clients),
+        "update_own_up": (tally.up - tally.other) / max(1, clients),
         "dense_update": c["dense_bytes_per_client_round"], "wall_s": time.perf_counter() - t0,
     }
     done.write_text(json.dumps(summary, indent=2))
@@ -156,6 +182,19 @@ def _events(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a variant's runs at several seeds: means, with the utilities of each seed kept."""
+    keys = ("up", "down", "update_up", "secagg_down", "dense_update", "wall_s")
+    out = {k: (None if any(r[k] is None for r in runs) else sum(r[k] for r in runs) / len(runs)) for k in keys}
+    util = [r["utility"] for r in runs]
+    return {**out, "name": runs[0]["name"], "recipe": runs[0]["recipe"], "utility": sum(util) / len(util),
+            "utilities": util, "seeds": [r["config"]["seed"] for r in runs]}
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return "" if len(values) < 2 else f" ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def table(rows: list[dict[str, Any]], words: dict[str, str], refs: dict[str, str]) -> str:
     by = {r["name"]: r for r in rows}
     dense_split = by.get("split-fp32")
@@ -168,11 +207,15 @@ def table(rows: list[dict[str, Any]], words: dict[str, str], refs: dict[str, str
         if dense_split and r["recipe"] != "fedlora":
             total = (r["up"] + r["down"]) / (dense_split["up"] + dense_split["down"])
         kept = None if ref is None else r["utility"] / ref["utility"]
+        utils = r.get("utilities", [r["utility"]])
+        ratios = [] if ref is None or ref.get("seeds", [0]) != r.get("seeds", [0]) else [
+            u / v for u, v in zip(utils, ref.get("utilities", [ref["utility"]]), strict=True)]
         lines.append(
             f"| {r['recipe']} | {r['name']} | {words[r['name']]} | {r['up']:,.0f} | {r['down']:,.0f} "
             f"| {_num(r['update_up'])} | {_pct(r['update_up'], r['dense_update'])} "
-            f"| {'-' if total is None else f'{100 * total:.1f} %'} | {r['utility']:.3f} "
-            f"| {'-' if kept is None else f'{100 * kept:.1f} %'} |")
+            f"| {'-' if total is None else f'{100 * total:.1f} %'} | {r['utility']:.3f}{_spread(utils, '.3f')} "
+            f"| {'-' if kept is None else f'{100 * kept:.1f} %'}"
+            f"{_spread([100 * x for x in ratios], '.1f')} |")
     return "\n".join(lines)
 
 
@@ -243,14 +286,16 @@ def update_round_bytes(shapes: dict[str, tuple[int, ...]], flat: dict[str, Any],
     return out
 
 
-def bytes_table(out: Path, schedule: dict[str, Any]) -> str:
-    """The update codec's bytes per client-round for every variant, on the real adapters' shapes."""
+def bytes_table(out: Path, schedule: dict[str, Any], only: list[str] | None = None) -> str:
+    """The update codec's bytes per client-round for every variant (or those in ``only``), on the real adapters' shapes."""
     from guardedtuning.recipes import get
 
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     lines = ["| recipe | variant | update setting | update up B | update down B | up / dense fp32 update |",
              "|" + "---|" * 6]
     for name, recipe, _, words, sets in VARIANTS:
+        if only is not None and name not in only:
+            continue
         flat = {**get(recipe).overrides, "recipe": recipe, **schedule, **sets}
         if recipe not in shapes:
             cache = out / f"shapes-{recipe}.json"
@@ -280,6 +325,9 @@ def main() -> int:
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run each variant at these seeds (seed=<s>, <out>/<variant>/seed<s>/) and give mean and "
+                        "min-max; default: one run at the config's seed, in <out>/<variant>/")
     p.add_argument("--fresh", action="store_true", help="rerun variants whose record exists")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--reference", nargs="*", default=[], metavar="NAME=RESULTS_JSON",
@@ -300,18 +348,31 @@ def main() -> int:
     schedule = {"federation.rounds": args.rounds, "train.local-steps": args.local_steps}
     if args.bytes_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        print("\n" + bytes_table(args.out, schedule))
+        print("\n" + bytes_table(args.out, schedule, args.only))
         return 0
     rows = []
+    if args.seeds is not None and refs:
+        p.error("--reference reads one earlier run; it cannot stand for several --seeds")
     for name, recipe, _, _, sets in VARIANTS:
         chosen = args.only is None or name in args.only
-        row = run_variant(name, recipe, sets, out=args.out, schedule=schedule, fresh=args.fresh and chosen,
-                          run=chosen or name in refs, reference=Path(refs[name]) if name in refs else None)
+        if args.seeds is None:
+            row = run_variant(name, recipe, sets, out=args.out, schedule=schedule, fresh=args.fresh and chosen,
+                              run=chosen or name in refs, reference=Path(refs[name]) if name in refs else None)
+        else:
+            runs = [run_variant(f"{name}/seed{seed}", recipe, {**sets, "seed": seed}, out=args.out,
+                                schedule=schedule, fresh=args.fresh and chosen, run=chosen) for seed in args.seeds]
+            for r in runs:
+                if r is not None:
+                    print(json.dumps({k: v for k, v in r.items() if k != "config"}), flush=True)
+            row = merge_seeds(runs) if all(r is not None for r in runs) else None  # type: ignore[arg-type]
+            if row is not None:
+                row["name"] = name
         if row is not None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+    seeds = "seed from the config" if args.seeds is None else f"seeds {' '.join(map(str, args.seeds))} (mean, min-max)"
     print(f"\nin-process runs, {args.rounds} rounds of {args.local_steps} local steps, 10 clients, 5 a round, "
-          "MiniLM, sentiment; bytes are serialised messages per client-round")
+          f"MiniLM, sentiment, {seeds}; bytes are serialised messages per client-round")
     print(table(rows, {v[0]: v[3] for v in VARIANTS}, {v[0]: v[2] for v in VARIANTS}))
     return 0
 
