@@ -6,7 +6,8 @@ computes what the Flower run computes) on the same schedule, seed, clients and d
 has, per variant: the wire setting, the bytes up and down per client-round (every serialised
 message of the round: activations, gradients, updates and all secure-aggregation stages), the
 bytes of the adapter update alone (the round's final replies plus the secure stages' messages,
-up), that as a fraction of the dense fp32 update, the whole round's fraction of the dense fp32
+up), that as a fraction of the dense fp32 update (also without the final replies' other records:
+split learning's privacy report and metrics, which go whatever the codec), the whole round's fraction of the dense fp32
 ``split`` round, the utility, and the utility as a fraction of its recipe's uncompressed run
 (plain FedAvg of dense fp32 updates, fp32 cut).
 
@@ -184,8 +185,8 @@ def _events(folder: Path) -> list[dict[str, Any]]:
 
 def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from a variant's runs at several seeds: means, with the utilities of each seed kept."""
-    keys = ("up", "down", "update_up", "secagg_down", "dense_update", "wall_s")
-    out = {k: (None if any(r[k] is None for r in runs) else sum(r[k] for r in runs) / len(runs)) for k in keys}
+    keys = ("up", "down", "update_up", "update_own_up", "secagg_down", "dense_update", "wall_s")
+    out = {k: (None if any(r.get(k) is None for r in runs) else sum(r[k] for r in runs) / len(runs)) for k in keys}
     util = [r["utility"] for r in runs]
     return {**out, "name": runs[0]["name"], "recipe": runs[0]["recipe"], "utility": sum(util) / len(util),
             "utilities": util, "seeds": [r["config"]["seed"] for r in runs]}
@@ -199,8 +200,9 @@ def table(rows: list[dict[str, Any]], words: dict[str, str], refs: dict[str, str
     by = {r["name"]: r for r in rows}
     dense_split = by.get("split-fp32")
     head = ("| recipe | variant | wire setting | up B/client-round | down B/client-round | update up B "
-            "| update / dense fp32 update | round / dense fp32 split | utility | of uncompressed |")
-    lines = [head, "|" + "---|" * 10]
+            "| update / dense fp32 update | update's own records / dense | round / dense fp32 split | utility "
+            "| of uncompressed |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         ref = by.get(refs[r["name"]])
         total = None  # the whole round against dense fp32 split's: for the split-learning recipes
@@ -213,6 +215,7 @@ def table(rows: list[dict[str, Any]], words: dict[str, str], refs: dict[str, str
         lines.append(
             f"| {r['recipe']} | {r['name']} | {words[r['name']]} | {r['up']:,.0f} | {r['down']:,.0f} "
             f"| {_num(r['update_up'])} | {_pct(r['update_up'], r['dense_update'])} "
+            f"| {_pct(r.get('update_own_up'), r['dense_update'])} "
             f"| {'-' if total is None else f'{100 * total:.1f} %'} | {r['utility']:.3f}{_spread(utils, '.3f')} "
             f"| {'-' if kept is None else f'{100 * kept:.1f} %'}"
             f"{_spread([100 * x for x in ratios], '.1f')} |")
@@ -331,7 +334,8 @@ def main() -> int:
     p.add_argument("--fresh", action="store_true", help="rerun variants whose record exists")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--reference", nargs="*", default=[], metavar="NAME=RESULTS_JSON",
-                   help="read a variant from an earlier run's results.json of the same config instead of running it")
+                   help="read a variant from an earlier run's results.json of the same config instead of running it "
+                        "(with --seeds: NAME/seed<s>=RESULTS_JSON for each seed)")
     p.add_argument("--bytes-only", action="store_true",
                    help="measure only the update codec's bytes per client-round (secure rounds of a random update on "
                         "each recipe's real adapter shapes; seconds, no training) and print that table")
@@ -351,8 +355,6 @@ def main() -> int:
         print("\n" + bytes_table(args.out, schedule, args.only))
         return 0
     rows = []
-    if args.seeds is not None and refs:
-        p.error("--reference reads one earlier run; it cannot stand for several --seeds")
     for name, recipe, _, _, sets in VARIANTS:
         chosen = args.only is None or name in args.only
         if args.seeds is None:
@@ -360,7 +362,9 @@ def main() -> int:
                               run=chosen or name in refs, reference=Path(refs[name]) if name in refs else None)
         else:
             runs = [run_variant(f"{name}/seed{seed}", recipe, {**sets, "seed": seed}, out=args.out,
-                                schedule=schedule, fresh=args.fresh and chosen, run=chosen) for seed in args.seeds]
+                                schedule=schedule, fresh=args.fresh and chosen, run=chosen or f"{name}/seed{seed}" in refs,
+                                reference=Path(refs[f"{name}/seed{seed}"]) if f"{name}/seed{seed}" in refs else None)
+                    for seed in args.seeds]
             for r in runs:
                 if r is not None:
                     print(json.dumps({k: v for k, v in r.items() if k != "config"}), flush=True)
