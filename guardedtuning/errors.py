@@ -30,3 +30,7 @@ class MessageError(GuardedTuningError):
 
 class ClientsFailed(GuardedTuningError):
     """Every client of a round failed; the message carries the first client's reason."""
+
+
+class BudgetSpent(ClientsFailed):
+    """Every sampled client of a round has spent its DP-SGD budget: no round can be trained any more."""

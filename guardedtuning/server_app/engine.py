@@ -33,7 +33,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from guardedtuning.errors import ClientsFailed, MessageError
+from guardedtuning.errors import BudgetSpent, ClientsFailed, MessageError
 from guardedtuning.server_app.common import ServerRun, log, make_strategy
 from guardedtuning.wire.exchange import Exchange, exchange
 from guardedtuning.wire.ledger import with_ledger_steps
@@ -116,8 +116,8 @@ class Round:
         if usable:
             return
         if spent and not failures:
-            raise ClientsFailed(f"round {self.number}: every sampled client has spent its privacy budget "
-                                f"(dp.target-epsilon {self.run.cfg.dp.target_epsilon}); plan fewer rounds or raise it")
+            raise BudgetSpent(f"round {self.number}: every sampled client has spent its privacy budget "
+                              f"(dp.target-epsilon {self.run.cfg.dp.target_epsilon}); plan fewer rounds or raise it")
         if failures:
             raise ClientsFailed(f"round {self.number}: no client could take part; "
                                 f"first reason: {next(iter(failures.values()))}")

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from guardedtuning import recipes
 from guardedtuning.config import RunConfig
-from guardedtuning.errors import GuardedTuningError
+from guardedtuning.errors import BudgetSpent, GuardedTuningError
 from guardedtuning.evaluation import utility_metric
 from guardedtuning.models.loading import kind_of
 from guardedtuning.preflight import preflight
@@ -35,7 +35,12 @@ def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -
                   majority_rate=run.task.majority_rate())
         if recipe.federated and grid is None:
             raise GuardedTuningError(f"recipe {cfg.recipe!r} is federated; run it with `guardedtuning run` or `flwr run .`")
-        metrics = recipe.run(grid, run)
+        try:
+            metrics = recipe.run(grid, run)
+        except BudgetSpent as exc:
+            if not rec.history:  # not one round fit the budget: the plan itself is wrong
+                raise
+            metrics = stop_for_budget(rec, exc)
         if not metrics and rec.history:  # resumed after the last round: nothing left to run
             metrics = {"utility": rec.history[-1]["utility"]}
         kind = kind_of(cfg.model.name)
@@ -46,6 +51,26 @@ def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -
     except Exception as exc:
         rec.event("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
+
+
+def stop_for_budget(rec: Recorder, exc: BudgetSpent) -> dict:
+    """End a run whose clients' DP-SGD budgets ran out after some rounds: the record says so; its last metrics.
+
+    A resumed run gets here: the ledger keeps the charge of the steps the interrupted attempt
+    sent (their releases happened), the re-run round is charged again, and a plan calibrated
+    to exactly ``federation.rounds x train.local-steps`` steps has no room for them. The run
+    does not train past the budget and does not fail either: it stops after the last round
+    that fit, with a ``budget_spent`` event and ``stopped`` in ``results.json``; the model is
+    the last checkpoint's.
+    """
+    done = rec.history[-1]["round"]
+    reason = (f"{exc}; the run stops after round {done} of {rec.cfg.federation.rounds} with the model of round "
+              f"{done}. The interrupted attempt's steps stay charged (what a client released cannot be taken back): "
+              "to leave room for a re-run round, plan it with more dp.target-epsilon or fewer rounds")
+    log.warning("%s", reason)
+    rec.event("budget_spent", round=done + 1, rounds_done=done, message=reason)
+    rec.extra["stopped"] = {"after_round": done, "reason": "privacy budget spent", "message": reason}
+    return {"utility": rec.history[-1]["utility"]}
 
 
 @app.main()
