@@ -13,9 +13,10 @@ the clients run one after another in this process (Flower's simulation runs as m
 as ``sim.num-cpus`` allows), so a push returns when every client has answered and
 ``comm.timeout`` never drops a slow one; and the node ids are drawn from the run's seed
 instead of at random. The ids decide which partitions the strategy samples in a round (it
-samples positions among the sorted ids) and the order of the clients' rows in the server's
-top, so with fewer clients per round than clients an in-process run trains other partitions
-than a given Flower run, as two Flower runs do; byte counts (of the serialised messages,
+samples positions among the sorted ids), so with fewer clients per round than clients an
+in-process run trains other partitions than a given Flower run, as two Flower runs do (the
+server's top takes the clients' rows in an order of their content, not of the ids:
+:func:`guardedtuning.training.canonical_order`); byte counts (of the serialised messages,
 :func:`guardedtuning.wire.records.message_nbytes`) differ by the few bytes the ids' varints take. ``tests/test_inprocess.py`` checks that a
 run gives the record Flower's simulation engine gives.
 """

@@ -27,7 +27,9 @@ Layer: plain torch over ``data``/``models``; the privacy layer
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -244,6 +246,44 @@ def length_groups(lengths: torch.Tensor, rows: int = TOP_GROUP_ROWS) -> list[tup
     return [(idx, int(lengths[idx[0]])) for idx in order.split(rows)]
 
 
+def _content_key(a: ClientActs) -> tuple:
+    """What a client sent, as exact integers: its shapes, its mask and its labels."""
+    return (tuple(a.h.shape), tuple(a.attention_mask.to(torch.int64).flatten().tolist()),
+            tuple(a.labels.to(torch.int64).flatten().tolist()))
+
+
+def canonical_order(acts: list[ClientActs]) -> list[int]:
+    """The positions of ``acts`` sorted by what each client sent, not by the order they came in.
+
+    The key is each client's batch shape, attention mask and labels (exact integers); clients
+    whose keys tie (the same shapes, mask and labels) are ordered by a digest of their
+    activations' bytes, and only clients that sent the very same tensors keep the order they
+    came in (swapping those changes no result but the two clients' own figures).
+
+    Parameters
+    ----------
+    acts : list of ClientActs
+        Each client's activations, in the order they came in (the server's is node-id order,
+        and Flower's engine draws the node ids at random).
+
+    Returns
+    -------
+    list of int
+        A permutation of ``range(len(acts))``: ``[acts[i] for i in canonical_order(acts)]`` is
+        the same list for any order of ``acts``.
+    """
+    keys = [_content_key(a) for a in acts]
+    counts = Counter(keys)
+
+    def key(i: int) -> tuple:
+        if counts[keys[i]] == 1:
+            return keys[i], b""
+        h = acts[i].h.detach().cpu().float().contiguous().numpy().tobytes()
+        return keys[i], hashlib.blake2b(h, digest_size=16).digest()
+
+    return sorted(range(len(acts)), key=key)
+
+
 class NonFiniteClients(ValueError):
     """Raised by :func:`top_step` *before* the top's optimizer steps: these clients poisoned the pass.
 
@@ -266,7 +306,7 @@ def top_step(
     acts: list[ClientActs],
     device: torch.device,
     *,
-    trim_padding: bool = False,
+    trim_padding: bool = True,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """One batched top pass over every sampled client's activations.
 
@@ -295,16 +335,20 @@ def top_step(
     device : torch.device
         Where the top runs.
     trim_padding : bool
-        Compute no padding: the rows of all clients, sorted by their used length (up to the
-        last position with a mask or a label), go through the top in groups of
+        Compute no padding (the default): the rows of all clients, sorted by their used length
+        (up to the last position with a mask or a label), go through the top in groups of
         :data:`TOP_GROUP_ROWS`, each cut to its longest row (:func:`length_groups`); False pads
         every row to the longest row of any client, as one pass. Rows never interact in the
         top, so both give the same losses and gradients up to float rounding (tested with
         dropout off); with the top's dropout on, its random masks are drawn over different
-        shapes, so the two draw different (equally distributed) masks. Off by default: with it
-        on, the records of Flower's engine and of the in-process runner (which must agree:
-        tests/test_inprocess.py) drifted apart by ~1.5e-3 in a test loss after two rounds of
-        ``guarded`` (the padded pass: within 1e-3); the cause is not found yet.
+        shapes, so the two draw different (equally distributed) masks.
+
+    The clients go through the top in :func:`canonical_order` (by what they sent), not in the
+    order of ``acts``, so the result does not depend on the order they came in: the server
+    takes them in node-id order and Flower's engine draws the node ids at random, and the
+    top's dropout masks, the trimmed pass's length groups and the float sums followed that
+    order (a client's rows got other masks; the in-process and Flower records of ``guarded``
+    drifted apart by 1.5e-3 in a test loss after two rounds, tests/test_inprocess.py).
 
     Returns
     -------
@@ -316,6 +360,18 @@ def top_step(
     NonFiniteClients
         When some clients' mean loss or activation gradient is NaN/inf; the top is unchanged.
     """
+    order = canonical_order(acts)
+    try:
+        grads, losses = _top_step(top, opt, [acts[i] for i in order], device, trim_padding=trim_padding)
+    except NonFiniteClients as exc:  # positions in the canonical order -> positions in ``acts``
+        raise NonFiniteClients(dict(sorted((order[j], r) for j, r in exc.reasons.items()))) from None
+    back = sorted(range(len(acts)), key=order.__getitem__)  # back[i]: where acts[i] went
+    return [grads[j] for j in back], [losses[j] for j in back]
+
+
+def _top_step(top: Top, opt: torch.optim.Optimizer | None, acts: list[ClientActs], device: torch.device,
+              *, trim_padding: bool) -> tuple[list[torch.Tensor], list[float]]:
+    """:func:`top_step` on ``acts`` in the order given."""
     width = max(a.h.shape[1] for a in acts)
     sizes = [a.h.shape[0] for a in acts]
     lengths = [a.h.shape[1] for a in acts]

@@ -156,3 +156,34 @@ def test_generation_by_length_gives_each_prompt_its_own_response(monkeypatch):
         got = evaluation._generate_all(None, tok, prompts, batch_size=3, max_new_tokens=1, device=CPU, sort=sort)
         assert got == expected, sort
     assert length_order([len(p) for p in prompts], 3) != length_order([len(p) for p in prompts], 3, sort=False)
+
+
+@pytest.mark.parametrize("trim", [True, False])
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_the_top_step_does_not_depend_on_the_order_the_clients_come_in(name, trim):
+    """The clients come in node-id order, and Flower's engine draws the node ids at random: with the
+    top's dropout ON, a step on the clients in another order must give each client the same loss and
+    gradient and the top the same step (its dropout masks, the trimmed pass's length groups and the
+    float sums must not follow the clients' order). Otherwise the in-process and Flower records drift
+    apart (tests/test_inprocess.py): a client's rows got other masks in another order."""
+    task = load_task(DataConfig(name="sentiment", train_size=200, test_size=20), 0)
+    model = split_model(ModelConfig(name=name), 2, LoraConfig(rank=4), 3, "cpu", 0)
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.top.modules())
+    assert dropout == (name == "tiny-bert")  # BERT's hidden dropout 0.1 on; Llama has none (float sums only)
+    acts = _client_acts(model, name, task, [5, 23, 1, 17, 9])
+    perm = [3, 0, 4, 2, 1]
+    tops = [model.top, copy.deepcopy(model.top)]
+    opts = [torch.optim.SGD([p for p in t.parameters() if p.requires_grad], lr=0.5) for t in tops]
+    for _ in range(2):  # the second step on the stepped tops
+        torch.manual_seed(11)
+        g_a, l_a = top_step(tops[0], opts[0], acts, CPU, trim_padding=trim)
+        torch.manual_seed(11)
+        g_b, l_b = top_step(tops[1], opts[1], [acts[i] for i in perm], CPU, trim_padding=trim)
+        assert l_b == [l_a[i] for i in perm]
+        for j, i in enumerate(perm):
+            assert torch.equal(g_b[j], g_a[i]), (j, i)
+        for (n, p), q in zip(tops[0].named_parameters(), tops[1].parameters(), strict=True):
+            assert torch.equal(p, q), n
+    if dropout:  # and the masks are random: another seed gives other losses
+        torch.manual_seed(12)
+        assert top_step(copy.deepcopy(tops[0]), None, acts, CPU, trim_padding=trim)[1] != l_a
