@@ -266,6 +266,16 @@ class LocalFederation:
             self._spawn(self.supernode_command(i, keys[i][0] if keys else None), f"supernode-{i}.log",
                         self.root / "nodes" / f"node-{i}")
 
+    def supernode_kind(self) -> str:
+        """``"warm"``, or ``"stock (<why>)"``: what the SuperNodes run (the warm command execs the stock one
+        on a Flower version :mod:`guardedtuning.compat` does not know)."""
+        if not self.warm:
+            return "stock (--stock)"
+        from guardedtuning.clients.warm_node import stock_reason
+
+        reason = stock_reason()
+        return "warm" if reason is None else f"stock ({reason})"
+
     def supernode_command(self, i: int, private_key: Path | None) -> list[str]:
         """The command that starts SuperNode ``i`` (partition ``i`` of ``num_nodes``)."""
         if self.warm:
@@ -416,7 +426,7 @@ def _local(args: argparse.Namespace) -> int:
         fed.start()
         security = "TLS + SuperNode authentication" if fed.auth else "TLS" if fed.tls else "insecure"
         print(f"SuperLink {fed.address} ({security}), {args.nodes} SuperNodes "
-              f"({'warm' if fed.warm else 'stock'}); logs in {root / 'logs'}", flush=True)
+              f"({fed.supernode_kind()}); logs in {root / 'logs'}", flush=True)
         if cfg is None:
             print(f"submit runs with:  FLWR_HOME={fed.cli_home} flwr run . {fed.name} --stream\n"
                   "Ctrl-C stops the federation", flush=True)
@@ -434,7 +444,10 @@ def _local(args: argparse.Namespace) -> int:
     if rc != 0 or not results.exists():
         print(f"run failed (flwr exit code {rc}); see {root / 'logs' / 'flwr-run.log'}", file=sys.stderr)
         return 1
-    cost = json.loads(results.read_text())["cost"]
+    record = json.loads(results.read_text())
+    if "stopped" in record:  # e.g. a resumed run whose clients' DP budgets are spent
+        print(f"the run stopped after round {record['stopped']['after_round']}: {record['stopped']['message']}")
+    cost = record["cost"]
     wall, overhead = cost.get("step_wall_s_median"), cost.get("step_overhead_s_median")
     print(f"results: {results}" + (f"; step wall {wall * 1000:.0f} ms, overhead {overhead * 1000:.0f} ms (medians)"
                                    if wall is not None and overhead is not None else ""))
