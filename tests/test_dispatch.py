@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from guardedtuning import compat
+from guardedtuning.server_app import dispatch
 from guardedtuning.server_app.dispatch import ENGINE_DISPATCHER, install
 
 vce_api = compat.owner(ENGINE_DISPATCHER)  # Flower's simulation engine module
@@ -66,7 +67,8 @@ def test_fast_dispatcher_delivers_each_message_once_and_quickly(monkeypatch):
             self.waits.append(timeout)
             return super().wait(timeout)
 
-    state, q, stop = State(), queue.Queue(), Stop()
+    state, q, stop = State(), queue.Queue(), threading.Event()
+    monkeypatch.setattr(dispatch, "PUSHED", Stop())  # between sweeps it waits on a push, up to the interval
     t = threading.Thread(target=fast, args=(state, q, {1: 0, 2: 1}, stop))
     t.start()
     got = [q.get(timeout=5) for _ in range(3)]

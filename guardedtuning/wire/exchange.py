@@ -4,11 +4,14 @@
 grid of simulations, 3 s for the HTTP grid of deployments), which would dominate a
 split-learning step. :func:`exchange` pushes all of a step's messages at once and pulls
 every ``comm.poll-interval`` seconds (2 ms by default) until each node has answered or
-timed out; it also counts the serialised bytes each way.
+timed out; it also counts the serialised bytes each way. Where the grid's store says when a
+reply arrives (Flower's simulation engine, through :data:`REPLY_STORED`), the loop wakes at
+once instead of at its next poll.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,6 +20,12 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from guardedtuning.wire.records import message_nbytes
+
+REPLY_STORED = threading.Event()
+"""Set whenever a reply reaches the grid's store, by whoever can see that (the simulation engine's
+dispatcher: :mod:`guardedtuning.server_app.dispatch`). :func:`exchange` waits on it between pulls,
+up to its ``poll``: where nothing sets it (the in-process grid, a deployment's HTTP grid), that
+is the plain poll sleep."""
 
 
 @dataclass
@@ -79,6 +88,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, poll: f
     pending = set(ids)
     deadline = t0 + timeout
     while pending:
+        REPLY_STORED.clear()  # before the pull: a reply stored after it sets the event again
         for reply in grid.pull_messages(list(pending)):
             mid = reply.metadata.reply_to_message_id
             if mid not in pending:
@@ -92,7 +102,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float, poll: f
             if time.perf_counter() > deadline:
                 out.timed_out = [node_of[mid] for mid in pending]
                 break
-            time.sleep(poll)
+            REPLY_STORED.wait(poll)
     out.wall_s = time.perf_counter() - t0
     out.t_done = time.time()
     return out
