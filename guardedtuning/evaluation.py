@@ -13,6 +13,10 @@ Instruction rows are prompted as they were trained (chat template or the plain o
 always fits. Rows whose prompt leaves no room in ``model.max-length`` are skipped under
 ``data.bad-rows=skip`` (``eval_rows`` says how many were scored), else raise.
 
+Generation is incremental (:func:`greedy_token_ids`): the prompt runs once, then one token per
+step against a key/value cache that bottom and top share, with the LM head at the last position
+only; it gives the uncached path's tokens and the unsplit model's ``generate`` (tested).
+
 No wasted compute: everything runs under ``torch.inference_mode`` (nothing here needs
 autograd), and the test rows go through the model sorted by length (``sort_by_length``), so
 each batch is padded to its own longest row only; the metrics are sums over rows, and each
@@ -66,30 +70,51 @@ def normalize(text: str) -> str:
 @torch.inference_mode()
 def greedy_generate(model: SplitModel, tokenizer: Any, texts: list[str], *, instruction: str,
                     max_length: int, max_new_tokens: int, device: torch.device) -> list[str]:
-    """Greedy decoding through bottom and top (no KV cache: answers are a few tokens)."""
+    """Greedy decoding through bottom and top (incremental: see :func:`greedy_token_ids`)."""
     batch = encode_prompts(tokenizer, texts, max_length=max_length, instruction=instruction)
     return _greedy(model, tokenizer, batch.to(device), max_new_tokens=max_new_tokens, device=device)
 
 
 @torch.inference_mode()
-def _greedy(model: SplitModel, tokenizer: Any, batch: Batch, *, max_new_tokens: int,
-            device: torch.device) -> list[str]:
-    ids, mask = batch.input_ids, batch.attention_mask
-    eos = tokenizer.eos_token_id
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+def greedy_token_ids(model: Any, batch: Batch, *, eos: int, pad: int, max_new_tokens: int,
+                     use_cache: bool = True) -> torch.Tensor:
+    """Greedy continuations of the left-padded prompts in ``batch``: (B, N) new token ids, N <= ``max_new_tokens``.
+
+    A row that has emitted ``eos`` continues with ``pad`` (masked out); decoding stops when
+    every row has. With ``use_cache`` (and a model that has ``next_token_logits``, as
+    :class:`SplitModel` does) the prompt runs once through bottom and top, filling one
+    key/value cache the two parts share, and each later step runs only the new token, with
+    the LM head at the last position only: the unsplit model's ``generate`` semantics
+    (tested equal to it, and to the uncached path). Otherwise (``use_cache=False``, or a
+    model with ``logits`` only, such as the offsite sandwich) every step re-runs the whole
+    sequence and takes the last position's logits.
+    """
+    ids, mask = batch.input_ids, batch.attention_mask  # (B, T0), left-padded
+    cached = use_cache and hasattr(model, "next_token_logits")
+    cache = model.new_cache() if cached else None
+    step = ids  # what the next forward runs: the prompt, then one token at a time
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
-        nxt = model.logits(ids, mask)[:, -1].argmax(-1)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_token_id), nxt)
+        logits = model.next_token_logits(step, mask, cache) if cached else model.logits(ids, mask)[:, -1]  # (B, V)
+        nxt = logits.argmax(-1)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         new.append(nxt)
         done |= nxt == eos
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, (~done | (nxt == eos)).long()[:, None]], 1)
+        step = nxt[:, None]
         if bool(done.all()):
             break
-    out = torch.stack(new, 1).tolist()
-    return [tokenizer.decode([t for t in row if t not in (eos, tokenizer.pad_token_id)],
-                             skip_special_tokens=True) for row in out]
+    return torch.stack(new, 1) if new else ids.new_zeros((ids.shape[0], 0))
+
+
+@torch.inference_mode()
+def _greedy(model: SplitModel, tokenizer: Any, batch: Batch, *, max_new_tokens: int,
+            device: torch.device) -> list[str]:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = greedy_token_ids(model, batch.to(device), eos=eos, pad=pad, max_new_tokens=max_new_tokens).tolist()
+    return [tokenizer.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True) for row in out]
 
 
 def length_order(lengths: list[int], batch_size: int, *, sort: bool = True) -> list[list[int]]:

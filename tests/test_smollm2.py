@@ -27,3 +27,27 @@ def test_smollm2_converts_splits_and_answers():
                              instruction="Answer the question.", max_length=64, max_new_tokens=12,
                              device=torch.device("cpu"))
     assert "Paris" in answer[0]
+
+
+def test_smollm2_cached_greedy_equals_uncached_and_the_unsplit_generate():
+    """The real decoder: incremental decoding through a 2-block cut gives the uncached tokens and HF ``generate``'s."""
+    from transformers import LlamaForCausalLM
+
+    from guardedtuning.data.batches import encode_prompts
+    from guardedtuning.evaluation import greedy_token_ids
+
+    bb = load_backbone("smollm2-135m")
+    bottom, top = build_split(bb, 2, num_labels=1)
+    model = SplitModel(bottom, top).eval()
+    tok = bb.tokenizer
+    batch = encode_prompts(tok, ["What is the capital of France?", "Name a colour."], max_length=64,
+                           instruction="Answer the question.")
+    kw = dict(eos=tok.eos_token_id, pad=tok.pad_token_id, max_new_tokens=10)
+    fast = greedy_token_ids(model, batch, **kw)
+    assert fast.tolist() == greedy_token_ids(model, batch, **kw, use_cache=False).tolist()
+    hf = LlamaForCausalLM(bb.config)
+    hf.model, hf.lm_head = bb.body, bb.lm_head
+    with torch.no_grad():
+        ref = hf.eval().generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=10,
+                                 do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert fast.tolist() == ref[:, batch.input_ids.shape[1]:].tolist()

@@ -18,6 +18,7 @@ ConfigError on a CPU); LoRA, the release maps and the encoder's head are float32
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from guardedtuning.config import LoraConfig, ModelConfig, SplitConfig
 from guardedtuning.models.loading import load_backbone, torch_dtype
 from guardedtuning.models.lora import add_lora
 from guardedtuning.models.split import Bottom, Top, build_split, check_split_layer
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
 
 
 class SplitModel(nn.Module):
@@ -43,6 +47,23 @@ class SplitModel(nn.Module):
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.top.logits(self.bottom(input_ids, attention_mask), attention_mask)
+
+    def new_cache(self) -> Cache:
+        """An empty key/value cache for :meth:`next_token_logits` (decoders)."""
+        from transformers.cache_utils import DynamicCache
+
+        if self.kind != "decoder":
+            raise ValueError("a key/value cache is for decoders (incremental generation); this model is an encoder")
+        return DynamicCache(config=self.bottom.blocks.config)
+
+    def next_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Incremental decoding: the new positions' ids (B, T) -> the last one's next-token logits (B, V).
+
+        ``attention_mask`` (B, past + T) covers the positions ``cache`` holds and the new ones;
+        bottom and top share ``cache`` (keys and values by the backbone's layer index), as the
+        unsplit model's layers share theirs, and the call appends the new positions to it.
+        """
+        return self.top.next_token_logits(self.bottom(input_ids, attention_mask, cache), attention_mask, cache)
 
 
 def _device(name: str) -> torch.device:

@@ -27,12 +27,17 @@ weights and its sum back to the base layer's dtype.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from guardedtuning.errors import ModelLoadError
 from guardedtuning.models.loading import Backbone
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
 
 IGNORE = -100
 
@@ -87,25 +92,40 @@ class _Blocks(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.rotary_emb = backbone.body.rotary_emb if backbone.kind == "decoder" else None
 
-    def run(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def run(self, h: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D) through this slice of blocks.
+
+        ``cache`` (decoders, generation only): a transformers ``Cache`` holding the keys and
+        values of the positions already seen, by the backbone's global layer index, so the
+        bottom's and the top's blocks share one cache as the unsplit model's layers do.
+        ``h`` is then the new positions only and ``attention_mask`` covers the seen positions
+        and the new ones, (B, past + T), as in the unsplit model's ``forward``. Without a
+        cache every call sees the whole sequence (training, the attacks).
+        """
         from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
         h = h.to(weight_dtype(self.layers))  # float32 in, the base weights' dtype inside
         if self.kind == "encoder":
+            if cache is not None:
+                raise ValueError("`cache` is for decoders (incremental generation); an encoder takes none")
             mask = create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask)
             for layer in self.layers:
                 h = layer(h, mask)
             return h
-        pos = position_ids_from_mask(attention_mask)
-        # No KV cache: every call sees the whole sequence. transformers 5.24 renamed the
-        # argument `past_key_values` to `cache` (the old name is removed in 5.40).
+        pos = position_ids_from_mask(attention_mask)[:, -h.shape[1]:]  # (B, T): the new positions'
+        # The mask is sized against this slice's first layer: the bottom's layers already hold
+        # the new positions when the top runs (the unsplit model builds its mask before any
+        # layer runs). transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40).
+        first = self.layers[0].self_attn.layer_idx if cache is not None else None
         mask = create_causal_mask(
-            config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=pos,
+            config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=cache, position_ids=pos,
+            layer_idx=first,
         )
         assert self.rotary_emb is not None
         pe = self.rotary_emb(h, position_ids=pos)
         for layer in self.layers:
-            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos, cache=cache,
+                      use_cache=cache is not None)
         return h
 
 
@@ -169,8 +189,10 @@ class Bottom(nn.Module):
         x = self.embeddings(input_ids=input_ids) if self.kind == "encoder" else self.embeddings(input_ids)
         return x.float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.release(self.blocks.run(self.embed(input_ids), attention_mask))  # (B, T, release_dim)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: Cache | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, release_dim); ``cache``: see :meth:`_Blocks.run` (``input_ids`` the new positions)."""
+        return self.release(self.blocks.run(self.embed(input_ids), attention_mask, cache))  # (B, T, release_dim)
 
 
 class Top(nn.Module):
@@ -204,6 +226,19 @@ class Top(nn.Module):
             h = self.expand(h)
         h = self.blocks.run(h, attention_mask)
         return (self.norm(h) if self.norm is not None else h).float()  # (B, T, D) float32
+
+    def next_token_logits(self, h: torch.Tensor, attention_mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Decoder generation: the new positions' release (B, T, k) -> the last one's next-token logits (B, V).
+
+        The blocks run on the new positions against ``cache`` (:meth:`_Blocks.run`); the final
+        norm and the LM head only at the last position. Float32.
+        """
+        if self.kind != "decoder" or self.norm is None:
+            raise ValueError("`next_token_logits` is for decoders; an encoder's head classifies the whole row")
+        if self.expand is not None:
+            h = self.expand(h)
+        z = self.norm(self.blocks.run(h, attention_mask, cache)[:, -1])  # (B, D)
+        return self.head(z.to(weight_dtype(self.head))).float()  # (B, V)
 
     def logits(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encoder: (B, C) class logits. Decoder: (B, T, V) next-token logits. Float32."""
