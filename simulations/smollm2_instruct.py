@@ -14,9 +14,11 @@ utility and the emulator gap (plug-in minus emulator) from the run's record.
         --point split --point guarded --point fedlora --point central-ft
     python simulations/smollm2_instruct.py --out runs/smollm2/offsite --point offsite
 
-``--check-logits FILE`` first compares the loaded model's logits on a fixed prompt with the
-ones in FILE (written by ``--save-logits FILE`` on another machine): the weights must be the
-same wherever the run happens. Writes ``smollm2.md`` / ``smollm2.json`` in ``--out`` and
+``--check-logits FILE`` first compares the loaded model's float64 logits and token ids on a
+fixed prompt with the ones in FILE (written by ``--save-logits FILE`` on another machine;
+``simulations/smollm2_logits.json`` is this repository's, from the cached conversion): the
+weights must be the same wherever the run happens (``simulations/smollm2_weights.py`` hashes
+every tensor when they are not). Writes ``smollm2.md`` / ``smollm2.json`` in ``--out`` and
 prints the table.
 """
 
@@ -33,8 +35,14 @@ from typing import Any
 PROMPT = "The capital of France is"
 
 
-def logits_probe(model_name: str) -> list[float]:
-    """The last position's first 64 logits of the unsplit model for :data:`PROMPT` (fp32, CPU)."""
+def logits_probe(model_name: str) -> dict[str, Any]:
+    """The probe prompt's token ids and the unsplit-equivalent split model's last-position logits, in float64.
+
+    Float64 (the split built as the runs build it, then cast), CPU: on the same weights two
+    machines agree to ~1e-6 (measured: torch 2.11 vs 2.13, max |diff| 2e-5 on a logit in
+    float32, and the float32 sum of the 49,152 logits 0.49 apart, which is what the float32 probe
+    this replaces flagged). ``logits``: the first 64, then the float64 sum of all and the argmax.
+    """
     import torch
 
     from guardedtuning.config import LoraConfig, ModelConfig
@@ -42,11 +50,29 @@ def logits_probe(model_name: str) -> list[float]:
     from guardedtuning.models.parts import split_model
 
     tok = load_tokenizer(model_name)
-    model = split_model(ModelConfig(name=model_name), 2, LoraConfig(), 1, "cpu", 0).eval()
-    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    model = split_model(ModelConfig(name=model_name), 2, LoraConfig(), 1, "cpu", 0).to(torch.float64).eval()
+    token_ids = tok(PROMPT)["input_ids"]
+    ids = torch.tensor([token_ids])
     with torch.no_grad():
-        out = model.logits(ids, torch.ones_like(ids))[0, -1]
-    return [float(x) for x in out[:64]] + [float(out.sum()), float(out.argmax())]
+        out = model.logits(ids, torch.ones_like(ids))[0, -1].double()
+    return {"dtype": "float64", "token_ids": token_ids,
+            "logits": [float(x) for x in out[:64]] + [float(out.sum()), float(out.argmax())]}
+
+
+def check_logits(ref_path: str, got: dict[str, Any]) -> str | None:
+    """None when ``got`` matches the probe saved in ``ref_path``, else what differs and what to do."""
+    ref = json.loads(Path(ref_path).read_text())
+    if ref.get("dtype") != "float64" or "token_ids" not in ref:
+        return (f"--check-logits {ref_path}: an old float32 probe file (no dtype/token_ids); re-save it with "
+                "--save-logits on the reference machine")
+    if ref["token_ids"] != got["token_ids"]:
+        return f"the probe's token ids differ ({got['token_ids']} here, {ref['token_ids']} in {ref_path}): the tokenizer"
+    a, b = ref["logits"], got["logits"]
+    worst = max(abs(x - y) for x, y in zip(a[:64], b[:64], strict=True))
+    if worst > 1e-4 or abs(a[64] - b[64]) > 1e-2 or a[65] != b[65]:
+        return (f"the weights loaded here differ from {ref_path}'s: max |logit diff| {worst:.3g} (limit 1e-4), "
+                f"sum {b[64]:.6f} vs {a[64]:.6f} (limit 1e-2), argmax {b[65]:.0f} vs {a[65]:.0f}")
+    return None
 
 
 def before(cfg: Any) -> dict[str, float]:
@@ -116,19 +142,17 @@ def main() -> int:
     from guardedtuning.config import parse_set
     from guardedtuning.trilemma import in_process_runner, parse_point, point_config, schedule, sweep
 
-    if args.check_logits:
-        ref = json.loads(Path(args.check_logits).read_text())["logits"]
-        got = logits_probe(args.model)
-        diff = max(abs(a - b) for a, b in zip(ref, got, strict=True))
-        print(f"logits probe vs {args.check_logits}: max |diff| {diff:.3g} (argmax {got[-1]:.0f} vs {ref[-1]:.0f})",
-              flush=True)
-        if diff > 1e-3:
-            print("the weights loaded here differ from the reference machine's; stopping", file=sys.stderr)
-            return 3
-    if args.save_logits:
-        Path(args.save_logits).write_text(json.dumps({"model": args.model, "prompt": PROMPT,
-                                                      "logits": logits_probe(args.model)}))
-        return 0
+    if args.check_logits or args.save_logits:
+        probe = logits_probe(args.model)
+        if args.check_logits:
+            problem = check_logits(args.check_logits, probe)
+            if problem:
+                print(f"{problem}; stopping", file=sys.stderr)
+                return 3
+            print(f"logits probe matches {args.check_logits} (float64, token ids equal)", flush=True)
+        if args.save_logits:
+            Path(args.save_logits).write_text(json.dumps({"model": args.model, "prompt": PROMPT, **probe}))
+            return 0
     sched = schedule(args.schedule)
     opts = sched.attacks
     names = {f.name for f in dataclasses.fields(opts)}
