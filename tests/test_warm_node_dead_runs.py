@@ -129,3 +129,28 @@ def test_warm_loop_keeps_a_live_runs_message_and_an_earlier_unfinished_task():
     tasks, messages = leftovers(state, RUN + 1)
     assert len(tasks) == 1 and tasks[0].status.status == "pending" and len(messages) == 1
     assert leftovers(state) == ([], [])
+
+
+def test_an_orphan_the_runner_already_acquired_is_finished_too():
+    """The race: the runner's fallback poll acquires the task while its content pull fails."""
+    state = node_state()
+    known_run(state)
+    warm_node.patch_supernode_polling(warm_node.Backoff(start=0.005, limit=3.0), reply_poll=0.002)
+    request = compat.private("AcquireTaskRequest")(supported_task_types=[compat.private("TaskType").CLIENT_APP])
+    acquire = compat.private("supernode_runtime.acquire_task")
+    gone = compat.private("RunNotRunningException")
+    msg, tree, _ = incoming()
+    acquired = []
+
+    def pull_object(_run: int, _object_id: str) -> bytes:
+        acquired.append(acquire(request, state))  # the runner takes the task before the content fails
+        raise gone
+
+    pull = compat.private("supernode_loop.pull_and_store_message")
+    assert pull(state=state, object_store=state.object_store, node_config={}, receive=lambda: (msg, tree),
+                get_run=None, get_fab=None, pull_object=pull_object, confirm_message_received=lambda *_: None,
+                trusted_entities=None) is None
+    assert acquired and acquired[0].HasField("task")
+    (task,) = state.get_tasks(run_ids=[RUN])
+    assert task.status.status == "finished" and task.status.sub_status == "failed"
+    assert leftovers(state) == ([], [])

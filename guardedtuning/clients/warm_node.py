@@ -166,8 +166,9 @@ def unfinished_tasks(state: Any) -> set[int] | None:
     """IDs of the SuperNode's tasks that have not finished (None when ``state`` is not a NodeState we know)."""
     if state is None or not all(callable(getattr(state, m, None)) for m in compat.NODESTATE_METHODS):
         return None
-    finished = flower("Status").FINISHED
-    return {t.task_id for t in state.get_tasks() if t.status.status != finished}
+    status = flower("Status")
+    # filtered by status in Flower's store: finished tasks (one per message handled) are not copied out
+    return {t.task_id for t in state.get_tasks(statuses=[status.PENDING, status.STARTING, status.RUNNING])}
 
 
 def discard_dead_tasks(state: Any, object_store: Any, before: set[int]) -> list[int]:
