@@ -76,7 +76,7 @@ def rand_k_support(*, size: int, density: float, seed: bytes) -> np.ndarray:
 
 
 def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: bytes,
-                  candidates: np.ndarray | None = None) -> np.ndarray:
+                  candidates: np.ndarray | None = None, always: np.ndarray | None = None) -> np.ndarray:
     """The largest ``|score|`` coordinates, plus ``explore * k`` random others.
 
     ``score`` must be public (e.g. the sum of past public aggregates), never a client's own
@@ -97,6 +97,9 @@ def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: by
     candidates : numpy.ndarray, optional
         The coordinates the support may use (:func:`eligible_coordinates`); all when omitted.
         ``k`` is ``support_size(size, density)``, at most the number of candidates.
+    always : numpy.ndarray, optional
+        Candidates on the support every round (:func:`dense_coordinates`); the top-k and the
+        random ones fill the other ``k - len(always)``. More than ``k`` of them: ``ValueError``.
 
     Returns
     -------
@@ -117,6 +120,19 @@ def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: by
         if cand.ndim != 1 or not cand.size or (np.diff(cand) <= 0).any() or cand[0] < 0 or cand[-1] >= size:
             raise ValueError(f"`candidates` must be sorted distinct indices in [0, {size}), at least one")
         k = min(k, cand.size)
+    fixed = np.empty(0, np.int64)
+    if always is not None and np.size(always):
+        fixed = np.asarray(always, dtype=np.int64)
+        if fixed.size > k:
+            raise ValueError(f"{fixed.size} coordinates must always be sent but the support holds {k}; raise "
+                             f"`density` to at least {fixed.size / size:.4f}")
+        if not np.isin(fixed, cand).all():
+            raise ValueError("`always` holds coordinates that are not among the `candidates`")
+        k = k - fixed.size
+        cand = np.setdiff1d(cand, fixed, assume_unique=True)
+        if not k or not cand.size:
+            return np.sort(fixed)
+        k = min(k, cand.size)
     gen = _generator(seed, b"top-k")
     tiebreak = gen.permutation(cand.size)
     order = np.lexsort((tiebreak, -np.abs(score[cand])))  # largest |score| first, ties by permutation
@@ -124,7 +140,7 @@ def top_k_support(*, score: np.ndarray, density: float, explore: float, seed: by
     top = order[:k_top]
     rest = np.setdiff1d(np.arange(cand.size), top, assume_unique=True)
     extra = gen.choice(rest, size=k - k_top, replace=False) if k > k_top else np.empty(0, np.int64)
-    return np.sort(cand[np.concatenate([top, extra]).astype(np.int64)]).astype(np.int64)
+    return np.sort(np.concatenate([fixed, cand[np.concatenate([top, extra]).astype(np.int64)]])).astype(np.int64)
 
 
 SCOPES = ("all", "lora-b")
@@ -164,6 +180,22 @@ def eligible_coordinates(shapes: Mapping[str, tuple[int, ...]], *, scope: str) -
         raise ValueError(f"`scope` {scope!r} leaves no coordinate of the adapter ({sorted(shapes)[:3]}...); "
                          "use aggregation.scope=all")
     return np.concatenate(out)
+
+
+def dense_coordinates(shapes: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    """The flat indices (sorted-name order) of every tensor that is not LoRA's (no ``lora_`` in its name).
+
+    With ``aggregation.dense-rest`` they are on every round's support: in ``guarded`` the
+    release projection (1,540 of the bottom's 50,692 coordinates), in ``fedlora`` the head;
+    the top-k then picks among LoRA's (B under ``lora-b``).
+    """
+    out, start = [], 0
+    for name in sorted(shapes):
+        n = int(np.prod(shapes[name], dtype=np.int64))
+        if "lora_" not in name:
+            out.append(np.arange(start, start + n, dtype=np.int64))
+        start += n
+    return np.concatenate(out) if out else np.empty(0, np.int64)
 
 
 def support_digest(support: np.ndarray) -> bytes:

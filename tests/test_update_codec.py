@@ -105,6 +105,60 @@ def test_top_k_support_stays_among_the_candidates_and_caps_k():
     assert np.array_equal(whole, cand)  # density 1 over a scope: every candidate, never more
 
 
+def dense_head() -> np.ndarray:
+    """Flat indices of the head (the tensors that are not LoRA's): 27 of 155."""
+    out, start = [], 0
+    for name in sorted(SHAPES):
+        n = int(np.prod(SHAPES[name]))
+        if "lora_" not in name:
+            out.extend(range(start, start + n))
+        start += n
+    return np.asarray(out)
+
+
+def test_dense_rest_keeps_every_non_lora_coordinate_on_the_support():
+    assert np.array_equal(C.dense_coordinates(SHAPES), dense_head())
+    cand = C.eligible_coordinates(SHAPES, scope="lora-b")
+    score = np.zeros(SIZE)
+    score[cand[-6:]] = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # the largest public scores lie on B
+    sup = C.top_k_support(score=score, density=0.25, explore=0.0, seed=SEED, candidates=cand,
+                          always=C.dense_coordinates(SHAPES))
+    assert sup.size == C.support_size(size=SIZE, density=0.25)  # 39: the head's 27 and B's top 12
+    assert set(dense_head().tolist()) <= set(sup.tolist()) and set(sup.tolist()) <= set(cand.tolist())
+    assert set(cand[-6:].tolist()) <= set(sup.tolist())
+    with pytest.raises(ValueError, match=r"27 coordinates must always be sent but the support holds 8.*0\.1742"):
+        C.top_k_support(score=score, density=0.05, explore=0.0, seed=SEED, always=C.dense_coordinates(SHAPES))
+
+
+def test_dense_rest_reaches_the_plaintext_sum_and_a_too_small_density_is_a_config_error():
+    clients = 4
+    grid = LocalGrid(fake_app(0.02, omit_a=True), clients, {})
+    strategy = SecureSparseFedAvg(clients_per_round=clients, seed=2, density=0.3, bits=2, clip=0.05, support="topk",
+                                  scope="lora-b", dense_rest=True, max_weight=16, timeout=0.2)
+    residual: dict[int, np.ndarray | None] = dict.fromkeys(grid.node_ids)
+    for round_ in (1, 2):
+        support, avg, metrics, _ = secure_round(strategy, grid, round_)
+        assert avg is not None and metrics["clients"] == clients
+        assert set(dense_head().tolist()) <= set(support.tolist())
+        assert not set(a_coordinates().tolist()) & set(support.tolist())
+        total, weight = np.zeros(SIZE), 0
+        for v in grid.node_ids:
+            upd = {k: (np.zeros_like(x) if ".lora_A." in k else x) for k, x in update_of(v, round_, 0.02).items()}
+            comp = C.compress_update(update=C.flatten(upd), residual=residual[v], support=support, bits=2, clip=0.05,
+                                     rng=np.random.default_rng(v * 7 + round_))
+            residual[v] = comp.residual.astype(np.float32).astype(np.float64)
+            w = min(16, 10 + v % 5)
+            total, weight = total + w * comp.sent, weight + w
+        np.testing.assert_allclose(C.flatten({k: avg[k].numpy() for k in SHAPES}), total / weight, rtol=1e-5,
+                                   atol=1e-7)
+    small = SecureSparseFedAvg(clients_per_round=clients, seed=2, density=0.05, bits=2, clip=0.05, support="topk",
+                               scope="lora-b", dense_rest=True, timeout=0.2)
+    with pytest.raises(ConfigError, match=r"aggregation\.dense-rest.*raise `density` to at least"):
+        secure_round(small, LocalGrid(fake_app(0.02, omit_a=True), clients, {}), 1)
+    with pytest.raises(ConfigError, match=r"aggregation\.dense-rest.*aggregation\.support=topk"):
+        build_config({"aggregation.secure": True, "aggregation.support": "rand", "aggregation.dense-rest": True})
+
+
 # ---------------------------------------------------------------------------- under secure aggregation
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -264,6 +264,10 @@ class AggregationConfig:
                "every client and never sent, so the global A stays at its random init; B, the head and other "
                "tensors train and are eligible)"
     )
+    dense_rest: bool = _opt(
+        False, "secure, topk: every coordinate of the tensors that are not LoRA's (guarded's release projection, "
+               "a head) on every round's support; the top-k picks the rest among LoRA's (density must leave room)"
+    )
     degree: int = _opt(
         0, "secure: neighbours per client in the masking graph; 0 = the smallest that meets security-bits and "
            "collusion (complete graph up to 10 clients; docs/threat-model.md)"
@@ -300,6 +304,9 @@ class AggregationConfig:
             raise _fail("aggregation.scope", self.scope, "`all` unless aggregation.support=topk (the server sends a "
                         "scoped support's indices; set aggregation.support=topk, with aggregation.explore=1 for a "
                         "random one)")
+        if self.dense_rest and self.support != "topk":
+            raise _fail("aggregation.dense-rest", self.dense_rest, "false unless aggregation.support=topk (the server "
+                        "sends the support's indices; set aggregation.support=topk)")
         if self.scope != "all" and not self.secure:
             raise _fail("aggregation.scope", self.scope, "`all` unless aggregation.secure=true (clients freeze LoRA's "
                         "A under `lora-b` and leave it out of their update, which only the secure codec takes; set "

@@ -47,7 +47,7 @@ def make_strategy(cfg: RunConfig, message_type: str) -> Strategy:
     try:
         return SecureAggregation(
             fedavg, num_sampled_clients=n, seed=cfg.seed, density=a.density, bits=a.bits, clip=a.clip,
-            support=a.support, explore=a.explore, scope=a.scope, degree=a.degree, threshold=a.threshold,
+            support=a.support, explore=a.explore, scope=a.scope, dense_rest=a.dense_rest, degree=a.degree, threshold=a.threshold,
             max_weight=a.max_weight,
             norm_clip=a.norm_clip, packing=a.packing, downlink_bits=a.downlink_bits, timeout=cfg.comm.timeout,
             poll=cfg.comm.poll_interval, security_bits=a.security_bits, collusion=a.collusion,

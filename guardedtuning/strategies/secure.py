@@ -62,6 +62,7 @@ from flwr.serverapp.strategy import Strategy
 
 from guardedtuning.codecs import (
     SCOPES,
+    dense_coordinates,
     dequantize_mean,
     eligible_coordinates,
     encode_downlink,
@@ -147,6 +148,10 @@ class SecureAggregation(Strategy):
         Coordinates a top-k support may use (:func:`~guardedtuning.codecs.eligible_coordinates`):
         ``"all"``, or ``"lora-b"`` (never LoRA's A, which then stays at its shared initial
         value; the support holds at most the eligible coordinates). Needs ``support="topk"``.
+    dense_rest : bool
+        Every coordinate of the tensors that are not LoRA's (:func:`~guardedtuning.codecs.dense_coordinates`:
+        ``guarded``'s release projection, a head) on every round's support; the top-k fills the
+        rest among LoRA's. Needs ``support="topk"``; ``density`` must leave room for them.
     degree : int
         Neighbours per client in the masking graph; 0 picks the smallest that meets
         ``security_bits`` and ``collusion`` (:func:`~.secagg.graph.min_degree`); ``>= n - 1``
@@ -186,7 +191,8 @@ class SecureAggregation(Strategy):
 
     def __init__(
         self, strategy: Strategy, *, num_sampled_clients: int, seed: int = 0, density: float = 0.05, bits: int = 8,
-        clip: float = 0.05, support: str = "rand", explore: float = 0.5, scope: str = "all", degree: int = 0,
+        clip: float = 0.05, support: str = "rand", explore: float = 0.5, scope: str = "all",
+        dense_rest: bool = False, degree: int = 0,
         threshold: int = 0,
         max_weight: int = 1024, norm_clip: float = 0.0, packing: str = "bits", downlink_bits: int = 0,
         timeout: float = 600.0, poll: float = 0.002, security_bits: int = SECURITY_BITS, collusion: float = COLLUSION,
@@ -201,6 +207,8 @@ class SecureAggregation(Strategy):
             ("explore", explore, 0 <= explore <= 1, "a number in [0, 1]"),
             ("scope", scope, scope in SCOPES and (scope == "all" or support == "topk"),
              f"one of {SCOPES}, and `all` unless support='topk' (the server sends a scoped support)"),
+            ("dense_rest", dense_rest, not dense_rest or support == "topk",
+             "False unless support='topk' (the server sends the support's indices)"),
             ("degree", degree, degree >= 0, "an integer >= 0 (0 picks O(log n))"),
             ("threshold", threshold, threshold == 0 or threshold >= 2, "0 (auto) or an integer >= 2"),
             ("max_weight", max_weight, max_weight >= 1, "a positive integer"),
@@ -220,7 +228,7 @@ class SecureAggregation(Strategy):
         self.strategy = strategy
         self.num_sampled_clients, self.seed = num_sampled_clients, seed
         self.density, self.bits, self.clip, self.support, self.explore = density, bits, clip, support, explore
-        self.scope = scope
+        self.scope, self.dense_rest = scope, dense_rest
         self.degree, self.threshold, self.max_weight, self.norm_clip = degree, threshold, max_weight, norm_clip
         self.packing, self.downlink_bits, self.timeout, self.poll = packing, downlink_bits, timeout, poll
         self.rejections: list[str] = []
@@ -262,16 +270,27 @@ class SecureAggregation(Strategy):
         seed = self.round_seed(server_round)
         if self.support == "topk":
             score = self._score if self._score is not None and self._score.size == size else np.zeros(size)
-            cand = None
+            cand, always = None, None
+            if (self.scope != "all" or self.dense_rest) and shapes is None:
+                # a scoped support needs the tensor names; silently using all would lie
+                raise ValueError(f"scope={self.scope!r} / dense_rest={self.dense_rest} needs the adapter's shapes; "
+                                 "pass shapes=")
             if self.scope != "all":
-                if shapes is None:  # a scoped support needs the tensor names; silently using all would lie
-                    raise ValueError(f"scope={self.scope!r} needs the adapter's shapes; pass shapes=")
+                assert shapes is not None
                 try:
                     cand = eligible_coordinates(shapes, scope=self.scope)
                 except ValueError as exc:  # the same adapter every round: skipping would skip them all
                     raise ConfigError(f"aggregation.scope={self.scope!r} cannot be used with this adapter: {exc}; "
                                       "set aggregation.scope=all") from None
-            sup = top_k_support(score=score, density=self.density, explore=self.explore, seed=seed, candidates=cand)
+            if self.dense_rest:
+                assert shapes is not None
+                always = dense_coordinates(shapes)
+            try:
+                sup = top_k_support(score=score, density=self.density, explore=self.explore, seed=seed,
+                                    candidates=cand, always=always)
+            except ValueError as exc:  # the same adapter every round: skipping would skip them all
+                raise ConfigError(f"aggregation.dense-rest: {exc} (aggregation.density), or set "
+                                  "aggregation.dense-rest=false") from None
         else:
             sup = rand_k_support(size=size, density=self.density, seed=seed)
         try:
