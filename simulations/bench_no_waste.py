@@ -11,12 +11,20 @@ the embedded sentiment corpus), alternately, in one process:
 
 Prints the medians and the ratios, and the token positions each top pass computes.
 
+``--main-job OUT`` instead runs the default main job (or it with ``--set``s) in process
+(:func:`guardedtuning.inprocess.run_in_process`), the top trimmed (the default) and padded
+(``top_step(trim_padding=False)``), alternately, ``--repeats`` times, with the same token and
+DP noise (``privacy.noise-seed``, ``--noise-seed``) in both, and prints each run's rounds,
+server compute and utility, then the medians and the ratio.
+
     python simulations/bench_no_waste.py [--repeats 5] [--clients 5] [--batch 16] [--threads 1] [--eval-repeats 0]
+    python simulations/bench_no_waste.py --main-job /work/runs/s24_perf/main --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -35,6 +43,40 @@ from guardedtuning.recipes import DEFAULT, config_for  # noqa: E402
 from guardedtuning.training import ClientActs, forward_activations, length_groups, top_step, used_lengths  # noqa: E402
 
 
+def main_job(out: Path, repeats: int, sets: dict, noise_seed: int) -> int:
+    """The default main job in process, top trimmed and padded alternately; rounds, server compute, utility."""
+    from guardedtuning import training
+    from guardedtuning.inprocess import run_in_process
+    from guardedtuning.server_app import split_driver
+
+    trimmed_step = split_driver.top_step
+    legs = {"trimmed": trimmed_step, "padded": functools.partial(training.top_step, trim_padding=False)}
+    figures: dict[str, list[tuple[float, float, float]]] = {k: [] for k in legs}
+    for rep in range(repeats):
+        for name in (("trimmed", "padded") if rep % 2 == 0 else ("padded", "trimmed")):
+            cfg = config_for(DEFAULT, {**sets, "privacy.noise-seed": noise_seed, "output.dir": str(out / f"{name}{rep}")})
+            split_driver.top_step = legs[name]
+            try:
+                record = run_in_process(cfg)
+            finally:
+                split_driver.top_step = trimmed_step
+            cost = record["cost"]
+            figures[name].append((float(cost["wall_s"]), float(cost["server_s"]), float(record["utility"]["value"])))
+            rounds = ", ".join(f"{h['utility']:.4f}" for h in record["history"])
+            clients = cost["client_s_per_step"] * cfg.train.local_steps * cfg.federation.clients_per_round * len(
+                record["history"])  # every client's training compute (in process: one after another)
+            print(f"repeat {rep} {name}: rounds {cost['wall_s']:.1f} s, server compute {cost['server_s']:.1f} s "
+                  f"(top and evaluation), client compute {clients:.1f} s, utility {record['utility']['value']:.4f} "
+                  f"(by round {rounds})", flush=True)
+    med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in figures.items()}
+    print(f"main job in process, {repeats} repeat(s), sets {sets or 'none'}, noise seed {noise_seed}")
+    for k, (w, srv, u) in med.items():
+        print(f"{k:8s} median rounds {w:.1f} s, server compute {srv:.1f} s, utility {u:.4f}")
+    print(f"ratio trimmed/padded: rounds {med['trimmed'][0] / med['padded'][0]:.3f}, "
+          f"server compute {med['trimmed'][1] / med['padded'][1]:.3f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -42,9 +84,17 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--eval-repeats", type=int, default=2, help="0 skips the evaluation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    ap.add_argument("--main-job", type=Path, default=None, metavar="OUT",
+                    help="run the default main job in process, top trimmed vs padded, into OUT/<leg><repeat>")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="with --main-job")
+    ap.add_argument("--noise-seed", type=int, default=7, help="with --main-job: privacy.noise-seed of both legs")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.main_job is not None:
+        from guardedtuning.config import parse_set
+
+        return main_job(args.main_job, args.repeats, parse_set(args.sets), args.noise_seed)
     cfg = config_for(DEFAULT, {})
     cpu = torch.device("cpu")
     task = load_task(cfg.data, cfg.seed)
