@@ -105,7 +105,7 @@ WARM_NODE_SYMBOLS = (
 
 NODESTATE_METHODS = ("get_tasks", "finish_task", "get_messages_legacy", "delete_messages")
 """Methods of Flower's ``NodeState`` the warm SuperNode calls to discard a dead run's orphaned task
-(:func:`guardedtuning.clients.warm_node.discard_dead_tasks`); one missing also means the stock SuperNode."""
+(:func:`guardedtuning.clients.dead_runs.discard_orphan`); one missing also means the stock SuperNode."""
 
 MESSAGE_INS_STORE = "message_ins_store"
 """Attribute of Flower's ``InMemoryLinkState`` holding the messages to deliver (a dict by message id)."""

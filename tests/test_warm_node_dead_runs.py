@@ -154,3 +154,72 @@ def test_an_orphan_the_runner_already_acquired_is_finished_too():
     (task,) = state.get_tasks(run_ids=[RUN])
     assert task.status.status == "finished" and task.status.sub_status == "failed"
     assert leftovers(state) == ([], [])
+
+
+def test_an_orphan_whose_message_the_runner_already_pulled_is_dropped():
+    """The usual order in the real fault: the runner acquired the task and pulled its message (Flower marks it
+    retrieved) before the content pull failed; the message and its objects must still go."""
+    state = node_state()
+    known_run(state)
+    warm_node.patch_supernode_polling(warm_node.Backoff(start=0.005, limit=3.0), reply_poll=0.002)
+    handlers = compat.owner("supernode_runtime.acquire_task")  # Flower's Runtime API handlers
+    request = compat.private("AcquireTaskRequest")(supported_task_types=[compat.private("TaskType").CLIENT_APP])
+    gone = compat.private("RunNotRunningException")
+    msg, tree, _ = incoming()
+    mid = msg.metadata.message_id
+    pulled = []
+
+    def pull_object(_run: int, _object_id: str) -> bytes:
+        task = handlers.acquire_task(request, state).task
+        pulled.append(handlers.pull_messages(handlers.PullAppMessagesRequest(), state, task))
+        raise gone
+
+    pull = compat.private("supernode_loop.pull_and_store_message")
+    assert pull(state=state, object_store=state.object_store, node_config={}, receive=lambda: (msg, tree),
+                get_run=None, get_fab=None, pull_object=pull_object, confirm_message_received=lambda *_: None,
+                trusted_entities=None) is None
+    assert pulled and len(pulled[0].messages_list) == 1  # the runner did get the message
+    assert mid not in state.msg_store, "the orphan's message stays in the SuperNode's store"
+    assert state.object_store.get(mid) is None
+    (task,) = state.get_tasks(run_ids=[RUN])
+    assert task.status.status == "finished" and task.status.sub_status == "failed"
+
+
+def test_a_live_runs_earlier_message_survives_a_failed_pull_of_the_same_run():
+    """Only the message whose content pull failed is dropped, not every pending message of its run
+    (Flower raises RunNotRunningException for any PERMISSION_DENIED)."""
+    state = node_state()
+    known_run(state)
+    warm_node.patch_supernode_polling(warm_node.Backoff(start=0.005, limit=3.0), reply_poll=0.002)
+    got, first = pull_once(state, run_gone=False)
+    assert got == RUN
+    got, second = pull_once(state, run_gone=True)
+    assert got is None
+    assert first.metadata.message_id != second.metadata.message_id
+    assert first.metadata.message_id in state.msg_store and second.metadata.message_id not in state.msg_store
+    tasks, _ = leftovers(state)
+    assert len(tasks) == 1  # the live message's task is still there for the runner
+
+
+def test_a_failing_cleanup_does_not_stop_the_supernode(monkeypatch, caplog):
+    state = node_state()
+    known_run(state)
+    warm_node.patch_supernode_polling(warm_node.Backoff(start=0.005, limit=3.0), reply_poll=0.002)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("store unavailable")
+
+    monkeypatch.setattr(state, "finish_task", broken)
+    with caplog.at_level("ERROR", logger="guardedtuning.node"):
+        got, _ = pull_once(state, run_gone=True)
+    assert got is None
+    assert "store unavailable" in caplog.text
+
+
+def test_a_pull_function_with_another_signature_keeps_flowers_loop(monkeypatch):
+    """The cleanup needs Flower's ``state``/``object_store``/``receive`` parameters: checked at install time."""
+    name = "supernode_loop.pull_and_store_message"
+    module, attribute = compat.owner(name), compat.FLOWER_PRIVATE[name].split(":")[1]
+    monkeypatch.setattr(module, attribute, lambda link, store: None)
+    how = warm_node.patch_supernode_polling(warm_node.Backoff(start=0.005, limit=3.0), reply_poll=0.002)
+    assert how.startswith("flower") and "signature" in how

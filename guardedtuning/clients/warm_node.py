@@ -32,7 +32,7 @@ CPU (``simulations/deploy_step_time.py``).
   Flower's own runner;
 - a task that Flower's SuperNode loop leaves behind when a run stops while one of its
   messages is being received (its ServerApp died) is finished and its message dropped
-  (:func:`discard_dead_tasks`), so that the one-at-a-time runner does not wait on it
+  (:mod:`guardedtuning.clients.dead_runs`), so that the one-at-a-time runner does not wait on it
   and the next run (a resumed one) is answered.
 
 Every Flower internal used here is reached through :mod:`guardedtuning.compat`. When its
@@ -47,6 +47,7 @@ SuperNode after a few tries instead of restarting forever.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import select
@@ -60,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from guardedtuning import compat
+from guardedtuning.clients.dead_runs import discard_orphan, unfinished_tasks
 from guardedtuning.compat import private as flower
 
 FALLBACK_POLL_S = 10.0  # the runner's poll when the SuperNode wakes it up on every message
@@ -136,12 +138,35 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
     if loop_time is not time:
         return "flower (the SuperNode loop is not the one this patch knows)"
 
+    try:
+        signature = inspect.signature(pull)
+        missing = {"state", "object_store", "receive"} - set(signature.parameters)
+    except (TypeError, ValueError):  # not introspectable
+        missing = {"state", "object_store", "receive"}
+    if missing:
+        return (f"flower (the SuperNode loop's pull has another signature: no {', '.join(sorted(missing))}; "
+                "its dead-run cleanup needs them)")
+
     def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
-        state = kwargs.get("state")
+        bound = signature.bind(*args, **kwargs)
+        state, receive = bound.arguments["state"], bound.arguments["receive"]
+        received: list[Any] = []
+
+        def receive_and_note() -> Any:
+            got = receive()
+            if got is not None:
+                received.append(got[0])
+            return got
+
+        bound.arguments["receive"] = receive_and_note
         before = unfinished_tasks(state)
-        run_id = pull(*args, **kwargs)
-        if run_id is None and before is not None:
-            discard_dead_tasks(state, kwargs.get("object_store"), before)
+        run_id = pull(*bound.args, **bound.kwargs)
+        if run_id is None and received and before is not None:
+            try:
+                discard_orphan(state, bound.arguments.get("object_store"), before, received[0])
+            except Exception:  # noqa: BLE001 - the SuperNode keeps serving; the orphan is logged
+                log.exception("could not discard the task of message %s (its run stopped while it was received)",
+                              received[0].metadata.message_id)
         if run_id is not None:
             backoff.reset()
             log.debug("message stored at %.3f", time.time())
@@ -160,49 +185,6 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
                    compat.prompt_pull_objects(getattr(loop_pulls, "guardedtuning_wrapped", loop_pulls),
                                               backoff.start))
     return f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s)"
-
-
-def unfinished_tasks(state: Any) -> set[int] | None:
-    """IDs of the SuperNode's tasks that have not finished (None when ``state`` is not a NodeState we know)."""
-    if state is None or not all(callable(getattr(state, m, None)) for m in compat.NODESTATE_METHODS):
-        return None
-    status = flower("Status")
-    # filtered by status in Flower's store: finished tasks (one per message handled) are not copied out
-    return {t.task_id for t in state.get_tasks(statuses=[status.PENDING, status.STARTING, status.RUNNING])}
-
-
-def discard_dead_tasks(state: Any, object_store: Any, before: set[int]) -> list[int]:
-    """Finish the tasks a pull that returned no run left unfinished, and drop their runs' messages.
-
-    Flower's ``_pull_and_store_message`` (flwr 1.41/1.42) creates a message's ClientApp task
-    and stores the message before it pulls the content; when the SuperLink answers the
-    content pull with "run not running" (its ServerApp died), it logs "Ignoring message" and
-    returns None, but leaves that task pending and the message stored, without content.
-    Flower's stock SuperNode starts a process per task, so there the orphan costs a
-    process; the warm runner runs one task at a time, and would wait on the orphan's
-    content (Flower's pull waits up to 2 h) while every later message, a resumed run's
-    included, queued behind it. A pull that returns None has stored no live message, so
-    every task it left unfinished is an orphan: each is finished as failed and the
-    unanswered messages of its run are deleted with their objects. Returns the runs.
-    """
-    sub_status = flower("SubStatus")
-    new = unfinished_tasks(state)
-    orphans = [t for t in state.get_tasks(task_ids=sorted(new - before))] if new else []
-    runs = sorted({t.run_id for t in orphans})
-    for task in orphans:
-        state.finish_task(task.task_id, sub_status=sub_status.FAILED,
-                          details="its run is not RUNNING any more (its ServerApp stopped) while the SuperNode "
-                                  "received the message; discarded by guardedtuning's warm SuperNode")
-    if runs:
-        dead = state.get_messages_legacy(run_ids=runs, is_reply=False)
-        ids = [m.metadata.message_id for m in dead]
-        state.delete_messages(message_ids=ids)
-        for message_id in ids:
-            if object_store is not None:
-                object_store.delete(message_id)
-        log.warning("discarded %d task(s) and %d message(s) of run(s) %s, which stopped while a message was "
-                    "being received", len(orphans), len(ids), ", ".join(map(str, runs)))
-    return runs
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,8 +279,13 @@ class TaskRunner:
             retry.max_tries = 1  # as Flower's runner does on exit: no retries for a finished task
             try:
                 push_task_output(client=client, context=context, sub_status=status, details=details)
-            except Exception:  # noqa: BLE001 - e.g. a task the SuperNode finished for a dead run: the next task runs
-                log.exception("failed to push the task's output")
+            except Exception as exc:
+                if message is not None or not token_refused(exc):
+                    # a live task's context.state (e.g. a DP-SGD client's accountant) would be lost
+                    log.exception("failed to push the task's output; the runner stops (the SuperNode restarts it)")
+                    raise
+                log.warning("task discarded by the SuperNode (its run stopped while its message was received): "
+                            "its token is revoked; the next task runs")
             finally:
                 client.close()
             log.debug("reply and context pushed %.3f", time.time())
@@ -394,6 +381,17 @@ def runner_main(argv: list[str] | None = None) -> int:
 
 
 OWN_OPTIONS = ("--poll-min", "--poll-max", "--poll-growth", "--reply-poll")  # not flower-supernode's
+
+
+def token_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is the Runtime API refusing a task's token (HTTP 401: the task is finished, its token revoked).
+
+    What the runner gets for a task the SuperNode's dead-run cleanup finished
+    (:func:`guardedtuning.clients.dead_runs.discard_orphan`) while the runner held it.
+    """
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
 
 
 def stock_reason() -> str | None:
