@@ -262,13 +262,32 @@ class Recorder:
         """Reload the ledger of an earlier attempt of this run (``output.resume``), else start a new one.
 
         Also without a checkpoint: an attempt that crashed in round 1 still charged what it sent.
+
+        Raises
+        ------
+        ConfigError
+            The ledger holds charges of another config (its digest differs): resuming with
+            a new plan on the same ``output.dir`` would start an empty ledger, and the
+            earlier attempt's releases of the same clients' data would go uncounted.
         """
         self.privacy_ledger = PrivacyLedger()
         if not (self.cfg.output.resume and self.ledger_path.is_file()):
             return
         payload = json.loads(self.ledger_path.read_text())
-        if payload.get("digest") == config_digest(self.cfg):
+        digest, ours = payload.get("digest"), config_digest(self.cfg)
+        if digest == ours:
             self.privacy_ledger = PrivacyLedger.from_json(payload["nodes"])
+        elif payload.get("nodes"):
+            from guardedtuning.errors import ConfigError
+
+            earlier = PrivacyLedger.from_json(payload["nodes"])
+            worst = earlier.worst()[0]
+            raise ConfigError(
+                f"output.resume: {self.ledger_path} holds the DP-SGD charges of a run with config digest {digest}, "
+                f"and this config's digest is {ours}: a changed plan cannot resume it (its ledger would start "
+                f"empty and the earlier releases would go uncounted; worst node's epsilon so far: "
+                f"{'unknown' if worst is None else f'{worst:.3f}'}). Run the new plan with a new output.dir "
+                "(--out); the epsilons of runs on the same clients' data add up")
 
     def save_adapter(self, model: torch.nn.Module) -> None:
         """Write the global adapters as a PEFT folder ``<out>/adapter`` (:mod:`guardedtuning.models.export`).

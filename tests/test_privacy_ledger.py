@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from guardedtuning.config import build_config
+from guardedtuning.errors import ConfigError
 from guardedtuning.privacy.dpsgd import amplified_epsilon, gaussian_epsilon
 from guardedtuning.results import LEDGER_FILE, PrivacyLedger, Recorder
 
@@ -59,8 +60,8 @@ def test_the_ledger_is_saved_with_the_configs_digest_and_reloaded_only_on_resume
     assert again.privacy_ledger.steps(3) == 20 and again.privacy_ledger.epsilons(3) == rec.privacy_ledger.epsilons(3)
     other = build_config({"model.name": "tiny-bert", "output.dir": str(tmp_path), "dp.target-epsilon": 2.0})
     fresh = Recorder(other, tmp_path, model="m", dataset="d")
-    fresh.load_privacy_ledger()  # another config: not this run's ledger
-    assert fresh.privacy_ledger.steps(3) == 0
+    with pytest.raises(ConfigError, match="new output.dir"):  # another config: refused, not a fresh ledger
+        fresh.load_privacy_ledger()
     no_resume = Recorder(build_config({"model.name": "tiny-bert", "output.dir": str(tmp_path),
                                        "output.resume": False}), tmp_path, model="m", dataset="d")
     no_resume.load_privacy_ledger()
