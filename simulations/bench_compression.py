@@ -134,7 +134,7 @@ def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, sche
     done = folder / "summary.json"
     if done.is_file() and not fresh:
         summary = json.loads(done.read_text())
-        if summary.get("config") == cfg.flat():
+        if same_config(summary.get("config") or {}, cfg.flat()):
             return summary
     if not run:
         return None
@@ -159,6 +159,17 @@ def run_variant(name: str, recipe: str, sets: dict[str, Any], *, out: Path, sche
     }
     done.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def same_config(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a record's config is ``now``'s: equal on every key, where a key the record predates
+    (added to the config since) holds its default in ``now`` (so it behaves as the record's code did)."""
+    from guardedtuning.config import build_config
+
+    if set(saved) - set(now):
+        return False
+    defaults = build_config({}).flat()
+    return all(saved[k] == v if k in saved else (k in defaults and defaults[k] == v) for k, v in now.items())
 
 
 def from_record(name: str, recipe: str, flat: dict[str, Any], rec: dict[str, Any], *, source: Path) -> dict[str, Any]:
