@@ -18,13 +18,14 @@ import pytest
 
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.config import build_config
+from guardedtuning.server_app import engine
 from guardedtuning.server_app.server_app import execute
 from tests.local_grid import LocalGrid
 from tests.test_split_privacy import _spend
 
 
-def test_a_resumed_run_whose_budgets_are_spent_stops_and_records_why(tiny_flat):
-    flat = {**tiny_flat, "dp.enabled": True, "federation.rounds": 2, "train.local-steps": 2}
+def test_a_resumed_run_whose_budgets_are_spent_stops_and_records_why(tiny_flat, monkeypatch):
+    flat = {**tiny_flat, "dp.enabled": True, "federation.rounds": 2, "train.local-steps": 1}
     cfg = build_config(flat)
     grid = LocalGrid(client_app, 3, cfg.flat())
     original, pushes = grid.push_messages, {"n": 0}
@@ -43,7 +44,10 @@ def test_a_resumed_run_whose_budgets_are_spent_stops_and_records_why(tiny_flat):
     assert all(2 in n["rounds"] for n in ledger.values())  # round 2's first step is charged
     again = LocalGrid(client_app, 3, cfg.flat())
     _spend(sorted(again.contexts))(again)  # every client's accountant: no room for round 2's re-run
+    finished = []
+    monkeypatch.setattr(engine.Design, "finish", lambda self: finished.append(type(self).__name__))
     record = execute(cfg, again)  # before: ClientsFailed, no results.json
+    assert finished, "the design's finish() (e.g. offsite's own block of the record) was skipped"
     assert [h["round"] for h in record["history"]] == [1]
     assert record["stopped"]["after_round"] == 1 and record["stopped"]["reason"] == "privacy budget spent"
     assert json.loads((out / "results.json").read_text())["stopped"] == record["stopped"]
@@ -57,3 +61,7 @@ def test_a_resumed_run_whose_budgets_are_spent_stops_and_records_why(tiny_flat):
     # the ledger kept the interrupted attempt's charge and never lowered it
     after = json.loads((out / "privacy-ledger.json").read_text())["nodes"]
     assert all(after[n]["requested_steps"] >= ledger[n]["requested_steps"] for n in ledger)
+    # the model is round 1's: the checkpoint, the adapter folder and the reported utility
+    assert json.loads((out / "checkpoint.json").read_text())["round"] == 1
+    assert json.loads((out / "adapter" / "guardedtuning.json").read_text())["round"] == 1
+    assert record["utility"]["value"] == record["history"][-1]["utility"]

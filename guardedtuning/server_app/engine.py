@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 
 from guardedtuning.errors import BudgetSpent, ClientsFailed, MessageError
 from guardedtuning.server_app.common import ServerRun, log, make_strategy
+from guardedtuning.server_app.stopping import replan_advice, stop_for_budget
 from guardedtuning.wire.exchange import Exchange, exchange
 from guardedtuning.wire.ledger import with_ledger_steps
 from guardedtuning.wire.records import metric_value, record_to_tensors, tensors_to_record
@@ -117,10 +118,12 @@ class Round:
             return
         if spent and not failures:
             raise BudgetSpent(f"round {self.number}: every sampled client has spent its privacy budget "
-                              f"(dp.target-epsilon {self.run.cfg.dp.target_epsilon}); plan fewer rounds or raise it")
+                              f"(dp.target-epsilon {self.run.cfg.dp.target_epsilon}); {replan_advice(self.run.rec)}")
         if failures:
+            also = (f"; {len(spent)} more had spent their privacy budget (dp.target-epsilon "
+                    f"{self.run.cfg.dp.target_epsilon})" if spent else "")
             raise ClientsFailed(f"round {self.number}: no client could take part; "
-                                f"first reason: {next(iter(failures.values()))}")
+                                f"first reason: {next(iter(failures.values()))}{also}")
 
     def step_event(self, step: int, steps: int, losses: list[float], ex: Exchange, clients: int) -> None:
         self.run.rec.event("step", round=self.number, step=step, steps=steps,
@@ -237,6 +240,20 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
         cfg = replace(cfg, federation=replace(fed, clients_per_round=per_round))
     strategy = make_strategy(cfg, design.message_type)
     metrics: dict[str, float] = {}
+    try:
+        metrics = _rounds(grid, run, design, cfg, strategy, first, resumed_after)
+    except BudgetSpent as exc:  # after some rounds: the run stops there, with its record (none: an error)
+        if not rec.history:
+            raise
+        metrics = stop_for_budget(rec, exc)
+    design.finish()
+    return metrics
+
+
+def _rounds(grid: Grid, run: ServerRun, design: Design, cfg: Any, strategy: Any, first: int,
+            resumed_after: int) -> dict[str, float]:
+    """Rounds ``first`` .. ``federation.rounds`` of :func:`run_rounds`; the last metrics."""
+    rec, metrics = run.rec, {}
     for number in range(first, cfg.federation.rounds + 1):
         run.seed_round(number)
         up0, down0 = rec.ledger.bytes_up, rec.ledger.bytes_down
@@ -281,5 +298,4 @@ def run_rounds(grid: Grid, run: ServerRun, design: Design) -> dict[str, float]:
                       epsilon_model=epsilon_model,
                       bytes_up=rec.ledger.bytes_up - up0, bytes_down=rec.ledger.bytes_down - down0, extra=extra)
         rec.save_checkpoint(number, design.checkpoint())
-    design.finish()
     return metrics

@@ -19,6 +19,7 @@ from guardedtuning.results import Recorder
 from guardedtuning.server_app.common import ServerRun, log
 from guardedtuning.server_app.dispatch import install as install_dispatch
 from guardedtuning.server_app.object_pulls import install as install_object_pulls
+from guardedtuning.server_app.stopping import stop_for_budget
 
 app = ServerApp()
 
@@ -35,7 +36,7 @@ def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -
                   majority_rate=run.task.majority_rate())
         if recipe.federated and grid is None:
             raise GuardedTuningError(f"recipe {cfg.recipe!r} is federated; run it with `guardedtuning run` or `flwr run .`")
-        try:
+        try:  # a driver on engine.run_rounds stops there (after its design's finish()); this catches the others
             metrics = recipe.run(grid, run)
         except BudgetSpent as exc:
             if not rec.history:  # not one round fit the budget: the plan itself is wrong
@@ -51,26 +52,6 @@ def execute(cfg: RunConfig, grid: Grid | None, *, dispatch: str | None = None) -
     except Exception as exc:
         rec.event("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
-
-
-def stop_for_budget(rec: Recorder, exc: BudgetSpent) -> dict:
-    """End a run whose clients' DP-SGD budgets ran out after some rounds: the record says so; its last metrics.
-
-    A resumed run gets here: the ledger keeps the charge of the steps the interrupted attempt
-    sent (their releases happened), the re-run round is charged again, and a plan calibrated
-    to exactly ``federation.rounds x train.local-steps`` steps has no room for them. The run
-    does not train past the budget and does not fail either: it stops after the last round
-    that fit, with a ``budget_spent`` event and ``stopped`` in ``results.json``; the model is
-    the last checkpoint's.
-    """
-    done = rec.history[-1]["round"]
-    reason = (f"{exc}; the run stops after round {done} of {rec.cfg.federation.rounds} with the model of round "
-              f"{done}. The interrupted attempt's steps stay charged (what a client released cannot be taken back): "
-              "to leave room for a re-run round, plan it with more dp.target-epsilon or fewer rounds")
-    log.warning("%s", reason)
-    rec.event("budget_spent", round=done + 1, rounds_done=done, message=reason)
-    rec.extra["stopped"] = {"after_round": done, "reason": "privacy budget spent", "message": reason}
-    return {"utility": rec.history[-1]["utility"]}
 
 
 @app.main()
