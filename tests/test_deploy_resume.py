@@ -16,7 +16,14 @@ round 2's re-run, every client says its budget is spent, and the run stops with 
 (tests/test_netns_faults.py runs the same fault over namespaces with a plan that leaves room:
 there the resumed run finishes every round.)
 
-About 2.5 min on the loaded 2-core machine (e2e tier).
+About 3 min on the loaded 2-core machine, with waits of up to ~23 min when it goes wrong: over CI's
+e2e budget, so it runs only with ``GUARDEDTUNING_DEPLOY_FAULTS=1``::
+
+    GUARDEDTUNING_DEPLOY_FAULTS=1 python -m pytest -s -m e2e tests/test_deploy_resume.py
+
+The cleanup itself is covered in CI by the in-process tests on Flower's real loop and
+NodeState (tests/test_warm_node_dead_runs.py, tests/test_warm_node_task_output.py) and the
+budget stop by tests/test_resume_budget.py.
 """
 
 from __future__ import annotations
@@ -35,11 +42,25 @@ from guardedtuning.launcher import processes_with_env, script
 from tests.test_netns_federation import REPO, guarded_flat, run_config
 
 ROUNDS, STEPS = 3, 2
+ENV = "GUARDEDTUNING_DEPLOY_FAULTS"
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(os.environ.get(ENV) != "1",
+                                 reason=f"3 min, up to ~23 min of waits (over CI's e2e budget); set {ENV}=1 to run it")]
 
 
 def _events(out: Path) -> list[dict]:
     path = out / "events.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _round_2_charged(out: Path, nodes: int) -> dict | None:
+    """The ledger once every node's round-2 steps are charged (requested_steps > STEPS), else None."""
+    try:
+        ledger = json.loads((out / "privacy-ledger.json").read_text())["nodes"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    charged = len(ledger) == nodes and all(n["requested_steps"] > STEPS for n in ledger.values())
+    return ledger if charged else None
 
 
 def _serverapps(fed: LocalFederation) -> list[int]:
@@ -53,7 +74,6 @@ def _serverapps(fed: LocalFederation) -> list[int]:
     return pids
 
 
-@pytest.mark.e2e
 def test_serverapp_killed_mid_round_then_resubmitted_on_loopback(tmp_path):
     out = tmp_path / "run"
     flat = guarded_flat(out, 3, **{"federation.rounds": ROUNDS, "train.local-steps": STEPS, "comm.timeout": 60.0})
@@ -64,12 +84,12 @@ def test_serverapp_killed_mid_round_then_resubmitted_on_loopback(tmp_path):
         first = fed._spawn([script("flwr"), "run", ".", fed.name, "--stream", "--run-config", run_config(flat)],
                            "flwr-run.log", fed.cli_home, cwd=REPO)
         deadline = time.monotonic() + 600
-        while not any(e["event"] == "step" and e["round"] == 2 for e in _events(out)):
+        # killed once the ledger holds round 2's charge: the interrupted attempt released round-2 steps
+        while (ledger_before := _round_2_charged(out, 3)) is None:
             assert first.poll() is None and time.monotonic() < deadline, (logs / "flwr-run.log").read_text()[-3000:]
-            time.sleep(0.2)
+            time.sleep(0.05)
         apps = _serverapps(fed)
         assert apps, "no flwr-serverapp process of this federation"
-        ledger_before = json.loads((out / "privacy-ledger.json").read_text())["nodes"]
         for pid in apps:
             os.kill(pid, signal.SIGKILL)
         try:
@@ -91,7 +111,8 @@ def test_serverapp_killed_mid_round_then_resubmitted_on_loopback(tmp_path):
     assert [e for e in after if e["event"] == "round_start" and e["round"] == 2], after
     assert not [e for e in after if "no reply before comm.timeout" in e.get("reason", "")], after
     assert "error" not in [e["event"] for e in after], after
-    print("orphans discarded:", [log.count("discarded") for log in node_logs])
+    discarded = [log.count("discarded") for log in node_logs]
+    print("orphans discarded:", discarded)
     record = json.loads((out / "results.json").read_text())
     history = [h["round"] for h in record["history"]]
     # the default plan has no room for the re-run round: a record line, the model of round 1
@@ -105,3 +126,5 @@ def test_serverapp_killed_mid_round_then_resubmitted_on_loopback(tmp_path):
     for node, before in ledger_before.items():
         assert 2 in before["rounds"] and ledger[node]["requested_steps"] >= before["requested_steps"] > STEPS
     assert processes_with_env(MARKER, str(fed.root)) == []
+    if not any(discarded):  # the kill fell between messages: no node was receiving one, nothing to discard
+        pytest.skip(f"fault not reproduced: no SuperNode was receiving a message of the killed run ({discarded})")
