@@ -283,8 +283,8 @@ class Recorder:
             earlier = PrivacyLedger.from_json(payload["nodes"])
             worst = earlier.worst()[0]
             raise ConfigError(
-                f"output.resume: {self.ledger_path} holds the DP-SGD charges of a run with config digest {digest}, "
-                f"and this config's digest is {ours}: a changed plan cannot resume it (its ledger would start "
+                f"output.resume: {self.ledger_path} holds the DP-SGD charges of another config (digest {digest}; "
+                f"this config's digest is {ours}): a changed plan cannot resume it (its ledger would start "
                 f"empty and the earlier releases would go uncounted; worst node's epsilon so far: "
                 f"{'unknown' if worst is None else f'{worst:.3f}'}). Run the new plan with a new output.dir "
                 "(--out); the epsilons of runs on the same clients' data add up")
