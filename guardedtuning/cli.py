@@ -287,6 +287,12 @@ def _summary(out: Path) -> None:
         console.print(f"DP-SGD: ε {dp['epsilon']:.2f} against the server (target {dp['target_epsilon']:g}, "
                       f"δ {dp['delta']:g}){model}; what each covers: privacy.dp.scope in results.json",
                       highlight=False, soft_wrap=True)
+    stopped = record.get("stopped")
+    if stopped:
+        rounds = record.get("config", {}).get("federation.rounds", "?")
+        console.print(f"stopped after round {stopped.get('after_round')} of {rounds}: {stopped.get('reason')} "
+                      "(the model is that round's; stopped.message in results.json says why and what to do)",
+                      highlight=False, soft_wrap=True)
     console.print(f"results: {out / 'results.json'}  plot: {out / 'utility.png'}", highlight=False, soft_wrap=True)
 
 

@@ -456,7 +456,10 @@ def computes_default(point: Point, base: dict[str, Any], default_base: dict[str,
 
 
 def _finished(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
-    """The finished record in ``run_dir`` if its config is ``cfg``'s; ``None`` if none; refused if another."""
+    """The finished record in ``run_dir`` if its config is ``cfg``'s; ``None`` if none; refused if another.
+
+    A record that stopped before its last round (``stopped``: its DP budget ran out) is refused too.
+    """
     path = run_dir / "results.json"
     if not path.is_file():
         return None
@@ -472,6 +475,12 @@ def _finished(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
         shown = ", ".join(f"{k}={theirs.get(k)!r} (this sweep: {ours.get(k)!r})" for k in diff[:6])
         raise ConfigError(f"{path} was run with another config: {shown}; pass another --out, or delete {run_dir} "
                           "to rerun it")
+    stopped = record.get("stopped")
+    if stopped:  # fewer rounds than the point's plan: averaged with finished points, it would skew the sweep
+        raise ConfigError(f"{path} stopped after round {stopped.get('after_round')} of {cfg.federation.rounds} "
+                          f"({stopped.get('reason')}): a sweep point needs every round. Pass another --out and "
+                          "rerun the sweep with a plan its DP budget fits (its message in results.json says how); "
+                          f"the epsilons of runs on the same clients' data add up")
     return record
 
 
