@@ -25,6 +25,16 @@ def unauthorized() -> httpx.HTTPStatusError:
 
 
 class Client:
+    """A Runtime API client whose PushTaskOutput fails with ``push_fails`` (if set)."""
+
+    def __init__(self, push_fails: BaseException | None, pushed: list) -> None:
+        self.push_fails, self.pushed = push_fails, pushed
+
+    def PushTaskOutput(self, request):  # noqa: N802 - Flower's name
+        self.pushed.append(request)
+        if self.push_fails is not None:
+            raise self.push_fails
+
     def close(self) -> None:
         pass
 
@@ -48,7 +58,7 @@ class Heartbeat:
 
 def runner(monkeypatch, *, pull_fails: BaseException | None, push_fails: BaseException | None):
     """A TaskRunner whose Flower steps are stand-ins; returns it and the pushes made."""
-    pushed: list[dict] = []
+    pushed: list = []
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
 
     def pull_task_input(_client):
@@ -56,34 +66,31 @@ def runner(monkeypatch, *, pull_fails: BaseException | None, push_fails: BaseExc
             raise pull_fails
         return SimpleNamespace(metadata=SimpleNamespace(created_at=0.0)), context, None, None
 
-    def push_task_output(**kwargs):
-        pushed.append(kwargs)
-        if push_fails is not None:
-            raise push_fails
-
-    fakes = {"pull_task_input": pull_task_input, "push_task_output": push_task_output,
-             "push_message": lambda *_a: None, "HeartbeatSender": Heartbeat,
+    # Flower's own push_task_output (it logs and swallows an httpx.HTTPError itself)
+    fakes = {"pull_task_input": pull_task_input, "push_message": lambda *_a: None, "HeartbeatSender": Heartbeat,
              "make_task_heartbeat_fn_http": lambda _c: None}
     monkeypatch.setattr(warm_node, "flower", lambda name: fakes.get(name) or compat.private(name))
     task_runner = warm_node.TaskRunner("127.0.0.1:0", insecure=True, root_certificates=None)
-    monkeypatch.setattr(task_runner, "_client", lambda _token: (Client(), Retry()))
+    monkeypatch.setattr(task_runner, "_client", lambda _token: (Client(push_fails, pushed), Retry()))
     monkeypatch.setattr(task_runner, "_app", lambda _run, _fab: lambda message, context: "reply")
     return task_runner, pushed
 
 
-@pytest.mark.parametrize("failure", [unauthorized(), ConnectionError("link down")], ids=["401", "connection"])
+@pytest.mark.parametrize("failure", [unauthorized(), httpx.ConnectError("link down"), ConnectionError("link down")],
+                         ids=["401", "httpx-connect", "connection"])
 def test_a_live_tasks_failed_output_push_is_raised(monkeypatch, failure):
     task_runner, pushed = runner(monkeypatch, pull_fails=None, push_fails=failure)
     with pytest.raises(type(failure)):
         task_runner.run_task("token")
-    assert pushed and pushed[0]["sub_status"] == compat.private("SubStatus").COMPLETED
+    assert pushed and pushed[0].sub_status == compat.private("SubStatus").COMPLETED
+    assert pushed[0].HasField("context")  # the state that would have been lost
 
 
 def test_a_discarded_tasks_refused_output_push_is_logged_and_the_runner_goes_on(monkeypatch, caplog):
     task_runner, pushed = runner(monkeypatch, pull_fails=unauthorized(), push_fails=unauthorized())
     with caplog.at_level("WARNING", logger="guardedtuning.node"):
         status = task_runner.run_task("token")
-    assert status == compat.private("SubStatus").FAILED and pushed[0]["context"] is None
+    assert status == compat.private("SubStatus").FAILED and not pushed[0].HasField("context")
     assert "discarded" in caplog.text
 
 

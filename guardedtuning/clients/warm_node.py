@@ -278,7 +278,11 @@ class TaskRunner:
                 heartbeat.stop()
             retry.max_tries = 1  # as Flower's runner does on exit: no retries for a finished task
             try:
-                push_task_output(client=client, context=context, sub_status=status, details=details)
+                # Flower's push_task_output logs an httpx.HTTPError and returns: the recorder sees it
+                recorder = _PushRecorder(client)
+                push_task_output(client=recorder, context=context, sub_status=status, details=details)
+                if recorder.error is not None:
+                    raise recorder.error
             except Exception as exc:
                 if message is not None or not token_refused(exc):
                     # a live task's context.state (e.g. a DP-SGD client's accountant) would be lost
@@ -381,6 +385,23 @@ def runner_main(argv: list[str] | None = None) -> int:
 
 
 OWN_OPTIONS = ("--poll-min", "--poll-max", "--poll-growth", "--reply-poll")  # not flower-supernode's
+
+
+class _PushRecorder:
+    """A Runtime API client that keeps the error of its ``PushTaskOutput`` (Flower's caller swallows it)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.error = client, None
+
+    def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802 - Flower's name
+        try:
+            return self.client.PushTaskOutput(request)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
 
 
 def token_refused(exc: BaseException) -> bool:
