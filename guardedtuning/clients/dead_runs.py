@@ -12,7 +12,10 @@ run's included, queued behind it.
 
 :func:`discard_orphan` finishes exactly the task that pull created and deletes exactly the
 message it received (and its objects), whether or not the runner already acquired the task
-and pulled the message; other messages of the same run are left as they are.
+and pulled the message; other messages of the same run are left as they are. The runner
+holding such a task then finds its token revoked (HTTP 401, :func:`token_refused`); that,
+and no other failure of a task's output push (:class:`PushRecorder` sees the ones Flower's
+``push_task_output`` only logs), is let pass.
 """
 
 from __future__ import annotations
@@ -79,3 +82,34 @@ def discard_orphan(state: Any, object_store: Any, before: set[int], message: Any
         log.warning("discarded task(s) %s and message %s of run %s, which stopped while the message was being "
                     "received", ", ".join(map(str, orphans)), message_id, run_id)
     return orphans
+
+
+# the runner's side: a discarded task's refused token, and nothing else, is let pass
+
+
+class PushRecorder:
+    """A Runtime API client that keeps the error of its ``PushTaskOutput`` (Flower's caller swallows it)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.error = client, None
+
+    def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802 - Flower's name
+        try:
+            return self.client.PushTaskOutput(request)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def token_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is the Runtime API refusing a task's token (HTTP 401: the task is finished, its token revoked).
+
+    What the runner gets for a task the SuperNode's dead-run cleanup finished
+    (:func:`discard_orphan`) while the runner held it.
+    """
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED

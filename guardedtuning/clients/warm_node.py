@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from guardedtuning import compat
-from guardedtuning.clients.dead_runs import discard_orphan, unfinished_tasks
+from guardedtuning.clients.dead_runs import PushRecorder, discard_orphan, token_refused, unfinished_tasks
 from guardedtuning.compat import private as flower
 
 FALLBACK_POLL_S = 10.0  # the runner's poll when the SuperNode wakes it up on every message
@@ -279,7 +279,7 @@ class TaskRunner:
             retry.max_tries = 1  # as Flower's runner does on exit: no retries for a finished task
             try:
                 # Flower's push_task_output logs an httpx.HTTPError and returns: the recorder sees it
-                recorder = _PushRecorder(client)
+                recorder = PushRecorder(client)
                 push_task_output(client=recorder, context=context, sub_status=status, details=details)
                 if recorder.error is not None:
                     raise recorder.error
@@ -385,34 +385,6 @@ def runner_main(argv: list[str] | None = None) -> int:
 
 
 OWN_OPTIONS = ("--poll-min", "--poll-max", "--poll-growth", "--reply-poll")  # not flower-supernode's
-
-
-class _PushRecorder:
-    """A Runtime API client that keeps the error of its ``PushTaskOutput`` (Flower's caller swallows it)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client, self.error = client, None
-
-    def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802 - Flower's name
-        try:
-            return self.client.PushTaskOutput(request)
-        except Exception as exc:
-            self.error = exc
-            raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.client, name)
-
-
-def token_refused(exc: BaseException) -> bool:
-    """Whether ``exc`` is the Runtime API refusing a task's token (HTTP 401: the task is finished, its token revoked).
-
-    What the runner gets for a task the SuperNode's dead-run cleanup finished
-    (:func:`guardedtuning.clients.dead_runs.discard_orphan`) while the runner held it.
-    """
-    import httpx
-
-    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
 
 
 def stock_reason() -> str | None:
