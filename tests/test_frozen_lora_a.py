@@ -38,6 +38,7 @@ def _secure_flat(tiny_flat, recipe: str, **extra):
 @pytest.mark.parametrize("recipe, extra", [
     ("split", {"dp.enabled": True, "dp.target-epsilon": 50.0, "dp.max-grad-norm": 1.0}),  # guarded's DP-SGD bottom
     ("fedlora", {}),
+    ("offsite", {}),  # the adapters train on the emulator
 ])
 def test_scope_lora_b_leaves_lora_a_bit_identical_on_client_and_server(tiny_flat, monkeypatch, recipe, extra):
     seen: list[dict[str, np.ndarray]] = []

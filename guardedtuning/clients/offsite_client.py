@@ -33,7 +33,7 @@ from guardedtuning.clients.common import (
 )
 from guardedtuning.data.sources import load_task
 from guardedtuning.models.emulator import client_emulator, store_package
-from guardedtuning.models.lora import load_trainable, trainable_state
+from guardedtuning.models.lora import apply_scope, load_trainable, trainable_state
 from guardedtuning.models.smollm import cache_root
 from guardedtuning.privacy.client import ClientPrivacy
 from guardedtuning.privacy.local_dpsgd import LossBatch
@@ -58,6 +58,7 @@ def offsite_train(setup: ClientSetup, priv: ClientPrivacy, train: OffsiteTrain, 
     cfg, device = setup.cfg, setup.device
     model = client_emulator(cfg.model, cfg.offsite, cfg.lora, load_task(cfg.data, cfg.seed).num_labels,
                             train.digest, str(package_root()), str(device), cfg.seed)
+    apply_scope(model, cfg.aggregation.scope)  # lora-b: LoRA's A frozen before the optimizer and DP-SGD (cached model)
     load_trainable(model, start, source=source)
     opt = make_optimizer(model, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     assert opt is not None  # the adapters always train
