@@ -180,3 +180,36 @@ def test_a_dp_step_with_a_frozen_moves_b_and_leaves_a_bit_identical(frozen_parts
     with torch.no_grad():
         for k, v in before.items():
             after[k].copy_(v)
+
+
+def test_a_frozen_lora_a_is_the_global_one_at_every_step_even_in_a_fresh_process(tiny_flat, monkeypatch):
+    """Steps after step 0 must not use whatever A a process's cached bottom holds: with one process per
+    message (Flower's stock SuperNode, a restarted runner, a Ray actor that ran no step 0) the cache
+    starts from the client's own initial A, which is not the server's."""
+    from guardedtuning.clients import split_client
+    from guardedtuning.models import parts
+
+    def fresh_process(*args, **kw):  # type: ignore[no-untyped-def]
+        parts.client_bottom.cache_clear()  # every message finds an empty cache
+        return parts.client_bottom(*args, **kw)
+
+    used: list[dict[str, torch.Tensor]] = []
+    real_step = split_client.split_step
+
+    def recording(setup, priv, step, start, state, *, source):  # type: ignore[no-untyped-def]
+        out = real_step(setup, priv, step, start, state, source=source)
+        cfg = setup.cfg  # the bottom this step used (the cache was filled by it)
+        bottom = parts.client_bottom(cfg.model, cfg.split, cfg.lora, str(setup.device), cfg.seed)
+        used.append({n: p.detach().clone() for n, p in bottom.named_parameters() if _lora_a(n)})
+        return out
+
+    monkeypatch.setattr(split_client, "client_bottom", fresh_process)
+    monkeypatch.setattr(split_client, "split_step", recording)
+    cfg = build_config(_secure_flat(tiny_flat, "split", **{"federation.rounds": 1}))
+    grid = LocalGrid(client_app, cfg.federation.num_clients, cfg.flat())
+    execute(cfg, grid)
+    final = read_checkpoint(tiny_flat["output.dir"])["state"]["global_bottom"]
+    assert len(used) == 4 * (cfg.train.local_steps + 1)  # every step message of every client
+    for a in used:
+        assert a and all(torch.equal(v, final[k]) for k, v in a.items()), "a step ran with another LoRA A"
+    parts.client_bottom.cache_clear()

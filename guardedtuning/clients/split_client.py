@@ -48,7 +48,7 @@ from guardedtuning.clients.common import (
     update_reply,
 )
 from guardedtuning.errors import MessageError
-from guardedtuning.models.lora import apply_scope, load_trainable, trainable_state
+from guardedtuning.models.lora import apply_scope, is_lora_a, load_trainable, trainable_state
 from guardedtuning.models.parts import client_bottom
 from guardedtuning.privacy.client import ClientPrivacy, Released
 from guardedtuning.training import (
@@ -62,7 +62,7 @@ from guardedtuning.wire import split as wire
 from guardedtuning.wire.ledger import ledger_steps_of
 from guardedtuning.wire.split import SplitStep
 
-ROUND_KEYS = ("split.lora", "split.start", "split.optim")
+ROUND_KEYS = ("split.lora", "split.start", "split.optim", "split.frozen")
 
 RoundState = dict[str, dict[str, np.ndarray]]
 
@@ -89,12 +89,14 @@ def split_step(setup: ClientSetup, priv: ClientPrivacy, step: SplitStep, start: 
     base = (step.round_ - 1) * step.steps  # global step of this round's step 0
     if start is not None:
         load_trainable(bottom, start, source=source)
-        state = {"split.start": {"flat": flat_trainable(bottom).numpy()}}
+        frozen = frozen_state(bottom)  # lora-b only: steps s > 0 may run in a process that holds another A
+        state = {"split.start": {"flat": flat_trainable(bottom).numpy()}, **({"split.frozen": frozen} if frozen else {})}
     else:
         if "split.lora" not in state:
             raise MessageError(f"{source}: step {step.step} of round {step.round_} arrived without step 0 of that "
                                "round (this client holds no round state); a round starts at step 0")
         load_flat_trainable(bottom, torch.from_numpy(state["split.lora"]["flat"]))
+        load_frozen(bottom, state.get("split.frozen", {}), source=source)
     opt = make_optimizer(bottom, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     assert opt is not None  # the bottom always carries LoRA
     if step.grad is not None:
@@ -112,6 +114,28 @@ def split_step(setup: ClientSetup, priv: ClientPrivacy, step: SplitStep, start: 
     delta = flat_trainable(bottom) - torch.from_numpy(state["split.start"]["flat"])
     load_flat_trainable(bottom, delta)  # the cached bottom is reloaded by every message
     return StepOutcome(update=trainable_state(bottom))
+
+
+def frozen_state(bottom: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The frozen LoRA A of the round's global adapter (``aggregation.scope=lora-b``), kept for steps s > 0.
+
+    The cached bottom is no record of it: a process that did not run this round's step 0
+    (Flower's stock SuperNode starts one per message; a restarted runner; another Ray actor)
+    holds the client's own initial A, not the server's.
+    """
+    return {n: p.detach().cpu().numpy().copy() for n, p in bottom.named_parameters()
+            if is_lora_a(n) and not p.requires_grad}
+
+
+def load_frozen(bottom: torch.nn.Module, frozen: dict[str, np.ndarray], *, source: str) -> None:
+    """Copy :func:`frozen_state`'s A back; every frozen A of the bottom must be there."""
+    params = {n: p for n, p in bottom.named_parameters() if is_lora_a(n) and not p.requires_grad}
+    if set(params) != set(frozen):
+        raise MessageError(f"{source}: the round state holds frozen LoRA A for {sorted(frozen)[:2]}, the bottom "
+                           f"freezes {sorted(params)[:2]}; a round starts at step 0 with one aggregation.scope")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(torch.from_numpy(frozen[n]).to(p.device, p.dtype))
 
 
 def handle_split_step(msg: Message, context: Context) -> Message:
