@@ -289,6 +289,8 @@ class SecureAggregation(Strategy):
                 sup = top_k_support(score=score, density=self.density, explore=self.explore, seed=seed,
                                     candidates=cand, always=always)
             except ValueError as exc:  # the same adapter every round: skipping would skip them all
+                if always is None:  # not dense-rest's: a bad score or candidate set is a bug, not a setting
+                    raise
                 raise ConfigError(f"aggregation.dense-rest: {exc} (aggregation.density), or set "
                                   "aggregation.dense-rest=false") from None
         else:
