@@ -271,7 +271,10 @@ class Recorder:
             earlier attempt's releases of the same clients' data would go uncounted.
         """
         self.privacy_ledger = PrivacyLedger()
-        if not (self.cfg.output.resume and self.ledger_path.is_file()):
+        if not self.ledger_path.is_file():
+            return
+        if not self.cfg.output.resume:
+            self._keep_earlier_ledger()
             return
         payload = json.loads(self.ledger_path.read_text())
         digest, ours = payload.get("digest"), config_digest(self.cfg)
@@ -288,6 +291,22 @@ class Recorder:
                 f"empty and the earlier releases would go uncounted; worst node's epsilon so far: "
                 f"{'unknown' if worst is None else f'{worst:.3f}'}). Run the new plan with a new output.dir "
                 "(--out); the epsilons of runs on the same clients' data add up")
+
+    def _keep_earlier_ledger(self) -> None:
+        """A run that does not resume (``output.resume=false``) on a folder with a charged ledger
+        keeps that ledger as ``privacy-ledger.earlier-<time>.json``: its charges are spent on the same
+        clients' data and add up with the new run's, so they are not overwritten."""
+        try:
+            charged = bool(json.loads(self.ledger_path.read_text()).get("nodes"))
+        except (OSError, ValueError, AttributeError):
+            charged = True  # unreadable: keep it too, it may be the only record
+        if charged:
+            kept = self.ledger_path.with_name(f"privacy-ledger.earlier-{time.strftime('%Y%m%dT%H%M%S')}"
+                                              f"-{os.getpid()}.json")
+            os.replace(self.ledger_path, kept)
+            logging.getLogger("guardedtuning").warning(
+                "output.resume=false: the earlier run's privacy ledger in %s is kept as %s (its epsilons add up "
+                "with this run's on the same clients' data)", self.out, kept.name)
 
     def save_adapter(self, model: torch.nn.Module) -> None:
         """Write the global adapters as a PEFT folder ``<out>/adapter`` (:mod:`guardedtuning.models.export`).

@@ -36,3 +36,15 @@ def test_a_changed_plan_on_an_empty_ledger_starts_a_new_one(tmp_path):
     rec = Recorder(new, tmp_path, model="m", dataset="d")
     rec.load_privacy_ledger()
     assert rec.privacy_ledger.steps(3) == 0
+
+
+def test_a_run_that_does_not_resume_keeps_the_earlier_charged_ledger_on_disk(tmp_path):
+    charged(tmp_path)
+    before = (tmp_path / LEDGER_FILE).read_text()
+    cfg = build_config({"model.name": "tiny-bert", "output.dir": str(tmp_path), "output.resume": False})
+    rec = Recorder(cfg, tmp_path, model="m", dataset="d")
+    rec.load_privacy_ledger()
+    assert rec.privacy_ledger.steps(3) == 0  # a new run: a new ledger ...
+    rec.save_privacy_ledger()
+    kept = sorted(tmp_path.glob("privacy-ledger.earlier-*.json"))
+    assert [p.read_text() for p in kept] == [before]  # ... and the earlier charges are not overwritten
