@@ -108,8 +108,9 @@ def token_refused(exc: BaseException) -> bool:
     """Whether ``exc`` is the Runtime API refusing a task's token (HTTP 401: the task is finished, its token revoked).
 
     What the runner gets for a task the SuperNode's dead-run cleanup finished
-    (:func:`discard_orphan`) while the runner held it.
+    (:func:`discard_orphan`) while the runner held it. Flower's HTTP client raises it as
+    ``httpx.HTTPStatusError``; read by its attributes (``response.status_code``), not by
+    importing httpx, which is Flower's dependency and not one of ours.
     """
-    import httpx
-
-    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return type(exc).__name__ == "HTTPStatusError" and status == 401
