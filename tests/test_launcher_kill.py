@@ -184,7 +184,7 @@ def test_a_second_run_is_refused_while_the_first_lives_and_takes_a_dead_ones_loc
     outs, procs = cleanup
     out, log = tmp_path / "run", tmp_path / "first.log"
     outs.append(out)
-    rounds, steps = 4, 40  # a round takes 10 to 20 s here: the first run cannot finish while this test acts
+    rounds, steps = 8, 80  # 4 x 40 took 10-20 s a round before; with the faster top pass the first run ended first
     first = _launch(out, log, rounds, steps)
     procs.append(first)
     _wait_for_round(first, out, log, 1)
