@@ -10,7 +10,6 @@ import torch
 
 from guardedtuning.clients.client_app import app as client_app
 from guardedtuning.config import LoraConfig, build_config
-from guardedtuning.data.batches import encode
 from guardedtuning.errors import ConfigError
 from guardedtuning.models.loading import load_backbone
 from guardedtuning.models.lora import add_lora, apply_scope, load_trainable, trainable_state
@@ -20,7 +19,7 @@ from guardedtuning.results import read_checkpoint
 from guardedtuning.server_app.server_app import execute
 from guardedtuning.strategies.secagg import mod as secagg_mod_module
 from tests.local_grid import LocalGrid
-from tests.test_privacy_dpsgd import LABELS, TEXTS, brute_force, server_grad
+from tests.test_privacy_dpsgd import brute_force, server_grad, tiny_parts
 
 
 def _lora_a(name: str) -> bool:
@@ -97,22 +96,7 @@ def test_scope_lora_b_needs_secure_aggregation():
 
 @pytest.fixture(scope="module")
 def frozen_parts():
-    bb = load_backbone("tiny-bert")
-    bottom, top = build_split(bb, 2, num_labels=3)
-    torch.manual_seed(0)
-    add_lora(bottom, LoraConfig(rank=4), "encoder")  # the model is on its device before LoRA (opacus issue 820)
-    with torch.no_grad():  # LoRA B starts at 0; a non-zero B makes the inputs' gradients depend on it
-        for name, p in bottom.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    apply_scope(bottom, "lora-b")
-    for p in top.parameters():
-        p.requires_grad_(False)
-    bottom.eval()
-    top.eval()
-    batch = encode(bb.tokenizer, "encoder", TEXTS, LABELS, max_length=24,
-                   label_names=("negative", "neutral", "positive"), instruction="")
-    return bottom, top, batch
+    return tiny_parts("lora-b")
 
 
 def test_apply_scope_freezes_exactly_lora_a_and_undoes_it():

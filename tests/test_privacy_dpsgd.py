@@ -34,8 +34,11 @@ TEXTS = ["what a lovely day, truly great", "bad", "meh, it was fine I guess", "a
 LABELS = [2, 0, 1, 0, 2]
 
 
-@pytest.fixture(scope="module")
-def parts():
+def tiny_parts(scope: str = "all"):
+    """A tiny-bert split with LoRA (B non-zero), the top frozen, both in eval mode, and a 5-row batch;
+    ``scope`` as :func:`guardedtuning.models.lora.apply_scope` (``lora-b``: A frozen)."""
+    from guardedtuning.models.lora import apply_scope
+
     bb = load_backbone("tiny-bert")
     bottom, top = build_split(bb, 2, num_labels=3)
     torch.manual_seed(0)
@@ -44,6 +47,7 @@ def parts():
         for name, p in bottom.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
+    apply_scope(bottom, scope)
     for p in top.parameters():
         p.requires_grad_(False)
     bottom.eval()
@@ -51,6 +55,11 @@ def parts():
     batch = encode(bb.tokenizer, "encoder", TEXTS, LABELS, max_length=24,
                    label_names=("negative", "neutral", "positive"), instruction="")
     return bottom, top, batch
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_parts()
 
 
 def server_grad(bottom, top, batch: Batch) -> torch.Tensor:
