@@ -50,6 +50,10 @@ FLOWER_PRIVATE: dict[str, str] = {
     "supernode_loop.time": "flwr.supernode.start_client_internal:time",
     "supernode_loop.pull_objects": "flwr.supernode.start_client_internal:pull_objects",
     "inflatable.pull_objects": "flwr.supercore.inflatable.inflatable_utils:pull_objects",
+    # the warm SuperNode's object transfers over its link (clients/warm_node.py, `--object-concurrency`)
+    "supernode_loop.push_object_contents_from_iterable":
+        "flwr.supernode.start_client_internal:push_object_contents_from_iterable",
+    "inflatable.get_num_workers": "flwr.supercore.inflatable.inflatable_utils:get_num_workers",
     # read by the simulation dispatcher (its in-memory store of undelivered messages)
     "linkstate.InMemoryLinkState": "flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState",
     # called by the warm SuperNode (clients/warm_node.py): Flower's SuperNode and its ClientApp runner's steps
@@ -112,6 +116,15 @@ MESSAGE_INS_STORE = "message_ins_store"
 
 PULL_CAP_S = 0.1
 """Longest wait between retries of a pending object pull, with :func:`prompt_pull_objects`."""
+
+OBJECT_CONCURRENCY = 16
+"""Objects of one message the warm SuperNode pulls or pushes at once over its link.
+
+Flower (1.41/1.42) moves at most ``min(2, CPU cores)`` at once (``get_num_workers``), so a
+message of N objects costs ``ceil(N / 2)`` round trips; a split step's messages have 6 to 12
+objects (the message, its record dict, each record, each array and its chunks). The
+transfers wait on the network, not on a core: at 16, one round trip each way.
+"""
 
 
 class FlowerCompatError(GuardedTuningError):
@@ -241,12 +254,15 @@ def replace(name: str, new: Any) -> Any:
     return old
 
 
-def prompt_pull_objects(pull_objects: Any, initial: float, cap: float = PULL_CAP_S) -> Any:
+def prompt_pull_objects(pull_objects: Any, initial: float, cap: float = PULL_CAP_S,
+                        concurrency: int | None = None) -> Any:
     """Flower's ``pull_objects`` retrying after ``initial`` seconds, doubling up to ``cap``.
 
     Flower's defaults (flwr 1.41/1.42) retry a pending object after 1 s, doubling up to
     10 s, at most 500 times; here the first retry comes after ``initial``, the waits stop
     growing at ``max(initial, cap)``, and the try limit goes (Flower's time limit stays).
+    ``concurrency`` (None: Flower's) is how many objects are pulled at once; it takes
+    effect beyond the CPU-core count only with :func:`uncapped_num_workers` installed.
     Arguments a caller passes explicitly win.
     """
 
@@ -254,11 +270,41 @@ def prompt_pull_objects(pull_objects: Any, initial: float, cap: float = PULL_CAP
         kwargs.setdefault("initial_backoff", initial)
         kwargs.setdefault("backoff_cap", max(initial, cap))
         kwargs.setdefault("max_tries_per_object", None)  # Flower's max_time still bounds the wait
+        if concurrency is not None:
+            kwargs.setdefault("max_concurrent_pulls", concurrency)
         return pull_objects(*args, **kwargs)
 
     pull.guardedtuning_initial = initial  # type: ignore[attr-defined]
     pull.guardedtuning_wrapped = pull_objects  # type: ignore[attr-defined]
+    pull.guardedtuning_concurrency = concurrency  # type: ignore[attr-defined]
     return pull
+
+
+def concurrent_push_objects(push_contents: Any, concurrency: int) -> Any:
+    """Flower's ``push_object_contents_from_iterable`` pushing ``concurrency`` objects at once.
+
+    Flower pushes at most ``min(2, CPU cores)`` at once; an explicit ``max_concurrent_pushes``
+    still wins. Beyond the core count only with :func:`uncapped_num_workers` installed.
+    """
+
+    def push(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("max_concurrent_pushes", concurrency)
+        return push_contents(*args, **kwargs)
+
+    push.guardedtuning_wrapped = push_contents  # type: ignore[attr-defined]
+    push.guardedtuning_concurrency = concurrency  # type: ignore[attr-defined]
+    return push
+
+
+def uncapped_num_workers(max_concurrent: int) -> int:
+    """Flower's ``get_num_workers`` without its cap at the CPU-core count.
+
+    Flower sizes its object pull/push thread pools ``min(max_concurrent, cores)``; those
+    threads wait on the network (one request each), not on a core, so on a 2-core node a
+    cap of 2 costs ``ceil(N / 2)`` round trips for N objects. Calls that pass Flower's
+    default (2) get 2, as before (on 2 or more cores).
+    """
+    return max(1, int(max_concurrent))
 
 
 def install_prompt_pulls(name: str, initial: float) -> str:

@@ -118,11 +118,28 @@ class _SupernodeClock:
         return getattr(time, name)
 
 
-def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: int | None = None) -> str:
+def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: int | None = None,
+                            object_concurrency: int | None = None, wake_before_confirm: bool = True) -> str:
     """Install the backoff in Flower's SuperNode loop; return what happened.
 
-    ``wakeup_fd`` (the write end of a pipe) gets a byte whenever a message was pulled and
-    stored, so that the runner acquires its task at once instead of at its next poll.
+    Parameters
+    ----------
+    backoff : Backoff
+        The waits between polls of the SuperLink (reset when a message arrives).
+    reply_poll : float
+        Seconds between checks for the ClientApp's reply.
+    wakeup_fd : int, optional
+        The write end of a pipe that gets a byte whenever a message was pulled and stored,
+        so that the runner acquires its task at once instead of at its next poll.
+    object_concurrency : int, optional
+        How many objects of a message are pulled from / pushed to the SuperLink at once
+        (:data:`~guardedtuning.compat.OBJECT_CONCURRENCY`); None keeps Flower's
+        ``min(2, CPU cores)``. Each round of transfers is a round trip over the link.
+    wake_before_confirm : bool
+        Wake the runner as soon as the message's objects are stored, before Flower's
+        loop confirms the receipt to the SuperLink (one more round trip), so the
+        ClientApp computes while the confirmation travels. False: after it, as Flower
+        orders it.
     """
     g = compat.gate()
     if not g.enabled:
@@ -147,10 +164,22 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
         return (f"flower (the SuperNode loop's pull has another signature: no {', '.join(sorted(missing))}; "
                 "its dead-run cleanup needs them)")
 
+    if wake_before_confirm and "confirm_message_received" not in signature.parameters:
+        return ("flower (the SuperNode loop's pull has another signature: no confirm_message_received; "
+                "pass --early-wake off)")
+
+    def wake() -> None:
+        if wakeup_fd is not None:
+            try:
+                os.write(wakeup_fd, b"m")
+            except (BlockingIOError, BrokenPipeError):
+                pass  # a wakeup is already pending, or the runner is gone
+
     def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
         bound = signature.bind(*args, **kwargs)
         state, receive = bound.arguments["state"], bound.arguments["receive"]
         received: list[Any] = []
+        woken: list[bool] = []
 
         def receive_and_note() -> Any:
             got = receive()
@@ -159,6 +188,20 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
             return got
 
         bound.arguments["receive"] = receive_and_note
+        if wake_before_confirm:
+            confirm = bound.arguments["confirm_message_received"]
+
+            def wake_then_confirm(*c_args: Any, **c_kwargs: Any) -> Any:
+                # Flower calls this after every object of the message is in the store and
+                # its task exists: the runner may acquire it now. If the confirmation then
+                # fails, Flower finishes the task as failed and its token is refused, so a
+                # reply computed meanwhile is not accepted (dead_runs.token_refused).
+                backoff.reset()
+                wake()
+                woken.append(True)
+                return confirm(*c_args, **c_kwargs)
+
+            bound.arguments["confirm_message_received"] = wake_then_confirm
         before = unfinished_tasks(state)
         run_id = pull(*bound.args, **bound.kwargs)
         if run_id is None and received and before is not None:
@@ -170,21 +213,32 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
         if run_id is not None:
             backoff.reset()
             log.debug("message stored at %.3f", time.time())
-            if wakeup_fd is not None:
-                try:
-                    os.write(wakeup_fd, b"m")
-                except (BlockingIOError, BrokenPipeError):
-                    pass  # a wakeup is already pending, or the runner is gone
+            if not woken:
+                wake()
         return run_id
 
     pull_and_reset.guardedtuning_backoff = backoff  # type: ignore[attr-defined]
     compat.replace("supernode_loop.pull_and_store_message", pull_and_reset)
     compat.replace("supernode_loop.time", _SupernodeClock(backoff, reply_poll))
     # a message's content is uploaded after the message: retry its pull promptly, not after 1 s
+    transfers = "objects 2 at a time (Flower's)"
+    if object_concurrency is not None:
+        try:
+            loop_push = flower("supernode_loop.push_object_contents_from_iterable")
+            flower("inflatable.get_num_workers")
+        except compat.FlowerCompatError:
+            object_concurrency = None
+            transfers = "objects as Flower moves them (its push/worker functions are not the ones this patch knows)"
+        else:
+            compat.replace("inflatable.get_num_workers", compat.uncapped_num_workers)
+            compat.replace("supernode_loop.push_object_contents_from_iterable", compat.concurrent_push_objects(
+                getattr(loop_push, "guardedtuning_wrapped", loop_push), object_concurrency))
+            transfers = f"up to {object_concurrency} objects at once"
     compat.replace("supernode_loop.pull_objects",
                    compat.prompt_pull_objects(getattr(loop_pulls, "guardedtuning_wrapped", loop_pulls),
-                                              backoff.start))
-    return f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s)"
+                                              backoff.start, concurrency=object_concurrency))
+    return (f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s; {transfers}; runner woken "
+            f"{'before' if wake_before_confirm else 'after'} the receipt is confirmed)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,7 +438,8 @@ def runner_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-OWN_OPTIONS = ("--poll-min", "--poll-max", "--poll-growth", "--reply-poll")  # not flower-supernode's
+OWN_OPTIONS = ("--poll-min", "--poll-max", "--poll-growth", "--reply-poll", "--object-concurrency",
+               "--early-wake")  # not flower-supernode's
 
 
 def stock_reason() -> str | None:
@@ -452,13 +507,19 @@ def supernode_main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll-growth", type=float, default=1.1, help="factor by which the wait grows per empty poll")
     p.add_argument("--reply-poll", type=float, default=0.002,
                    help="wait between checks for the ClientApp's reply (s)")
+    p.add_argument("--object-concurrency", type=int, default=compat.OBJECT_CONCURRENCY,
+                   help="objects of a message pulled/pushed at once over the link (Flower: 2)")
+    p.add_argument("--early-wake", choices=("on", "off"), default="on",
+                   help="start the ClientApp before the receipt is confirmed to the SuperLink (off: after, as Flower)")
     ours, rest = p.parse_known_args(argv)
     flower_supernode = flower("flower_supernode")
 
     if "-h" in rest or "--help" in rest:
         print("guardedtuning deploy supernode: flower-supernode with prompt polling and a warm ClientApp process\n"
               "(always --isolation process). Its own options: --poll-min S (first wait after a message, default "
-              "0.005), --poll-growth F (default 1.1), --poll-max S (default 3), --reply-poll S (default 0.002).\n"
+              "0.005), --poll-growth F (default 1.1), --poll-max S (default 3), --reply-poll S (default 0.002), "
+              f"--object-concurrency N (default {compat.OBJECT_CONCURRENCY}; Flower: 2), --early-wake on|off "
+              "(default on).\n"
               f"With {compat.ENV_VAR}=off (or an untested Flower) it is Flower's stock flower-supernode.\n"
               "Every other option is flower-supernode's:\n")
         sys.argv = ["flower-supernode", "--help"]
@@ -474,9 +535,15 @@ def supernode_main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}; pass --poll-min S and --poll-max S with 0 < S_min <= S_max, --poll-growth >= 1",
               file=sys.stderr)
         return 2
+    if ours.object_concurrency < 1:
+        print(f"error: `--object-concurrency {ours.object_concurrency}`: pass a count >= 1 (2 is Flower's own, "
+              f"default {compat.OBJECT_CONCURRENCY})", file=sys.stderr)
+        return 2
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    status = patch_supernode_polling(backoff, reply_poll=ours.reply_poll, wakeup_fd=wake_w)
+    status = patch_supernode_polling(backoff, reply_poll=ours.reply_poll, wakeup_fd=wake_w,
+                                     object_concurrency=ours.object_concurrency,
+                                     wake_before_confirm=ours.early_wake == "on")
     log.info("SuperNode polling: %s", status)
     host = f"[{ours.host}]" if ":" in ours.host else ours.host
     runner_cmd = [sys.executable, "-m", "guardedtuning.clients.warm_node", "runner",

@@ -1,0 +1,237 @@
+"""Round trips of one split step between a warm SuperNode and its SuperLink (issue 17, item 2).
+
+Every request a SuperNode makes to the SuperLink is one round trip over its link. For one
+split step, Flower's SuperNode loop (flwr 1.41/1.42) makes, in this order:
+
+- ``PullMessages`` until the step's message is there (the message and its object tree);
+- one ``PullObject`` per object of the tree (the message, its record dict, each record,
+  each array, each array chunk), at most ``min(2, CPU cores)`` at once;
+- ``ConfirmMessageReceived``; only then does the ClientApp (our runner) get the task;
+- after the ClientApp: ``PushMessages`` (the reply's tree; the SuperLink answers which
+  objects it lacks), then one ``PushObject`` per object, again 2 at once.
+
+Here a stand-in link answers every request after ``RTT`` seconds and records it; the
+tests drive Flower's real ``_pull_and_store_message`` on a real ``NodeState`` (through
+whatever the warm SuperNode installed) and the push function Flower's ``_push_messages``
+calls, with the split step's real messages (:mod:`guardedtuning.wire.split`). They count
+the round trips until the runner may start the step and until the reply's last object is
+up, and check that the bytes that arrive are the bytes that were sent, so the step's
+tensors (and everything computed from them) are bit-identical to Flower's path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import select
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+
+from guardedtuning import compat
+from guardedtuning.clients import warm_node
+from guardedtuning.wire import split as wire
+from tests.test_warm_node_dead_runs import NODE, RUN, known_run, node_state
+
+RTT = 0.08  # seconds each stand-in request takes
+PATCHED = ("supernode_loop.pull_and_store_message", "supernode_loop.time", "supernode_loop.pull_objects",
+           "supernode_loop.push_object_contents_from_iterable", "inflatable.get_num_workers")
+
+
+@pytest.fixture(autouse=True)
+def flower_loop(monkeypatch):
+    """Every Flower attribute the warm SuperNode may replace, restored after each test; the gate on."""
+    monkeypatch.delenv(compat.ENV_VAR, raising=False)
+    for name in PATCHED:
+        module, attribute = compat.owner(name), compat.FLOWER_PRIVATE[name].split(":")[1]
+        monkeypatch.setattr(module, attribute, getattr(module, attribute))
+
+
+class Link:
+    """The SuperLink as a SuperNode sees it over a link of round trip ``RTT``: requests are logged."""
+
+    def __init__(self, contents: dict[str, bytes] | None = None) -> None:
+        self.contents = contents or {}
+        self.pushed: dict[str, bytes] = {}
+        self.log: list[tuple[str, float, float]] = []
+        self.lock = threading.Lock()
+
+    def _request(self, kind: str) -> None:
+        start = time.monotonic()
+        time.sleep(RTT)
+        with self.lock:
+            self.log.append((kind, start, time.monotonic()))
+
+    def pull_object(self, _run: int, object_id: str) -> bytes:
+        self._request("PullObject")
+        return self.contents[object_id]
+
+    def confirm(self, _run: int, _message_id: str) -> None:
+        self._request("ConfirmMessageReceived")
+
+    def push_object(self, object_id: str, content: bytes) -> None:
+        self._request("PushObject")
+        with self.lock:
+            self.pushed[object_id] = content
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _, _ in self.log if k == kind)
+
+
+def set_task_identity() -> None:
+    task_identity = compat.private("TaskIdentity")
+    task_identity.task_id, task_identity.run_id, task_identity.node_id = 1, RUN, NODE
+
+
+def step_message() -> Message:
+    """Step 1 of a round as the split recipe sends it: trimmed, 8-bit activation gradient."""
+    set_task_identity()
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(16, 64, dtype=torch.long)
+    mask[:, 40:] = 0
+    msg = wire.step_message(NODE, 2, 1, 3, torch.randn(16, 64, 128, generator=g), mask=mask, bits=8)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
+
+
+def step_reply() -> Message:
+    """A client's reply to a step: its released activations (8-bit, trimmed), mask, labels and metrics."""
+    set_task_identity()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(16, 64, dtype=torch.long)
+    mask[:, 40:] = 0
+    from guardedtuning.privacy.quantize import quantize_activations
+    q = dict(quantize_activations(torch.randn(16, 64, 128, generator=g), bits=8).arrays())
+    acts = wire.acts_record({**q, "mask": mask.numpy().astype(np.uint8), "labels": np.arange(16) % 2}, trim=True)
+    content = RecordDict({"acts": acts, "metrics": MetricRecord({"compute_s": 0.25, "t_start": 1.0, "t_end": 2.0})})
+    return Message(content=content, message_type=wire.MESSAGE_TYPE, dst_node_id=0)
+
+
+def receive_step(state, link: Link, msg: Message, wake_r: int | None):
+    """Flower's loop pulls ``msg``; returns (its run, seconds until the runner was woken or None, seconds in all)."""
+    tree = compat.private("get_object_tree")(msg)
+    woke: list[float] = []
+    found: list[bool] = []
+
+    def watch() -> None:
+        if wake_r is not None and select.select([wake_r], [], [], 10)[0]:
+            woke.append(time.monotonic())
+            os.read(wake_r, 64)
+            # what the runner then does: acquire the task; every object of the message is stored
+            request = compat.private("AcquireTaskRequest")(
+                supported_task_types=[compat.private("TaskType").CLIENT_APP])
+            found.append(compat.private("supernode_runtime.acquire_task")(request, state).HasField("task")
+                         and all(state.object_store.get(o) for o in link.contents))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    pull = compat.private("supernode_loop.pull_and_store_message")
+    run_id = pull(state=state, object_store=state.object_store, node_config={}, receive=lambda: (msg, tree),
+                  get_run=lambda _r: pytest.fail("the run is known"), get_fab=lambda *_: pytest.fail("known FAB"),
+                  pull_object=link.pull_object, confirm_message_received=link.confirm, trusted_entities=None)
+    total = time.monotonic() - t0
+    watcher.join(10)
+    if wake_r is not None:
+        assert found == [True], "woken before the task and all its objects were there"
+    return run_id, (woke[0] - t0) if woke else None, total
+
+
+def install(*, fast: bool, wake_w: int | None) -> str:
+    backoff = warm_node.Backoff(start=0.005, limit=3.0)
+    if fast:
+        return warm_node.patch_supernode_polling(backoff, reply_poll=0.002, wakeup_fd=wake_w,
+                                                 object_concurrency=compat.OBJECT_CONCURRENCY)
+    return warm_node.patch_supernode_polling(backoff, reply_poll=0.002, wakeup_fd=wake_w,
+                                             object_concurrency=2, wake_before_confirm=False)
+
+
+def pull_step(fast: bool):
+    msg = step_message()
+    contents = {oid: obj.deflate() for oid, obj in compat.get_all_nested_objects(msg).items()}
+    link = Link(contents)
+    state = node_state()
+    known_run(state)
+    wake_r, wake_w = os.pipe()
+    try:
+        status = install(fast=fast, wake_w=wake_w)
+        assert status.startswith("fast"), status
+        run_id, woke_s, total_s = receive_step(state, link, msg, wake_r)
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+    assert run_id == RUN
+    # bit-identical: every object the SuperNode stored is the byte string the SuperLink held
+    assert {o: state.object_store.get(o) for o in contents} == contents
+    return link, woke_s, total_s
+
+
+def test_a_split_step_message_is_pulled_in_one_round_trip_and_the_runner_starts_before_the_confirm():
+    link, woke_s, total_s = pull_step(fast=True)
+    n = len(link.contents)
+    assert n >= 6  # message, record dict, config, grad record, its arrays and chunks
+    assert link.count("PullObject") == n and link.count("ConfirmMessageReceived") == 1
+    # one round trip for every object, then the runner starts while the receipt is confirmed
+    assert woke_s < 2 * RTT, f"runner woken after {woke_s / RTT:.1f} RTT"
+    assert total_s < 3 * RTT, f"pull and confirm took {total_s / RTT:.1f} RTT"
+
+
+def test_flowers_own_transfers_take_a_round_trip_per_two_objects_and_the_confirm():
+    """The same step on the old path (2 objects at once, woken after the confirm): what the change removes."""
+    link, woke_s, total_s = pull_step(fast=False)
+    layers = math.ceil(len(link.contents) / 2)
+    assert woke_s >= (layers + 1) * RTT * 0.95, f"runner woken after {woke_s / RTT:.1f} RTT"
+
+
+def push_reply(fast: bool) -> tuple[Link, float, dict[str, bytes]]:
+    reply = step_reply()
+    contents = {oid: obj.deflate() for oid, obj in compat.get_all_nested_objects(reply).items()}
+    assert install(fast=fast, wake_w=None).startswith("fast")
+    link = Link()
+    push = compat.private("supernode_loop.push_object_contents_from_iterable")
+    t0 = time.monotonic()
+    push(iter(contents.items()), push_object_fn=link.push_object)
+    return link, time.monotonic() - t0, contents
+
+
+def test_a_split_step_reply_is_pushed_in_one_round_trip_with_the_same_bytes():
+    link, took, contents = push_reply(fast=True)
+    assert len(contents) >= 10 and link.count("PushObject") == len(contents)
+    assert took < 2 * RTT, f"push took {took / RTT:.1f} RTT"
+    assert link.pushed == contents  # bit-identical: what the SuperLink gets is what the ClientApp replied
+
+
+def test_flowers_own_push_takes_a_round_trip_per_two_objects():
+    link, took, contents = push_reply(fast=False)
+    assert took >= math.ceil(len(contents) / 2) * RTT * 0.95
+    assert link.pushed == contents
+
+
+def test_flowers_loop_moves_objects_through_the_functions_the_warm_node_replaces():
+    """The SuperNode loop pulls and pushes through the module globals patched here (flwr 1.41/1.42)."""
+    loop = compat.owner("supernode_loop.pull_and_store_message")
+    assert "push_object_contents_from_iterable(" in inspect.getsource(loop._push_messages)
+    assert "pull_objects(" in inspect.getsource(compat.private("supernode_loop.pull_and_store_message"))
+    assert "confirm_message_received(" in inspect.getsource(compat.private("supernode_loop.pull_and_store_message"))
+    utils = compat.owner("inflatable.get_num_workers")
+    for fn in (utils.pull_objects, utils.push_object_contents_from_iterable):
+        assert "get_num_workers(" in inspect.getsource(fn)
+    assert {"max_concurrent_pushes"} <= set(inspect.signature(
+        compat.private("supernode_loop.push_object_contents_from_iterable")).parameters)
+    assert compat.uncapped_num_workers(2) == 2 and compat.uncapped_num_workers(16) == 16
+
+
+def test_the_old_path_is_one_option_away_and_the_gate_off_patches_nothing(monkeypatch):
+    originals = {n: compat.private(n) for n in PATCHED}
+    monkeypatch.setenv(compat.ENV_VAR, "off")
+    assert install(fast=True, wake_w=None) == f"flower ({compat.ENV_VAR}=off)"
+    assert {n: compat.private(n) for n in PATCHED} == originals
+    monkeypatch.delenv(compat.ENV_VAR)
+    assert "objects 2 at a time" not in install(fast=True, wake_w=None)
+    argv = ["--superlink", "10.0.0.1:9093", "--object-concurrency", "2", "--early-wake", "off", "--port", "9094"]
+    assert warm_node.stock_supernode_command(argv)[1:] == ["--superlink", "10.0.0.1:9093", "--port", "9094"]
