@@ -20,16 +20,24 @@ Per (recipe, rate, RTT) it prints:
 - ``round``: that round, from its first message to its record (every exchange, secure
   aggregation's stages, aggregation, evaluation).
 
+``--paths new,old`` runs every (recipe, rate) on two federations side by side, one after
+the other: ``new`` with the warm SuperNode's defaults (a message's objects moved up to
+``compat.OBJECT_CONCURRENCY`` at once, the ClientApp started before the receipt is
+confirmed), ``old`` with ``--object-concurrency 2 --early-wake off`` (Flower's 2 objects
+at once, the ClientApp after the confirmation: the SuperNode before issue 17's WAN work).
+Each path has its own namespaces and federation; the same link shapes.
+
 Rows go to ``<out>/bench_wan.json``; the table to stdout. Needs root (namespaces); run
 under ``nice`` on a shared machine, and read the load average it prints with the table.
 
     python simulations/bench_wan.py [--recipes split,guarded] [--rtts 0,10,50,100] [--rates 1gbit,100mbit]
-        [--extra gradfree,fedlora --extra-rtts 0,100] [--clients 2] [--steps 3] [--app DIR]
+        [--extra gradfree,fedlora --extra-rtts 0,100] [--clients 2] [--steps 3] [--paths new,old] [--app DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -83,6 +91,10 @@ def follow_rounds(wan: Wan, out: Path, rtts: list[int], proc, stop: threading.Ev
         time.sleep(0.05)
 
 
+PATHS = {"new": (), "old": ("--object-concurrency", "2", "--early-wake", "off")}
+"""The warm SuperNode's options per path (``--paths``): today's defaults, and the transfers as before."""
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", default="split,guarded")
@@ -95,6 +107,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override for every run, in TOML (repeatable, e.g. --set 'split.grad-bits=8')")
+    p.add_argument("--paths", default="new", help="comma-separated: new (the SuperNode's defaults) and/or old "
+                   f"(its options {' '.join(PATHS['old'])}); each its own federation, runs interleaved")
     p.add_argument("--out", type=Path, default=Path("runs/bench-wan"))
     p.add_argument("--app", type=Path, default=Path(__file__).resolve().parents[1],
                    help="the Flower app folder `flwr run` builds the FAB from (default: this repository; e.g. "
@@ -103,6 +117,10 @@ def main() -> int:
     reason = unavailable()
     if reason is not None:
         print(f"bench_wan needs network namespaces: {reason}", file=sys.stderr)
+        return 2
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if not paths or any(x not in PATHS for x in paths):
+        print(f"--paths {args.paths!r}: pass a comma-separated subset of {', '.join(PATHS)}", file=sys.stderr)
         return 2
     out = args.out.resolve()
     rtts = [int(x) for x in args.rtts.split(",")]
@@ -114,13 +132,21 @@ def main() -> int:
     with (args.app / "pyproject.toml").open("rb") as fh:
         app_keys = set(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
     rows = []
-    with Wan(args.clients) as wan:
-        fed = NetnsFederation(out / "federation", wan)
-        try:
+    with contextlib.ExitStack() as stack:
+        feds = {}
+        for path in paths:
+            wan = stack.enter_context(Wan(args.clients, prefix=f"gtns{os.getpid()}-{path}"))
+            fed = NetnsFederation(out / ("federation" if path == "new" else f"federation-{path}"), wan,
+                                  node_args=PATHS[path])
+            stack.callback(fed.stop)
             fed.start()
-            for n, (rate, recipe, run_rtts) in enumerate(plan):
+            feds[path] = fed
+        for n, (rate, recipe, run_rtts) in enumerate(plan):
+            for path, fed in feds.items():
+                wan = fed.wan
                 wan.set_rate(rate)
-                run_out = out / f"{n:02d}-{recipe}-{rate}"
+                tag = "" if path == "new" else f"-{path}"
+                run_out = out / f"{n:02d}-{recipe}-{rate}{tag}"
                 flat = flat_config(recipe, args.clients, args.steps, len(run_rtts) + 1, run_out)
                 run_out.mkdir(parents=True, exist_ok=True)
                 # the recipe's own settings resolved here (the ServerApp takes the run config as it is),
@@ -129,9 +155,11 @@ def main() -> int:
                                          .read_text())
                 overrides = [f"{k}={toml_value(v)}" for k, v in resolved.items() if k in app_keys and k not in keys]
                 load0, t0 = os.getloadavg()[0], time.monotonic()
-                proc = fed.submit(args.app.resolve(), " ".join(overrides + args.sets), log_name=f"flwr-run-{n:02d}.log")
+                proc = fed.submit(args.app.resolve(), " ".join(overrides + args.sets),
+                                  log_name=f"flwr-run-{n:02d}{tag}.log")
                 stop = threading.Event()
-                follower = threading.Thread(target=follow_rounds, args=(wan, run_out, run_rtts, proc, stop), daemon=True)
+                follower = threading.Thread(target=follow_rounds, args=(wan, run_out, run_rtts, proc, stop),
+                                            daemon=True)
                 follower.start()
                 try:
                     rc = proc.wait(timeout=3600)
@@ -139,27 +167,27 @@ def main() -> int:
                     stop.set()
                     follower.join(5)
                 if rc != 0 or not (run_out / "results.json").exists():
-                    print(f"{recipe} {rate}: flwr exit code {rc}; see {fed.root / 'logs'}", flush=True)
+                    print(f"{recipe} {rate} {path}: flwr exit code {rc}; see {fed.root / 'logs'}", flush=True)
                     continue
                 events = read_events(run_out)
                 for k, rtt in enumerate(run_rtts):
-                    row = {"recipe": recipe, "rate": rate, "rtt_ms": rtt, "round": k + 2, **measure(events, k + 2),
-                           "load": [load0, os.getloadavg()[0]], "run_s": time.monotonic() - t0}
+                    row = {"recipe": recipe, "rate": rate, "path": path, "rtt_ms": rtt, "round": k + 2,
+                           **measure(events, k + 2), "load": [load0, os.getloadavg()[0]],
+                           "run_s": time.monotonic() - t0}
                     rows.append(row)
                     step = f"{row['step_s'] * 1000:.0f} ms" if row["step_s"] is not None else "-"
-                    print(f"{recipe:9s} {rate:8s} RTT {rtt:3d} ms (round {k + 2}): step {step}, "
+                    print(f"{recipe:9s} {rate:8s} {path:3s} RTT {rtt:3d} ms (round {k + 2}): step {step}, "
                           f"round {row['round_s']:.1f} s (load {load0:.1f}-{os.getloadavg()[0]:.1f})", flush=True)
                 (out / "bench_wan.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                  "rows": rows}, indent=1))
-        finally:
-            fed.stop()
     print(f"\ntiny-bert, {args.clients} clients, {args.steps} local steps, batch 16, max-length 64; one round "
           f"per RTT after a warm-up round; TLS + SuperNode authentication; {os.cpu_count()} CPUs")
-    print("| recipe | rate | added RTT | split step (median) | whole round | steps | bytes/round | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | rate | path | added RTT | split step (median) | whole round | steps | bytes/round | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         step = f"{r['step_s'] * 1000:.0f} ms" if r["step_s"] is not None else "-"
-        print(f"| {r['recipe']} | {r['rate']} | {r['rtt_ms']} ms | {step} | {r['round_s']:.1f} s | {r['steps']} | "
+        print(f"| {r['recipe']} | {r['rate']} | {r['path']} | {r['rtt_ms']} ms | {step} | {r['round_s']:.1f} s | "
+              f"{r['steps']} | "
               f"{r['bytes_round'] / 1e3:.0f} kB | {r['load'][0]:.1f}-{r['load'][1]:.1f} |")
     return 0
 

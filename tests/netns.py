@@ -486,9 +486,10 @@ class NetnsFederation(LocalFederation):
     ``10.213.0.2`` directly.
     """
 
-    def __init__(self, root: Path, wan: Wan, **kw) -> None:
+    def __init__(self, root: Path, wan: Wan, *, node_args: tuple[str, ...] = (), **kw) -> None:
         super().__init__(root, wan.num_nodes, **kw)
         self.wan = wan
+        self.node_args = tuple(node_args)  # extra options of every warm SuperNode (e.g. --object-concurrency 2)
         self.port = wan.port
         self.node_procs: dict[int, subprocess.Popen[bytes]] = {}
         self.keys: list[tuple[Path, Path]] = []
@@ -545,6 +546,8 @@ class NetnsFederation(LocalFederation):
                 "--root-certificates", str(self.certs.ca)]
         if private_key is not None:
             cmd += ["--auth-supernode-private-key", str(private_key)]
+        if self.warm:
+            cmd += list(self.node_args)
         return cmd
 
     def restart_node(self, i: int, *, retry_s: float = 5.0, settle_s: float = 15.0,
