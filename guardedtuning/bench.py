@@ -130,6 +130,11 @@ def _ms(v: float | None) -> float | None:
 def summarize(out: Path, gpu: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The figures of one finished run folder (see the module docstring)."""
     record = json.loads((out / "results.json").read_text())
+    stopped = record.get("stopped")
+    if stopped:  # fewer rounds than planned: its round time and utility are not the point's
+        raise RuntimeError(f"{out / 'results.json'} stopped after round {stopped.get('after_round')} of "
+                           f"{record.get('rounds')} ({stopped.get('reason')}): a benchmark point needs every round; "
+                           "rerun it into another folder with a plan its DP budget fits (stopped.message says how)")
     cost, hist = record["cost"], record["history"]
     walls = [r["wall_s"] for r in hist]
     per_round = [b - a for a, b in zip([0.0, *walls], walls, strict=False)]
