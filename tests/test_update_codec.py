@@ -163,13 +163,17 @@ def test_dense_rest_reaches_the_plaintext_sum_and_a_too_small_density_is_a_confi
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bits=st.integers(2, 8), density=st.sampled_from([0.05, 0.2, 0.6]), explore=st.sampled_from([0.0, 0.5, 1.0]),
-       scope=st.sampled_from(["all", "lora-b"]), scale=st.sampled_from([0.005, 0.05]), clients=st.integers(3, 5))
-def test_the_codec_reaches_the_plaintext_sum_under_secure_aggregation(bits, density, explore, scope, scale, clients):
+       scope=st.sampled_from(["all", "lora-b"]), scale=st.sampled_from([0.005, 0.05]), clients=st.integers(3, 5),
+       packing=st.sampled_from(["bits", "word"]))
+def test_the_codec_reaches_the_plaintext_sum_under_secure_aggregation(bits, density, explore, scope, scale, clients,
+                                                                      packing):
     """Two rounds: the unmasked mean equals the plaintext weighted mean of what each client's codec
-    sent (its residual carried from round 1), on the server's public support, never on A under lora-b."""
+    sent (its residual carried from round 1), on the server's public support, never on A under lora-b;
+    the masked vector travels as raw bytes, bit-packed or as words."""
     grid = LocalGrid(fake_app(scale), clients, {})
     strategy = SecureSparseFedAvg(clients_per_round=clients, seed=3, density=density, bits=bits, clip=0.05,
-                                  support="topk", explore=explore, scope=scope, max_weight=16, timeout=0.2)
+                                  support="topk", explore=explore, scope=scope, max_weight=16, packing=packing,
+                                  timeout=0.2)
     residual: dict[int, np.ndarray | None] = dict.fromkeys(grid.node_ids)
     cand = C.eligible_coordinates(SHAPES, scope=scope)
     for round_ in (1, 2):
@@ -276,8 +280,9 @@ def test_bytes_accounting_equals_the_payload_length_of_a_scoped_low_bit_round():
     assert metrics["secagg-bytes-up"] == sum(message_nbytes(r) for r in stage_replies)
     m_bits = (5 * 1 * 2).bit_length()  # 5 clients, weight 1, 2-bit levels in [0, 2]: 4 bits a value
     for reply in ex.replies.values():
-        y = reply.content["secagg-masked"]["y"].numpy()
-        assert y.dtype == np.uint8 and y.size == -(-(support.size + 1) * m_bits // 8)
+        y = reply.content["secagg-masked"]["y"]  # raw bytes (wire.raw_array): exactly the packed stream
+        assert y.stype == "raw" and np.dtype(y.dtype) == np.uint8
+        assert len(y.data) == -(-(support.size + 1) * m_bits // 8)
 
 
 def test_a_malformed_update_is_rejected_and_the_round_goes_on():

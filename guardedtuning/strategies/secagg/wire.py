@@ -18,9 +18,13 @@ stage               server -> client                  client -> server
 ==================  ================================  =====================================
 
 A payload travels as one ConfigRecord (``secagg-stage``: the stage name, the round and
-the fields) and, for the masked vector, one ArrayRecord (``secagg-masked``). Decoding
-checks every key, type, byte length, list alignment, duplicate id, the stage name and
-the round; a :class:`~guardedtuning.errors.MessageError` names the first problem.
+the fields) and, for the masked vector, one ArrayRecord (``secagg-masked``) whose array
+``y`` holds the packed words as raw little-endian bytes (``stype`` :data:`RAW_STYPE`):
+numpy's file format would add a 128-byte header to every sealed reply (issue 13: 2.5 % of
+``guarded``'s whole compressed upload). Decoding checks every key, type, byte length,
+list alignment, duplicate id, the stage name and the round, and for the masked vector
+its ``stype``, dtype kind, shape and byte length; a :class:`~guardedtuning.errors.MessageError`
+names the first problem.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ from guardedtuning.strategies.secagg.shamir import SHARE_BYTES
 
 STAGE_KEY = "secagg-stage"
 MASKED_KEY = "secagg-masked"
+RAW_STYPE = "raw"
+"""``Array.stype`` of the masked vector: ``data`` is the packed words' bytes, nothing else."""
+RAW_KINDS = "uif"
+"""numpy dtype kinds a raw array may carry (little-endian); which dtype the field needs is checked
+on unpacking (:func:`~guardedtuning.strategies.secagg.masking.unpack_masked`)."""
 ADVERTISE, SHARE_KEYS, COLLECT_MASKED, UNMASK = "advertise", "share-keys", "collect-masked", "unmask"
 CONSISTENCY = "consistency"
 STAGES = (ADVERTISE, SHARE_KEYS, COLLECT_MASKED, CONSISTENCY, UNMASK)
@@ -153,7 +162,7 @@ def to_content(payload: Payload, *, stage: str, server_round: int) -> RecordDict
     for f in dataclasses.fields(payload):
         value = getattr(payload, f.name)
         if f.metadata["kind"] == "array":
-            content[MASKED_KEY] = ArrayRecord({f.metadata["key"]: Array(np.ascontiguousarray(value))})
+            content[MASKED_KEY] = ArrayRecord({f.metadata["key"]: raw_array(value)})
         else:
             cfg[f.metadata["key"]] = list(value) if isinstance(value, list) else value
     content[STAGE_KEY] = cfg
@@ -207,14 +216,49 @@ def from_content(content: RecordDict, kind: type[P], *, stage: str, server_round
     return kind(**values)
 
 
+def raw_array(value: np.ndarray) -> Array:
+    """A 1-D numeric vector as an :class:`~flwr.app.Array` of its raw little-endian bytes (no header).
+
+    Parameters
+    ----------
+    value : numpy.ndarray
+        The packed masked vector (:func:`~guardedtuning.strategies.secagg.masking.pack_masked`:
+        uint8 when bit-packed, else the smallest unsigned word), 1-D.
+
+    Returns
+    -------
+    flwr.app.Array
+        ``stype`` :data:`RAW_STYPE`, ``dtype`` the little-endian dtype string (``|u1``, ``<u2``, ...),
+        ``shape`` ``(n,)`` and ``data`` exactly ``n * itemsize`` bytes.
+    """
+    v = np.asarray(value)
+    if v.ndim != 1 or v.dtype.kind not in RAW_KINDS:
+        raise ValueError(f"the masked vector must be a 1-D numeric vector but has dtype {v.dtype} and shape "
+                         f"{v.shape}; pack it with masking.pack_masked")
+    wire = v.dtype.newbyteorder("<")
+    return Array(dtype=wire.str, shape=(int(v.size),), stype=RAW_STYPE,
+                 data=np.ascontiguousarray(v, dtype=wire).tobytes())
+
+
 def _array(content: RecordDict, key: str, *, source: str) -> np.ndarray:
     rec = content.get(MASKED_KEY) if MASKED_KEY in content else None
     if not isinstance(rec, ArrayRecord) or key not in rec:
         raise MessageError(f"{source}: record {MASKED_KEY!r} with array {key!r} is missing; the client sends it")
+    arr = rec[key]
     try:
-        return rec[key].numpy()
-    except Exception as exc:  # noqa: BLE001 - an undecodable payload is a bad message
-        raise MessageError(f"{source}: masked vector cannot be decoded ({exc})") from exc
+        dtype = np.dtype(arr.dtype)
+    except TypeError:
+        dtype = None
+    if arr.stype != RAW_STYPE or dtype is None or dtype.kind not in RAW_KINDS or dtype.byteorder == ">":
+        raise MessageError(f"{source}: masked vector has stype {arr.stype!r} and dtype {arr.dtype!r}; expected "
+                           f"stype {RAW_STYPE!r} and a little-endian numeric dtype (wire.raw_array)")
+    shape = tuple(arr.shape)
+    data = arr.data
+    if len(shape) != 1 or not isinstance(data, bytes) or len(data) != shape[0] * dtype.itemsize:
+        got = len(data) if isinstance(data, bytes) else type(data).__name__
+        raise MessageError(f"{source}: masked vector of shape {shape} and dtype {arr.dtype} carries {got} bytes; "
+                           "expected one dimension and size * itemsize bytes")
+    return np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
 def _describe(v: Any) -> str:
