@@ -24,7 +24,8 @@ Per (recipe, rate, RTT) it prints:
 the other: ``new`` with the warm SuperNode's defaults (a message's objects moved up to
 ``compat.OBJECT_CONCURRENCY`` at once, the ClientApp started before the receipt is
 confirmed), ``old`` with ``--object-concurrency 2 --early-wake off`` (Flower's 2 objects
-at once, the ClientApp after the confirmation: the SuperNode before issue 17's WAN work).
+at once, the ClientApp after the confirmation: the SuperNode before issue 17's WAN work);
+``objects`` has only the first of the two changes (``--early-wake off``).
 Each path has its own namespaces and federation; the same link shapes.
 
 Rows go to ``<out>/bench_wan.json``; the table to stdout. Needs root (namespaces); run
@@ -91,8 +92,10 @@ def follow_rounds(wan: Wan, out: Path, rtts: list[int], proc, stop: threading.Ev
         time.sleep(0.05)
 
 
-PATHS = {"new": (), "old": ("--object-concurrency", "2", "--early-wake", "off")}
-"""The warm SuperNode's options per path (``--paths``): today's defaults, and the transfers as before."""
+PATHS = {"new": (), "old": ("--object-concurrency", "2", "--early-wake", "off"),
+         "objects": ("--early-wake", "off")}
+"""The warm SuperNode's options per path (``--paths``): today's defaults; the transfers as before; only the
+concurrent object transfers (the ClientApp after the confirmation, as before)."""
 
 
 def main() -> int:

@@ -89,7 +89,7 @@ def set_task_identity() -> None:
 
 
 def step_message() -> Message:
-    """Step 1 of a round as the split recipe sends it: trimmed, 8-bit activation gradient."""
+    """Step 1 of a round under ``split.grad-bits=8``: trimmed 8-bit gradient, 10 objects (float32: 6)."""
     set_task_identity()
     g = torch.Generator().manual_seed(0)
     mask = torch.ones(16, 64, dtype=torch.long)
@@ -100,7 +100,7 @@ def step_message() -> Message:
 
 
 def step_reply() -> Message:
-    """A client's reply to a step: its released activations (8-bit, trimmed), mask, labels and metrics."""
+    """A reply under ``privacy.quantize-bits=8``: codes, scales, meta, mask, labels, metrics: 14 objects (float: 10)."""
     set_task_identity()
     g = torch.Generator().manual_seed(1)
     mask = torch.ones(16, 64, dtype=torch.long)
@@ -235,3 +235,40 @@ def test_the_old_path_is_one_option_away_and_the_gate_off_patches_nothing(monkey
     assert "objects 2 at a time" not in install(fast=True, wake_w=None)
     argv = ["--superlink", "10.0.0.1:9093", "--object-concurrency", "2", "--early-wake", "off", "--port", "9094"]
     assert warm_node.stock_supernode_command(argv)[1:] == ["--superlink", "10.0.0.1:9093", "--port", "9094"]
+
+
+def test_objects_still_uploading_are_retried_as_flowers_loop_retries_them_not_all_at_once():
+    """A message pulled while its sender still uploads: one wide first try, then Flower's retries (2 at once).
+
+    Retrying every pending object at once polled the SuperLink 16 times as often as
+    Flower's loop and slowed the upload it waited for (fedlora at zero latency).
+    """
+    msg = step_message()
+    contents = {oid: obj.deflate() for oid, obj in compat.get_all_nested_objects(msg).items()}
+    unavailable = compat.private("inflatable.ObjectUnavailableError")
+    lock, seen, first_wave, retries = threading.Lock(), set(), [0], []
+    in_flight, ready_at = [0], time.monotonic() + 0.4
+
+    def pull_object(object_id: str) -> bytes:
+        with lock:
+            retry = object_id in seen
+            seen.add(object_id)
+            in_flight[0] += 1
+            if retry:
+                retries.append(in_flight[0])
+            else:
+                first_wave[0] = max(first_wave[0], in_flight[0])
+        try:
+            time.sleep(0.01)
+            if time.monotonic() < ready_at:
+                raise unavailable(object_id)
+            return contents[object_id]
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    assert install(fast=True, wake_w=None).startswith("fast")
+    got = compat.private("supernode_loop.pull_objects")(list(contents), pull_object_fn=pull_object)
+    assert got == contents  # every object, byte for byte
+    assert first_wave[0] == len(contents)  # the first try: all at once (one round trip)
+    assert retries and max(retries) <= 2, f"up to {max(retries)} retries in flight"
