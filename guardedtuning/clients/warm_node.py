@@ -30,6 +30,11 @@ CPU (``simulations/deploy_step_time.py``).
   weights and tokenised data stay warm across messages, as in a simulation's Ray actor.
   Client state still lives in ``context.state``, which travels with every task as in
   Flower's own runner;
+- over its link to the SuperLink, a message's objects are pulled and pushed up to
+  ``--object-concurrency`` (16) at once instead of Flower's ``min(2, cores)`` (each batch
+  is a round trip: a split step's 6 + 10 objects cost 8 of them before, 2 now), objects
+  still being uploaded are retried as Flower retries them, and the runner is woken when
+  the objects are stored, before Flower's loop confirms the receipt (``--early-wake``);
 - a task that Flower's SuperNode loop leaves behind when a run stops while one of its
   messages is being received (its ServerApp died) is finished and its message dropped
   (:mod:`guardedtuning.clients.dead_runs`), so that the one-at-a-time runner does not wait on it
@@ -39,7 +44,7 @@ Every Flower internal used here is reached through :mod:`guardedtuning.compat`. 
 gate is off (a Flower version this was not written against, or
 ``GUARDEDTUNING_FLOWER_COMPAT=off``), or one of those internals is missing,
 :func:`supernode_main` says so in its log and replaces itself with Flower's stock
-``flower-supernode`` (same arguments, less this module's own ``--poll-*`` options), so the
+``flower-supernode`` (same arguments, less this module's own ``OWN_OPTIONS``), so the
 node still works, at Flower's speed. A warm runner that keeps failing on start ends the
 SuperNode after a few tries instead of restarting forever.
 """
