@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# fedlora-b2-125's settings (stop 23/24's fedlora point), the base of stop 25's one-lever variants
+FEDLORA_B2_125: dict[str, Any] = {"aggregation.secure": True, "aggregation.density": 0.125, "aggregation.bits": 2, "aggregation.max-weight": 1,
+      "aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.clip": 0.02}
+
 # (name, recipe, reference variant (uncompressed, same recipe), wire setting in words, run-config sets)
 VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("split-fp32", "split", "split-fp32", "fp32 cut with padding, dense fp32 FedAvg", {"split.trim-padding": False}),
@@ -68,6 +72,35 @@ VARIANTS: list[tuple[str, str, str, str, dict[str, Any]]] = [
     ("fedlora-b2-125", "fedlora", "fedlora-plain", "secure top-k 12.5 % (B, head; A frozen), 2 bit clip 0.02, weight 1",
      {"aggregation.secure": True, "aggregation.density": 0.125, "aggregation.bits": 2, "aggregation.max-weight": 1,
       "aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.clip": 0.02}),
+    # issue 13 item 2, stop 25: one lever at a time against fedlora-b2-125, then guarded under 3 %
+    ("fedlora-h2", "fedlora", "fedlora-plain", "fedlora-b2-125 + the head every round (dense-rest)",
+     {**FEDLORA_B2_125, "aggregation.dense-rest": True}),
+    ("fedlora-c01", "fedlora", "fedlora-plain", "fedlora-b2-125 with the 2-bit clip 0.01",
+     {**FEDLORA_B2_125, "aggregation.clip": 0.01}),
+    ("fedlora-c04", "fedlora", "fedlora-plain", "fedlora-b2-125 with the 2-bit clip 0.04",
+     {**FEDLORA_B2_125, "aggregation.clip": 0.04}),
+    ("fedlora-e0", "fedlora", "fedlora-plain", "fedlora-b2-125 with explore 0 (top-k only from round 2)",
+     {**FEDLORA_B2_125, "aggregation.explore": 0.0}),
+    ("fedlora-b4-7", "fedlora", "fedlora-plain", "secure top-k 7 % (B, head; A frozen), 4 bit clip 0.02, weight 1",
+     {**FEDLORA_B2_125, "aggregation.density": 0.07, "aggregation.bits": 4}),
+    ("fedlora-b3-10", "fedlora", "fedlora-plain", "secure top-k 10 % (B, head; A frozen), 3 bit clip 0.02, weight 1",
+     {**FEDLORA_B2_125, "aggregation.density": 0.10, "aggregation.bits": 3}),
+    ("fedlora-bonly", "fedlora", "fedlora-plain", "diagnostic: secure, all of B and the head (A frozen), 8 bit, weight 1",
+     {**FEDLORA_B2_125, "aggregation.density": 1.0, "aggregation.bits": 8, "aggregation.clip": 0.05}),
+    ("fedlora-h2-e0", "fedlora", "fedlora-plain", "fedlora-h2 with explore 0 (a fixed random support of B)",
+     {**FEDLORA_B2_125, "aggregation.dense-rest": True, "aggregation.explore": 0.0}),
+    ("fedlora-h2-e1", "fedlora", "fedlora-plain", "fedlora-h2 with explore 1 (a fresh random support of B each round)",
+     {**FEDLORA_B2_125, "aggregation.dense-rest": True, "aggregation.explore": 1.0}),
+    ("fedlora-h2-c04", "fedlora", "fedlora-plain", "fedlora-h2 with the 2-bit clip 0.04",
+     {**FEDLORA_B2_125, "aggregation.dense-rest": True, "aggregation.clip": 0.04}),
+    ("fedlora-h4-7", "fedlora", "fedlora-plain", "fedlora-h2 at 4 bit, top-k 7 %",
+     {**FEDLORA_B2_125, "aggregation.dense-rest": True, "aggregation.density": 0.07, "aggregation.bits": 4}),
+    ("fedlora-h3-10", "fedlora", "fedlora-plain", "fedlora-h2 at 3 bit, top-k 10 %",
+     {**FEDLORA_B2_125, "aggregation.dense-rest": True, "aggregation.density": 0.10, "aggregation.bits": 3}),
+    ("guarded-p2-lo", "guarded", "guarded-plain",
+     "secure: the projection every round + top-k of B to 3.04 %, 2 bit, weight 1 (A frozen)",
+     {"aggregation.support": "topk", "aggregation.scope": "lora-b", "aggregation.dense-rest": True,
+      "aggregation.density": 0.0304, "aggregation.bits": 2, "aggregation.max-weight": 1}),
 ]
 
 
