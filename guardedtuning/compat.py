@@ -268,7 +268,7 @@ def prompt_pull_objects(pull_objects: Any, initial: float, cap: float = PULL_CAP
     the objects not there yet (``ObjectUnavailableError``: the sender is still uploading)
     then go through Flower's own ``pull_objects``, its retries as many at once as Flower
     runs them (2), so a pending upload is not polled 16 times as often as by Flower's
-    loop (at zero latency that storm of retries slowed the upload it waited for: a fedlora
+    loop (at zero latency, with that storm of retries, a fedlora
     exchange took 2 s longer). Arguments a caller passes explicitly win.
     """
 
