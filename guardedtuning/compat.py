@@ -96,6 +96,16 @@ FLOWER_PRIVATE: dict[str, str] = {
     "RunNotRunningException": "flwr.supercore.run:RunNotRunningException",
     "get_object_tree": "flwr.supercore.inflatable.inflatable_object:get_object_tree",
     "supernode_runtime.acquire_task": "flwr.supernode.servicer.runtime.runtime_handlers:acquire_task",
+    # ... and of its early wake when the receipt's confirmation fails (tests/test_warm_early_wake_confirm.py)
+    "supernode_loop.push_messages": "flwr.supernode.start_client_internal:_push_messages",
+    "authenticate_task": "flwr.supercore.dependencies.task:authenticate_task",
+    "TASK_TOKEN_HEADER": "flwr.supercore.constant:TASK_TOKEN_HEADER",
+    "FlowerError": "flwr.supercore.error:FlowerError",
+    "Fab": "flwr.supercore.fab:Fab",
+    "context_from_proto": "flwr.common.serde:context_from_proto",
+    "context_to_proto": "flwr.common.serde:context_to_proto",
+    "message_from_proto": "flwr.common.serde:message_from_proto",
+    "message_to_proto": "flwr.common.serde:message_to_proto",
 }
 """Our name -> ``"module:attribute"`` of every private Flower symbol GuardedTuning uses."""
 
@@ -112,6 +122,10 @@ WARM_NODE_SYMBOLS = (
 NODESTATE_METHODS = ("get_tasks", "finish_task", "get_messages_legacy", "delete_messages")
 """Methods of Flower's ``NodeState`` the warm SuperNode calls to discard a dead run's orphaned task
 (:func:`guardedtuning.clients.dead_runs.discard_orphan`); one missing also means the stock SuperNode."""
+
+NODESTATE_MESSAGES = "msg_store"
+"""Attribute of Flower's ``InMemoryNodeState`` (the SuperNode's only NodeState in flwr 1.41/1.42) holding its
+messages (a dict by message id, entries with ``.message``): read to find a reply without marking it retrieved."""
 
 MESSAGE_INS_STORE = "message_ins_store"
 """Attribute of Flower's ``InMemoryLinkState`` holding the messages to deliver (a dict by message id)."""

@@ -61,6 +61,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,8 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
             except (BlockingIOError, BrokenPipeError):
                 pass  # a wakeup is already pending, or the runner is gone
 
+    refused: deque[str] = deque(maxlen=64)  # messages whose receipt failed after the runner was woken
+
     def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
         bound = signature.bind(*args, **kwargs)
         state, receive = bound.arguments["state"], bound.arguments["receive"]
@@ -199,8 +202,10 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
             def wake_then_confirm(*c_args: Any, **c_kwargs: Any) -> Any:
                 # Flower calls this after every object of the message is in the store and
                 # its task exists: the runner may acquire it now. If the confirmation then
-                # fails, Flower finishes the task as failed and its token is refused, so a
-                # reply computed meanwhile is not accepted (dead_runs.token_refused).
+                # fails, Flower deletes the message and finishes its task as failed (its
+                # token is refused from then on), but a reply the runner pushed before
+                # stays in the state, and Flower's loop would send it with the next
+                # message's push: it is dropped below (drop_replies).
                 backoff.reset()
                 wake()
                 woken.append(True)
@@ -209,6 +214,10 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
             bound.arguments["confirm_message_received"] = wake_then_confirm
         before = unfinished_tasks(state)
         run_id = pull(*bound.args, **bound.kwargs)
+        if run_id is None and woken and received:  # the confirmation failed after the runner was woken
+            refused.append(received[0].metadata.message_id)
+        if refused:  # also a reply stored after the failure (its push authenticated before it)
+            drop_replies(state, bound.arguments.get("object_store"), refused)
         if run_id is None and received and before is not None:
             try:
                 discard_orphan(state, bound.arguments.get("object_store"), before, received[0])
@@ -244,6 +253,33 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
                                               backoff.start, concurrency=object_concurrency))
     return (f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s; {transfers}; runner woken "
             f"{'before' if wake_before_confirm else 'after'} the receipt is confirmed)")
+
+
+def drop_replies(state: Any, object_store: Any, refused: deque[str] | set[str]) -> list[str]:
+    """Delete the replies waiting in ``state`` to the messages in ``refused``; return their ids.
+
+    ``refused`` holds messages whose receipt Flower's loop marked failed after the runner was
+    woken (``--early-wake``): Flower deleted each message and failed its task, so none of
+    them gets a reply to the SuperLink. A reply the runner pushed before would otherwise be
+    sent with the next message's (one message late, and every later reply with it). Read
+    from ``state``'s message store (:data:`~guardedtuning.compat.NODESTATE_MESSAGES`) so that
+    no other message is marked retrieved; a NodeState without one is left as it is (logged).
+    """
+    store = getattr(state, compat.NODESTATE_MESSAGES, None)
+    if not isinstance(store, dict):
+        log.error("cannot look for replies to messages %s (their receipt failed): the SuperNode's state has no %s; "
+                  "pass --early-wake off", ", ".join(refused), compat.NODESTATE_MESSAGES)
+        return []
+    gone = [mid for mid, entry in list(store.items())
+            if getattr(entry.message.metadata, "reply_to_message_id", "") in refused]
+    if gone:
+        state.delete_messages(message_ids=gone)
+        for mid in gone:
+            if object_store is not None:
+                object_store.delete(mid)
+        log.warning("dropped the reply %s: its message's receipt failed after the ClientApp started "
+                    "(Flower failed the task); the ServerApp gets no reply to it", ", ".join(gone))
+    return gone
 
 
 # ---------------------------------------------------------------------------------------
