@@ -218,7 +218,9 @@ def drop_replies(state: Any, object_store: Any, refused: deque[str] | set[str]) 
     ``refused`` holds messages whose receipt Flower's loop marked failed after the runner was
     woken (``--early-wake``): Flower deleted each message and failed its task, so none of
     them gets a reply to the SuperLink. A reply the runner pushed before would otherwise be
-    sent with the next message's (one message late, and every later reply with it). Read
+    sent with the next message's (one message late, and every later reply with it). The
+    SuperLink delivers a message once (it marks it delivered when pulled, flwr 1.41/1.42), so
+    no later message has an id in ``refused``. Read
     from ``state``'s message store (:data:`~guardedtuning.compat.NODESTATE_MESSAGES`) so that
     no other message is marked retrieved; a NodeState without one is left as it is (logged).
     """
