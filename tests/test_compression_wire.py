@@ -1,7 +1,7 @@
 """The masked vector's transport (issue 13, item 2): its packed words go as raw bytes, no numpy header.
 
 numpy's file format (Flower's ``Array`` from an ndarray) put a 128-byte header in front of every
-sealed reply's masked vector: 2.5 % of ``guarded``'s whole compressed upload per client-round.
+sealed reply's masked vector: 2.3 % of ``guarded``'s whole compressed upload per client-round.
 The masked vector now travels as an ``Array`` of ``stype`` ``raw`` holding exactly the packed
 bytes; the server checks its stype, dtype, shape and byte length and drops a client whose vector
 comes in another form. Checked under secure aggregation through LocalGrid with the fake ClientApp of
@@ -89,8 +89,18 @@ def _two_dims(arr: Array) -> Array:
     return Array(dtype=arr.dtype, shape=(1, len(arr.data)), stype=RAW_STYPE, data=arr.data)
 
 
-@pytest.mark.parametrize("form", [_numpy_form, _truncated, _float_words, _two_dims],
-                         ids=["numpy-format", "truncated", "float-dtype", "two-dims"])
+def _dtype_string(text: str):
+    """The same bytes under a dtype string a client chose (numpy raises ValueError, not TypeError, on some)."""
+    def form(arr: Array) -> Array:
+        return Array(dtype=text, shape=tuple(arr.shape), stype=RAW_STYPE, data=arr.data)
+    return form
+
+
+@pytest.mark.parametrize("form", [_numpy_form, _truncated, _float_words, _two_dims, _dtype_string("(-1,)u1"),
+                                  _dtype_string("(99999999999999,)u1"), _dtype_string("u1,u2"), _dtype_string("O"),
+                                  _dtype_string("no such dtype " * 50)],
+                         ids=["numpy-format", "truncated", "float-dtype", "two-dims", "dtype-negative-subarray",
+                              "dtype-huge-subarray", "dtype-structured", "dtype-object", "dtype-garbage"])
 def test_a_masked_vector_in_another_form_drops_the_client_and_the_round_goes_on(form):
     bad = 1002
 
@@ -111,3 +121,25 @@ def test_a_masked_vector_in_another_form_drops_the_client_and_the_round_goes_on(
                                  clip=0.05, rng=np.random.default_rng(v * 7 + 1))
         total += comp.sent
     np.testing.assert_allclose(C.flatten({k: avg[k].numpy() for k in SHAPES}), total / 4, rtol=1e-5, atol=1e-7)
+
+
+def test_a_decoder_failure_on_one_clients_reply_drops_that_client_not_the_run(monkeypatch):
+    """Defence in depth: whatever a client's bytes make the decoder raise (here a stand-in bug, a ValueError,
+    not the MessageError the checks raise) rejects that client; the round sums the other four."""
+    import guardedtuning.strategies.secure as secure
+
+    bad = 1003
+    real = secure.from_content
+
+    def buggy(content, kind, *, stage, server_round, source):
+        if f"node {bad}" in source:
+            raise ValueError("a decoder bug")
+        return real(content, kind, stage=stage, server_round=server_round, source=source)
+
+    monkeypatch.setattr(secure, "from_content", buggy)
+    grid = LocalGrid(fake_app(0.02), 5, {})
+    strategy = SecureSparseFedAvg(clients_per_round=5, seed=0, density=0.2, bits=2, clip=0.05, support="topk",
+                                  scope="lora-b", max_weight=1, timeout=0.2)
+    _, avg, metrics, _ = secure_round(strategy, grid, 1)
+    assert any(f"node {bad}" in r and "could not be decoded" in r for r in strategy.rejections), strategy.rejections
+    assert avg is not None and metrics["clients"] == 4

@@ -404,6 +404,9 @@ class SecureAggregation(Strategy):
                                          source=f"{stage} reply of node {node}")
             except MessageError as exc:
                 rnd.server.reject(node, stage, _hint(exc, msg))
+            except Exception as exc:  # noqa: BLE001 - a decoder bug a client's bytes reach drops it, not the run
+                log.exception("%s reply of node %d could not be decoded", stage, node)
+                rnd.server.reject(node, stage, f"reply could not be decoded ({type(exc).__name__}); dropped")
         return out
 
     def _publish(self, rnd: _Round) -> None:
@@ -433,6 +436,9 @@ class SecureAggregation(Strategy):
                                          source=f"final reply of node {node}")
             except MessageError as exc:
                 rnd.reject(node, _hint(exc, msg))
+            except Exception as exc:  # noqa: BLE001 - a decoder bug a client's bytes reach drops it, not the run
+                log.exception("final reply of node %d could not be decoded", node)
+                rnd.reject(node, f"final reply could not be decoded ({type(exc).__name__}); dropped")
         return out
 
     def drain(self, server_round: int) -> MetricRecord | None:
