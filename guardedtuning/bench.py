@@ -134,7 +134,8 @@ def summarize(out: Path, gpu: Mapping[str, Any] | None = None) -> dict[str, Any]
     if stopped:  # fewer rounds than planned: its round time and utility are not the point's
         raise RuntimeError(f"{out / 'results.json'} stopped after round {stopped.get('after_round')} of "
                            f"{record.get('rounds')} ({stopped.get('reason')}): a benchmark point needs every round; "
-                           "rerun it into another folder with a plan its DP budget fits (stopped.message says how)")
+                           "rerun the sweep with --out <another folder> and a plan its DP budget fits, e.g. --set "
+                           "dp.max-participations=<rounds x local steps> (stopped.message says which)")
     cost, hist = record["cost"], record["history"]
     walls = [r["wall_s"] for r in hist]
     per_round = [b - a for a, b in zip([0.0, *walls], walls, strict=False)]

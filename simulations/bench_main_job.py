@@ -7,9 +7,12 @@ same time, each ``--repeats`` times, every run pinned (``taskset``) to a core se
 (``--cores-per-run`` consecutive cores) and given a Ray runtime of that many CPUs
 (``sim.ray-num-cpus``), so each run sees the 2-core machine's schedule (2 client actors) while
 none waits for another's cores. Per run it prints the rounds' wall time (the record's last
-``history[].wall_s``: from the first round's start to the last round's end), the utility, the
-step overhead median (``events.jsonl``); then per tree the medians and the ratio of the first
-tree's rounds to each other's.
+``history[].wall_s``: from the ServerApp's record opening, before the model and data load, to
+the last round's end; the launcher's start, Ray's and the attacks after the rounds are not in
+it), the utility, the step overhead median (``events.jsonl``); then per tree the medians over
+the runs that finished every planned round, and the ratio of the first tree's rounds to each
+other's. A run past ``--timeout`` is killed with its process group and left out (the medians say
+over how many runs).
 
     python simulations/bench_main_job.py --tree . --tree /tmp/base --repeats 2 --out runs/main-job
     python simulations/bench_main_job.py --tree . --tree /tmp/base --set federation.rounds=2
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,9 +49,12 @@ def figures(out: Path) -> dict:
     path = out / "results.json"
     if not path.is_file():
         return {"failed": True}
-    rec = json.loads(path.read_text())
-    hist = rec["history"]
-    return {"rounds": len(hist), "rounds_s": hist[-1]["wall_s"] if hist else None,
+    try:
+        rec = json.loads(path.read_text())
+        hist = rec["history"]
+    except (ValueError, KeyError) as exc:
+        return {"failed": True, "why": f"{path} unreadable: {exc}"}
+    return {"rounds": len(hist), "planned": rec.get("rounds"), "rounds_s": hist[-1].get("wall_s") if hist else None,
             "utility": rec["utility"]["value"], "step_overhead_ms": step_overhead_ms(out),
             "stopped": (rec.get("stopped") or {}).get("reason")}
 
@@ -90,14 +97,15 @@ def main() -> int:
                "--set", f"sim.ray-num-cpus={args.cores_per_run}", *sum((["--set", s] for s in args.sets), [])]
         log = (folder / "run.log").open("w")
         print(f"tree{ti} ({trees[ti]}) run {rep} on cores {cores}", flush=True)
-        procs.append((ti, rep, folder, subprocess.Popen(cmd, cwd=trees[ti], env=env, stdout=log, stderr=subprocess.STDOUT),
+        procs.append((ti, rep, folder, subprocess.Popen(cmd, cwd=trees[ti], env=env, stdout=log,
+                                                        stderr=subprocess.STDOUT, start_new_session=True),
                       log))
     rows = []
     for ti, rep, folder, proc, log in procs:
         try:
             rc = proc.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - t0)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        except subprocess.TimeoutExpired:  # the run's SuperLink, ServerApp and Ray go with it
+            os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
         log.close()
         row = {"tree": ti, "path": str(trees[ti]), "run": rep, "rc": rc, **figures(folder / "run")}
@@ -106,7 +114,8 @@ def main() -> int:
     (out / "bench_main_job.json").write_text(json.dumps(rows, indent=1))
     med = {}
     for ti, t in enumerate(trees):
-        ok = [r for r in rows if r["tree"] == ti and r.get("rounds_s") is not None and not r.get("stopped")]
+        ok = [r for r in rows if r["tree"] == ti and r["rc"] == 0 and r.get("rounds_s") is not None
+              and r.get("rounds") == r.get("planned") and not r.get("stopped")]
         if ok:
             med[ti] = statistics.median(r["rounds_s"] for r in ok)
             utils = ", ".join(f"{r['utility']:.3f}" for r in ok)

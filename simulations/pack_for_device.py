@@ -94,13 +94,17 @@ def unpack(args: argparse.Namespace) -> int:
     blob = b"".join(p.read_bytes() for p in names)
     if hashlib.sha256(blob).hexdigest() != meta["tar_sha256"]:
         raise SystemExit(f"the joined parts in {src} do not match the manifest's sha256: a part is stale or cut; pack again")
+    if not hasattr(tarfile, "data_filter"):  # extractall(filter="data"): Python >= 3.11.4 / 3.12
+        raise SystemExit(f"Python {sys.version.split()[0]} cannot extract safely (tarfile has no data filter); "
+                         "run unpack with Python 3.11.4 or newer")
     target = Path(args.target)
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
         tar.extractall(target, filter="data")
-    bad = [rel for rel, digest in meta["files"].items() if sha256(target / rel) != digest]
+    bad = [rel for rel, digest in meta["files"].items() if not (target / rel).is_file() or sha256(target / rel) != digest]
     if bad:
-        raise SystemExit(f"{len(bad)} files differ from the manifest after extraction, e.g. {bad[0]}")
+        raise SystemExit(f"{len(bad)} files are missing or differ from the manifest after extraction, e.g. {bad[0]}; "
+                         "pack again and carry every part")
     print(f"{len(meta['files'])} files of {', '.join(meta['dists'])} in {target}, every sha256 as packed")
     return 0
 
