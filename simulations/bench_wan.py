@@ -22,10 +22,12 @@ Per (recipe, rate, RTT) it prints:
 
 ``--paths new,old`` runs every (recipe, rate) on two federations side by side, one after
 the other: ``new`` with the warm SuperNode's defaults (a message's objects moved up to
-``compat.OBJECT_CONCURRENCY`` at once, the ClientApp started before the receipt is
-confirmed), ``old`` with ``--object-concurrency 2 --early-wake off`` (Flower's 2 objects
-at once, the ClientApp after the confirmation: the SuperNode before issue 17's WAN work);
-``objects`` has only the first of the two changes (``--early-wake off``).
+``compat.OBJECT_CONCURRENCY`` at once; the ClientApp after the confirmation since issue 17's
+review made ``--early-wake`` opt-in), ``old`` with ``--object-concurrency 2 --early-wake off``
+(Flower's 2 objects at once: the SuperNode before issue 17's WAN work); ``objects`` has only
+the first of the two changes (``--early-wake off``, now the same as ``new``), ``early-wake``
+both (``--early-wake on``: what ``new`` was in bench3-bench7). Paths other than ``new`` are
+refused where the SuperNodes run stock (their options would be dropped).
 Each path has its own namespaces and federation; the same link shapes.
 
 Rows go to ``<out>/bench_wan.json``; the table to stdout. Needs root (namespaces); run
@@ -50,6 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from guardedtuning.clients.warm_node import stock_reason  # noqa: E402
 from guardedtuning.launcher import toml_value, write_run_config  # noqa: E402
 from guardedtuning.recipes import config_for  # noqa: E402
 from tests.netns import NetnsFederation, Wan, unavailable  # noqa: E402
@@ -93,9 +96,11 @@ def follow_rounds(wan: Wan, out: Path, rtts: list[int], proc, stop: threading.Ev
 
 
 PATHS = {"new": (), "old": ("--object-concurrency", "2", "--early-wake", "off"),
-         "objects": ("--early-wake", "off")}
-"""The warm SuperNode's options per path (``--paths``): today's defaults; the transfers as before; only the
-concurrent object transfers (the ClientApp after the confirmation, as before)."""
+         "objects": ("--early-wake", "off"), "early-wake": ("--early-wake", "on")}
+"""The warm SuperNode's options per path (``--paths``): today's defaults (the concurrent object transfers;
+since issue 17's review the ClientApp after the confirmation, so ``objects`` equals ``new``); the transfers as
+before; only the concurrent object transfers; both changes (the opt-in ``--early-wake on``, the ``new`` of
+bench3-bench7)."""
 
 
 def main() -> int:
@@ -110,8 +115,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override for every run, in TOML (repeatable, e.g. --set 'split.grad-bits=8')")
-    p.add_argument("--paths", default="new", help="comma-separated: new (the SuperNode's defaults) and/or old "
-                   f"(its options {' '.join(PATHS['old'])}); each its own federation, runs interleaved")
+    p.add_argument("--paths", default="new", help="comma-separated subset of: new (the SuperNode's defaults), "
+                   f"old ({' '.join(PATHS['old'])}), objects ({' '.join(PATHS['objects'])}: only the concurrent "
+                   f"object transfers), early-wake ({' '.join(PATHS['early-wake'])}: both changes); each its "
+                   "own federation, runs interleaved; other than new only with warm SuperNodes")
     p.add_argument("--out", type=Path, default=Path("runs/bench-wan"))
     p.add_argument("--app", type=Path, default=Path(__file__).resolve().parents[1],
                    help="the Flower app folder `flwr run` builds the FAB from (default: this repository; e.g. "
@@ -125,6 +132,14 @@ def main() -> int:
     if not paths or any(x not in PATHS for x in paths):
         print(f"--paths {args.paths!r}: pass a comma-separated subset of {', '.join(PATHS)}", file=sys.stderr)
         return 2
+    odd = [x for x in paths if x != "new"]
+    if odd:
+        reason = stock_reason()
+        if reason is not None:
+            print(f"--paths {args.paths!r}: the SuperNodes would run Flower's stock flower-supernode ({reason}), "
+                  f"which drops the options of {', '.join(odd)}: every path would equal new; pass --paths new",
+                  file=sys.stderr)
+            return 2
     out = args.out.resolve()
     rtts = [int(x) for x in args.rtts.split(",")]
     plan = [(rate, recipe, rtts) for rate in args.rates.split(",") for recipe in args.recipes.split(",")]
@@ -139,8 +154,12 @@ def main() -> int:
         feds = {}
         for path in paths:
             wan = stack.enter_context(Wan(args.clients, prefix=f"gtns{os.getpid()}-{path}"))
-            fed = NetnsFederation(out / ("federation" if path == "new" else f"federation-{path}"), wan,
-                                  node_args=PATHS[path])
+            try:  # refused where the SuperNodes are stock: their options would be dropped, path == new
+                fed = NetnsFederation(out / ("federation" if path == "new" else f"federation-{path}"), wan,
+                                      node_args=PATHS[path])
+            except ValueError as exc:
+                print(f"--paths {path}: {exc}; pass --paths new", file=sys.stderr)
+                return 2
             stack.callback(fed.stop)
             fed.start()
             feds[path] = fed

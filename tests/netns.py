@@ -490,6 +490,12 @@ class NetnsFederation(LocalFederation):
         super().__init__(root, wan.num_nodes, **kw)
         self.wan = wan
         self.node_args = tuple(node_args)  # extra options of every warm SuperNode (e.g. --object-concurrency 2)
+        kind = self.supernode_kind()
+        if self.node_args and kind != "warm":
+            raise ValueError(f"node_args {' '.join(self.node_args)}: the SuperNodes here are {kind}, which "
+                             "drops the warm SuperNode's options (the run would equal the default path); "
+                             "pass no node_args, or run with a Flower the warm SuperNode supports "
+                             "(and warm=True)")
         self.port = wan.port
         self.node_procs: dict[int, subprocess.Popen[bytes]] = {}
         self.keys: list[tuple[Path, Path]] = []

@@ -16,7 +16,10 @@ the confirmation fails:
 - ``input``: it pulled the message and its context; its reply push is then refused;
 - ``reply``: it pushed its reply, then its context push is refused;
 - ``done``: it pushed its reply and its context (the task completed) before the failure;
-- ``race``: its reply push was authenticated before the failure and stored after it.
+- ``race``: its reply push was authenticated before the failure and stored after it;
+- ``race-late``: the same push stored later still, after the next message was received
+  (after the pull that would drop it) and before Flower's loop sends that message's reply;
+- ``race-send``: stored later still, inside Flower's push, just before it reads the replies to send.
 
 What must hold: the reply to the failed message never reaches the SuperLink (not with the
 next message's push either, which pushes only the next message's reply: on Flower's own
@@ -40,7 +43,8 @@ from guardedtuning.clients import warm_node
 from tests.test_warm_node_dead_runs import NODE, RUN, incoming, known_run, node_state
 
 PATCHED = ("supernode_loop.pull_and_store_message", "supernode_loop.time", "supernode_loop.pull_objects",
-           "supernode_loop.push_object_contents_from_iterable", "inflatable.get_num_workers")
+           "supernode_loop.push_object_contents_from_iterable", "inflatable.get_num_workers",
+           "supernode_loop.push_messages")
 
 
 @pytest.fixture(autouse=True)
@@ -144,9 +148,22 @@ def receive(state, wake_r: int, *, during_confirm, confirm_fails: bool):
     return run_id, msg
 
 
-def push_replies(state) -> list[Message]:
-    """Flower's loop after a message: its real ``_push_messages``; the replies it sends to the SuperLink."""
+def push_replies(state, before_read=None) -> list[Message]:
+    """Flower's loop after a message: its real ``_push_messages``; the replies it sends to the SuperLink.
+
+    ``before_read`` runs once, inside the push, right before it reads the replies waiting.
+    """
     sent: list[Message] = []
+    if before_read is not None:
+        read = state.get_messages_legacy
+
+        def late_then_read(*args, **kwargs):
+            if state.get_messages_legacy is late_then_read:
+                del state.get_messages_legacy
+                before_read()
+            return read(*args, **kwargs)
+
+        state.get_messages_legacy = late_then_read
 
     def send(message, _tree, _runtime):
         sent.append(message)
@@ -157,7 +174,7 @@ def push_replies(state) -> list[Message]:
     return sent
 
 
-@pytest.mark.parametrize("reached", ["input", "reply", "done", "race"])
+@pytest.mark.parametrize("reached", ["input", "reply", "done", "race", "race-late", "race-send"])
 def test_a_failed_confirmation_after_the_early_wake_releases_nothing_and_never_under_counts(reached):
     state = node_state()
     known_run(state)
@@ -166,7 +183,8 @@ def test_a_failed_confirmation_after_the_early_wake_releases_nothing_and_never_u
     os.set_blocking(wake_w, False)
     try:
         status = warm_node.patch_supernode_polling(warm_node.Backoff(start=0.005, limit=3.0), reply_poll=0.002,
-                                                   wakeup_fd=wake_w, object_concurrency=compat.OBJECT_CONCURRENCY)
+                                                   wakeup_fd=wake_w, object_concurrency=compat.OBJECT_CONCURRENCY,
+                                                   wake_before_confirm=True)
         assert status.startswith("fast") and "before the receipt" in status, status
         runner = Runner(state)
         authenticated = []
@@ -177,7 +195,7 @@ def test_a_failed_confirmation_after_the_early_wake_releases_nothing_and_never_u
                 runner.push_reply()
             if reached == "done":
                 runner.push_output()
-            if reached == "race":
+            if reached in ("race", "race-late", "race-send"):
                 authenticated.append(runner.task())  # the push's token check passes now ...
 
         run_id, failed = receive(state, wake_r, during_confirm=during_confirm, confirm_fails=True)
@@ -192,6 +210,7 @@ def test_a_failed_confirmation_after_the_early_wake_releases_nothing_and_never_u
         if reached in ("input", "reply", "race"):
             with pytest.raises(Refused):  # the task's output (its context) is refused: the step is not counted
                 runner.push_output()
+        late = runner
         after_failed = counted(state)
 
         # the next message is received, computed and its reply pushed: only its own
@@ -204,7 +223,17 @@ def test_a_failed_confirmation_after_the_early_wake_releases_nothing_and_never_u
 
         run_id, nxt = receive(state, wake_r, during_confirm=compute, confirm_fails=False)
         assert run_id == RUN
-        sent = push_replies(state)
+        if reached == "race-late":  # ... and its message is stored only now, after the pull that drops such replies
+            late.push_reply(authenticated[0])
+            with pytest.raises(Refused):
+                late.push_output()
+
+        def store_late() -> None:
+            late.push_reply(authenticated[0])
+            with pytest.raises(Refused):
+                late.push_output()
+
+        sent = push_replies(state, before_read=store_late if reached == "race-send" else None)
     finally:
         os.close(wake_r)
         os.close(wake_w)

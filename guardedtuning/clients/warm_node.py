@@ -33,8 +33,9 @@ CPU (``simulations/deploy_step_time.py``).
 - over its link to the SuperLink, a message's objects are pulled and pushed up to
   ``--object-concurrency`` (16) at once instead of Flower's ``min(2, cores)`` (each batch
   is a round trip: a split step's 6 + 10 objects cost 8 of them before, 2 now), objects
-  still being uploaded are retried as Flower retries them, and the runner is woken when
-  the objects are stored, before Flower's loop confirms the receipt (``--early-wake``);
+  still being uploaded are retried as Flower retries them; with ``--early-wake on``
+  (opt-in, off by default: no measurable gain, see :data:`EARLY_WAKE_HELP`) the runner is
+  woken when the objects are stored, before Flower's loop confirms the receipt;
 - a task that Flower's SuperNode loop leaves behind when a run stops while one of its
   messages is being received (its ServerApp died) is finished and its message dropped
   (:mod:`guardedtuning.clients.dead_runs`), so that the one-at-a-time runner does not wait on it
@@ -277,6 +278,15 @@ def runner_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+EARLY_WAKE_HELP = (
+    "--early-wake on|off (default off): on starts the ClientApp once a message's objects are stored, before "
+    "the receipt is confirmed to the SuperLink (one round trip sooner). Its gain was below the run-to-run noise "
+    "in every measurement (docs/deployment.md, over a WAN). Risk: if the confirmation then fails, Flower fails "
+    "the task while the ClientApp may already have computed; its reply is deleted, never sent (checked when "
+    "Flower's loop sends it), and its step may be counted with nothing released (an over-count, never an "
+    "under-count).")
+"""What ``--early-wake`` does, its measured (non-)gain and its risk (the SuperNode's --help)."""
+
 OWN_OPTIONS = ("--poll-min", "--poll-max", "--poll-growth", "--reply-poll", "--object-concurrency",
                "--early-wake")  # not flower-supernode's
 
@@ -348,8 +358,7 @@ def supernode_main(argv: list[str] | None = None) -> int:
                    help="wait between checks for the ClientApp's reply (s)")
     p.add_argument("--object-concurrency", type=int, default=compat.OBJECT_CONCURRENCY,
                    help="objects of a message pulled/pushed at once over the link (Flower: 2)")
-    p.add_argument("--early-wake", choices=("on", "off"), default="on",
-                   help="start the ClientApp before the receipt is confirmed to the SuperLink (off: after, as Flower)")
+    p.add_argument("--early-wake", choices=("on", "off"), default="off", help=EARLY_WAKE_HELP)
     ours, rest = p.parse_known_args(argv)
     flower_supernode = flower("flower_supernode")
 
@@ -357,8 +366,8 @@ def supernode_main(argv: list[str] | None = None) -> int:
         print("guardedtuning deploy supernode: flower-supernode with prompt polling and a warm ClientApp process\n"
               "(always --isolation process). Its own options: --poll-min S (first wait after a message, default "
               "0.005), --poll-growth F (default 1.1), --poll-max S (default 3), --reply-poll S (default 0.002), "
-              f"--object-concurrency N (default {compat.OBJECT_CONCURRENCY}; Flower: 2), --early-wake on|off "
-              "(default on).\n"
+              f"--object-concurrency N (default {compat.OBJECT_CONCURRENCY}; Flower: 2).\n"
+              f"{EARLY_WAKE_HELP}\n"
               f"With {compat.ENV_VAR}=off (or an untested Flower) it is Flower's stock flower-supernode.\n"
               "Every other option is flower-supernode's:\n")
         sys.argv = ["flower-supernode", "--help"]

@@ -10,9 +10,10 @@ Installed by :func:`patch_supernode_polling` in the SuperNode process
   (:func:`~guardedtuning.compat.prompt_pull_objects`,
   :func:`~guardedtuning.compat.concurrent_push_objects`), objects still uploading retried
   as Flower retries them;
-- the runner is woken when a message's objects are stored, before the receipt is confirmed
-  (``--early-wake``); a reply to a message whose confirmation then failed is dropped
-  (:func:`drop_replies`);
+- with ``--early-wake on`` (opt-in; off by default) the runner is woken when a message's
+  objects are stored, before the receipt is confirmed; a reply to a message whose
+  confirmation then failed is dropped (:func:`drop_replies`), also at send time
+  (:func:`_refusing_push_messages`), whenever it was stored;
 - a task that a dead run's failed pull leaves behind is finished
   (:mod:`guardedtuning.clients.dead_runs`).
 """
@@ -82,7 +83,7 @@ class _SupernodeClock:
 
 
 def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: int | None = None,
-                            object_concurrency: int | None = None, wake_before_confirm: bool = True) -> str:
+                            object_concurrency: int | None = None, wake_before_confirm: bool = False) -> str:
     """Install the backoff in Flower's SuperNode loop; return what happened.
 
     Parameters
@@ -101,8 +102,11 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
     wake_before_confirm : bool
         Wake the runner as soon as the message's objects are stored, before Flower's
         loop confirms the receipt to the SuperLink (one more round trip), so the
-        ClientApp computes while the confirmation travels. False: after it, as Flower
-        orders it.
+        ClientApp computes while the confirmation travels. False (the default): after
+        it, as Flower orders it. Its gain was below the noise in every measurement
+        (docs/deployment.md), and its failure path is where a reply could be released
+        uncounted; with it on, Flower's ``_push_messages`` is wrapped too, so that a
+        reply to a message whose receipt failed is deleted, never sent.
     """
     g = compat.gate()
     if not g.enabled:
@@ -111,6 +115,7 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
         pull = flower("supernode_loop.pull_and_store_message")
         loop_time = flower("supernode_loop.time")
         loop_pulls = flower("supernode_loop.pull_objects")
+        loop_push = flower("supernode_loop.push_messages") if wake_before_confirm else None
     except compat.FlowerCompatError:
         return "flower (the SuperNode loop is not the one this patch knows)"
     if getattr(pull, "guardedtuning_backoff", None) is not None:
@@ -130,6 +135,14 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
     if wake_before_confirm and "confirm_message_received" not in signature.parameters:
         return ("flower (the SuperNode loop's pull has another signature: no confirm_message_received; "
                 "pass --early-wake off)")
+    if wake_before_confirm:
+        try:
+            push_missing = {"state", "object_store", "send"} - set(inspect.signature(loop_push).parameters)
+        except (TypeError, ValueError):
+            push_missing = {"state", "object_store", "send"}
+        if push_missing:
+            return (f"flower (the SuperNode loop's push has another signature: no {', '.join(sorted(push_missing))}; "
+                    "pass --early-wake off)")
 
     def wake() -> None:
         if wakeup_fd is not None:
@@ -190,6 +203,8 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
 
     pull_and_reset.guardedtuning_backoff = backoff  # type: ignore[attr-defined]
     compat.replace("supernode_loop.pull_and_store_message", pull_and_reset)
+    if wake_before_confirm:
+        compat.replace("supernode_loop.push_messages", _refusing_push_messages(loop_push, refused))
     compat.replace("supernode_loop.time", _SupernodeClock(backoff, reply_poll))
     # a message's content is uploaded after the message: retry its pull promptly, not after 1 s
     transfers = "objects 2 at a time (Flower's)"
@@ -210,6 +225,44 @@ def patch_supernode_polling(backoff: Backoff, *, reply_poll: float, wakeup_fd: i
                                               backoff.start, concurrency=object_concurrency))
     return (f"fast (polls from {backoff.start * 1000:g} ms up to {backoff.limit:g} s; {transfers}; runner woken "
             f"{'before' if wake_before_confirm else 'after'} the receipt is confirmed)")
+
+
+class RefusedReply(Exception):
+    """A reply to a message whose receipt failed after the runner was woken: never sent."""
+
+
+def _refusing_push_messages(push_messages: Any, refused: deque[str]) -> Any:
+    """Flower's ``_push_messages`` that deletes, never sends, a reply to a message in ``refused``.
+
+    :func:`drop_replies` after each pull misses a reply whose push the Runtime API
+    authenticated before the receipt failed but stored only after the next pull; Flower's
+    loop sends every reply it finds. Here the check is at send time: the loop's ``send``
+    raises :class:`RefusedReply` for such a reply, before anything goes over the link, and
+    Flower's own ``finally`` deletes the message and its objects. Replies already waiting are
+    dropped first, so that Flower's wait for a reply is not satisfied by one of them.
+    """
+    signature = inspect.signature(push_messages)
+
+    def push(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        state, send = bound.arguments["state"], bound.arguments["send"]
+        if refused:
+            drop_replies(state, bound.arguments.get("object_store"), refused)
+
+        def refusing_send(message: Any, *s_args: Any, **s_kwargs: Any) -> Any:
+            reply_to = getattr(message.metadata, "reply_to_message_id", "")
+            if reply_to in refused:
+                log.warning("dropped the reply %s: its message %s's receipt failed after the ClientApp started "
+                            "(Flower failed the task); the ServerApp gets no reply to it",
+                            message.metadata.message_id, reply_to)
+                raise RefusedReply(f"reply to message {reply_to}, whose receipt failed: not sent")
+            return send(message, *s_args, **s_kwargs)
+
+        bound.arguments["send"] = refusing_send
+        return push_messages(*bound.args, **bound.kwargs)
+
+    push.guardedtuning_wrapped = push_messages  # type: ignore[attr-defined]
+    return push
 
 
 def drop_replies(state: Any, object_store: Any, refused: deque[str] | set[str]) -> list[str]:
