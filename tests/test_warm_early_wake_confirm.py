@@ -56,6 +56,11 @@ def flower_loop(monkeypatch):
         monkeypatch.setattr(module, attribute, getattr(module, attribute))
 
 
+def runtime(name: str):
+    """Flower's Runtime API handler (or request class) ``name``, as listed in :data:`compat.FLOWER_PRIVATE`."""
+    return compat.private(f"supernode_runtime.{name}")
+
+
 class Refused(Exception):
     """The Runtime API refused the task's token (what the runner sees as HTTP 401)."""
 
@@ -65,7 +70,6 @@ class Runner:
 
     def __init__(self, state) -> None:
         self.state = state
-        self.handlers = compat.owner("supernode_runtime.acquire_task")
         self.token: str | None = None
         self.message: Message | None = None
         self.context: Context | None = None
@@ -84,12 +88,12 @@ class Runner:
 
     def acquire_and_pull(self) -> None:
         request = compat.private("AcquireTaskRequest")(supported_task_types=[compat.private("TaskType").CLIENT_APP])
-        res = self.handlers.acquire_task(request, self.state)
+        res = runtime("acquire_task")(request, self.state)
         assert res.HasField("task"), "woken, but no task to acquire"
         self.token = res.token
-        got = self.handlers.pull_task_input(self.handlers.PullTaskInputRequest(), self.state, self.task())
+        got = runtime("pull_task_input")(runtime("PullTaskInputRequest")(), self.state, self.task())
         self.context = compat.private("context_from_proto")(got.context)
-        pulled = self.handlers.pull_messages(self.handlers.PullAppMessagesRequest(), self.state, self.task())
+        pulled = runtime("pull_messages")(runtime("PullAppMessagesRequest")(), self.state, self.task())
         self.message = compat.private("message_from_proto")(pulled.messages_list[0])
         # the ClientApp's step: it counts itself in the client's state (accountant, message sequence)
         counted = int(self.context.state["privacy"]["steps-counted"]) if "privacy" in self.context.state else 0
@@ -97,18 +101,19 @@ class Runner:
 
     def push_reply(self, task=None) -> Message:
         reply = Message(RecordDict({"metrics": MetricRecord({"loss": 1.0})}), reply_to=self.message)
-        reply.metadata.__dict__["_message_id"] = reply.object_id
-        request = self.handlers.PushAppMessagesRequest(
+        reply.metadata.__dict__["_message_id"] = reply.object_id  # as Flower's push_message sets it
+        assert reply.metadata.message_id == reply.object_id, "Flower's Metadata no longer keeps _message_id"
+        request = runtime("PushAppMessagesRequest")(
             messages_list=[compat.private("message_to_proto")(reply)],
             message_object_trees=[compat.private("get_object_tree")(reply)])
-        self.handlers.push_messages(request, self.state, task or self.task())
+        runtime("push_messages")(request, self.state, task or self.task())
         return reply
 
     def push_output(self) -> None:
-        request = self.handlers.PushTaskOutputRequest(
+        request = runtime("PushTaskOutputRequest")(
             context=compat.private("context_to_proto")(self.context), sub_status=compat.private("SubStatus").COMPLETED,
             details="")
-        self.handlers.push_task_output(request, self.state, self.task())
+        runtime("push_task_output")(request, self.state, self.task())
 
 
 def series_context(state) -> Context:
