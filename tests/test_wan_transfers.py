@@ -225,6 +225,9 @@ def test_flowers_loop_moves_objects_through_the_functions_the_warm_node_replaces
     """The SuperNode loop pulls and pushes through the module globals patched here (flwr 1.41/1.42)."""
     loop = compat.owner("supernode_loop.pull_and_store_message")
     assert "push_object_contents_from_iterable(" in inspect.getsource(loop._push_messages)
+    # the early wake's send-time drop: the loop calls _push_messages by its module name, which sends through `send`
+    assert "_push_messages(" in inspect.getsource(loop.start_client_internal)
+    assert "= send(message," in inspect.getsource(loop._push_messages)
     assert "pull_objects(" in inspect.getsource(compat.private("supernode_loop.pull_and_store_message"))
     assert "confirm_message_received(" in inspect.getsource(compat.private("supernode_loop.pull_and_store_message"))
     utils = compat.owner("inflatable.get_num_workers")
