@@ -40,20 +40,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from guardedtuning import compat
 from guardedtuning.clients import warm_node
+from tests.test_wan_transfers import flower_loop  # noqa: F401 - the autouse fixture restoring Flower's loop
 from tests.test_warm_node_dead_runs import NODE, RUN, incoming, known_run, node_state
-
-PATCHED = ("supernode_loop.pull_and_store_message", "supernode_loop.time", "supernode_loop.pull_objects",
-           "supernode_loop.push_object_contents_from_iterable", "inflatable.get_num_workers",
-           "supernode_loop.push_messages")
-
-
-@pytest.fixture(autouse=True)
-def flower_loop(monkeypatch):
-    """Every Flower attribute the warm SuperNode may replace, restored after each test; the gate on."""
-    monkeypatch.delenv(compat.ENV_VAR, raising=False)
-    for name in PATCHED:
-        module, attribute = compat.owner(name), compat.FLOWER_PRIVATE[name].split(":")[1]
-        monkeypatch.setattr(module, attribute, getattr(module, attribute))
 
 
 def runtime(name: str):
