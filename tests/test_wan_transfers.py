@@ -36,21 +36,16 @@ from flwr.app import Message, MetricRecord, RecordDict
 from guardedtuning import compat
 from guardedtuning.clients import warm_node
 from guardedtuning.wire import split as wire
-from tests.test_warm_node_dead_runs import NODE, RUN, known_run, node_state
+from tests.test_warm_node_dead_runs import (
+    LOOP_PATCHES,
+    NODE,
+    RUN,
+    flower_loop,  # noqa: F401 - autouse: Flower's loop restored
+    known_run,
+    node_state,
+)
 
 RTT = 0.15  # seconds each stand-in request takes (generous: thread starts on a loaded CI machine)
-PATCHED = ("supernode_loop.pull_and_store_message", "supernode_loop.time", "supernode_loop.pull_objects",
-           "supernode_loop.push_object_contents_from_iterable", "inflatable.get_num_workers",
-           "supernode_loop.push_messages")
-
-
-@pytest.fixture(autouse=True)
-def flower_loop(monkeypatch):
-    """Every Flower attribute the warm SuperNode may replace, restored after each test; the gate on."""
-    monkeypatch.delenv(compat.ENV_VAR, raising=False)
-    for name in PATCHED:
-        module, attribute = compat.owner(name), compat.FLOWER_PRIVATE[name].split(":")[1]
-        monkeypatch.setattr(module, attribute, getattr(module, attribute))
 
 
 class Link:
@@ -239,10 +234,10 @@ def test_flowers_loop_moves_objects_through_the_functions_the_warm_node_replaces
 
 
 def test_the_old_path_is_one_option_away_and_the_gate_off_patches_nothing(monkeypatch):
-    originals = {n: compat.private(n) for n in PATCHED}
+    originals = {n: compat.private(n) for n in LOOP_PATCHES}
     monkeypatch.setenv(compat.ENV_VAR, "off")
     assert install(fast=True, wake_w=None) == f"flower ({compat.ENV_VAR}=off)"
-    assert {n: compat.private(n) for n in PATCHED} == originals
+    assert {n: compat.private(n) for n in LOOP_PATCHES} == originals
     monkeypatch.delenv(compat.ENV_VAR)
     assert "objects 2 at a time" not in install(fast=True, wake_w=None)
     argv = ["--superlink", "10.0.0.1:9093", "--object-concurrency", "2", "--early-wake", "on", "--port", "9094"]

@@ -40,8 +40,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from guardedtuning import compat
 from guardedtuning.clients import warm_node
-from tests.test_wan_transfers import flower_loop  # noqa: F401 - the autouse fixture restoring Flower's loop
-from tests.test_warm_node_dead_runs import NODE, RUN, incoming, known_run, node_state
+from tests.test_warm_node_dead_runs import (
+    NODE,
+    RUN,
+    flower_loop,  # noqa: F401 - autouse: Flower's loop restored
+    incoming,
+    known_run,
+    node_state,
+)
 
 
 def runtime(name: str):

@@ -25,13 +25,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from guardedtuning import compat
 from guardedtuning.clients import warm_node
 
-LOOP_PATCHES = ("supernode_loop.pull_and_store_message", "supernode_loop.time", "supernode_loop.pull_objects")
+# every Flower attribute the warm SuperNode's loop patch may replace (warm_transfers.patch_supernode_polling)
+LOOP_PATCHES = ("supernode_loop.pull_and_store_message", "supernode_loop.time", "supernode_loop.pull_objects",
+                "supernode_loop.push_object_contents_from_iterable", "inflatable.get_num_workers",
+                "supernode_loop.push_messages")
 RUN, NODE = 4242, 7
 
 
 @pytest.fixture(autouse=True)
 def flower_loop(monkeypatch):
-    """The SuperNode loop's attributes, restored after each test; the gate on."""
+    """Every attribute of :data:`LOOP_PATCHES`, restored after each test; the gate on.
+
+    Imported by the other warm-SuperNode test modules (tests/test_wan_transfers.py,
+    tests/test_warm_early_wake_confirm.py), so each restores the same set.
+    """
     monkeypatch.delenv(compat.ENV_VAR, raising=False)
     for name in LOOP_PATCHES:
         module, attribute = compat.owner(name), compat.FLOWER_PRIVATE[name].split(":")[1]
